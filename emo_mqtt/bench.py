@@ -1,0 +1,174 @@
+"""Benchmarks of the bus and the codec (``emo bench bus``, ``emo bench codec``).
+
+The bus benchmark sends ``count`` float32 tensors of ``size`` bytes through the whole path
+(encode, chunk, publish, receive, reassemble, decode) from one bus client to another, and
+in the same run the same number of raw payloads of the same size from a bare aiomqtt
+client to another at QoS 1 (the reference). Both sides publish one message at a time,
+each publish awaited until the broker acknowledged it, and the clock stops when the
+subscriber holds the last message. Runs alternate between the two so that machine noise
+hits both alike; the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from emo_mqtt import codec
+from emo_mqtt.bus import BusOptions, open_bus
+from emo_mqtt.errors import BusError, ConfigError
+from emo_mqtt.topics import Kind, topic
+
+
+@dataclass(frozen=True, slots=True)
+class BusRun:
+    """One measured transfer of ``messages`` payloads."""
+
+    messages: int
+    payload_bytes: int
+    wire_bytes: int
+    elapsed_s: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.payload_bytes / self.elapsed_s / 1e6
+
+
+def _tensor(size: int, seed: int = 0) -> np.ndarray[Any, Any]:
+    if size % 4:
+        raise ConfigError(f"size must be a multiple of 4 bytes (float32 elements), not {size}")
+    return np.random.default_rng(seed).standard_normal(size // 4, dtype=np.float32)
+
+
+async def emo_bus_run(
+    url: str, size: int, count: int, *, chunk_size: int | None = None, run: str = "bench"
+) -> BusRun:
+    """Send ``count`` tensors of ``size`` bytes through two emo buses; time the whole path."""
+    options = BusOptions() if chunk_size is None else BusOptions(chunk_size=chunk_size)
+    tensor = _tensor(size)
+    where = topic(Kind.BENCH, run, node="data")
+    pub = open_bus(url, f"{run}-pub", clean_start=True, options=options)
+    sub = open_bus(url, f"{run}-sub", clean_start=True, options=options)
+    async with pub, sub:
+        await sub.subscribe(where, qos=1)
+        received = 0
+
+        async def consume() -> None:
+            nonlocal received
+            async for message in sub.messages():
+                envelope = codec.decode(message.payload)
+                got = envelope.body["tensor"]
+                if got.nbytes != size:
+                    raise BusError(f"bench: received {got.nbytes} bytes, sent {size}")
+                received += 1
+                if received == count:
+                    return
+
+        consumer = asyncio.create_task(consume())
+        start = time.perf_counter()
+        for seq in range(count):
+            frame = codec.encode({"tensor": tensor}, kind="bench", sender=pub.client_id, seq=seq)
+            await pub.publish(where, frame, qos=1)
+        await asyncio.wait_for(consumer, timeout=60 + size * count / 1e6)
+        elapsed = time.perf_counter() - start
+        return BusRun(count, size * count, pub.stats.published_bytes, elapsed)
+
+
+async def bare_run(url: str, size: int, count: int, *, run: str = "bench") -> BusRun:
+    """The reference: raw payloads between two bare aiomqtt clients at QoS 1."""
+    from emo_mqtt.bus.mqtt import bare_aiomqtt_transfer
+
+    payload = _tensor(size).tobytes()
+    elapsed = await bare_aiomqtt_transfer(url, topic(Kind.BENCH, run, node="bare"), payload, count)
+    return BusRun(count, size * count, size * count, elapsed)
+
+
+async def bench_bus(
+    url: str,
+    size: int,
+    count: int,
+    *,
+    repeats: int = 3,
+    chunk_size: int | None = None,
+    baseline: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Alternate emo and bare runs ``repeats`` times; report medians as one JSON-ready dict."""
+    # One short warm-up of each path: the first connection and allocation are not the bus.
+    await emo_bus_run(url, size, min(count, 2), chunk_size=chunk_size)
+    if baseline:
+        await bare_run(url, size, min(count, 2))
+    ours: list[BusRun] = []
+    bare: list[BusRun] = []
+    for i in range(repeats):
+        ours.append(await emo_bus_run(url, size, count, chunk_size=chunk_size))
+        if baseline:
+            bare.append(await bare_run(url, size, count))
+        if progress is not None:
+            line = f"repeat {i + 1}/{repeats}: emo {ours[-1].mb_per_s:.0f} MB/s"
+            if baseline:
+                line += f", bare aiomqtt {bare[-1].mb_per_s:.0f} MB/s"
+            progress(line)
+    median = statistics.median(r.mb_per_s for r in ours)
+    result: dict[str, Any] = {
+        "mb_per_s": round(median, 1),
+        "messages": count,
+        "bytes": size * count,
+        "size": size,
+        "wire_bytes": ours[0].wire_bytes,
+        "chunk_size": (chunk_size or BusOptions().chunk_size),
+        "repeats": repeats,
+        "runs_mb_per_s": [round(r.mb_per_s, 1) for r in ours],
+    }
+    if baseline:
+        bare_median = statistics.median(r.mb_per_s for r in bare)
+        result["baseline_bare_aiomqtt_mb_per_s"] = round(bare_median, 1)
+        result["baseline_runs_mb_per_s"] = [round(r.mb_per_s, 1) for r in bare]
+        result["ratio_vs_bare"] = round(median / bare_median, 3)
+    return result
+
+
+def _rate(fn: Callable[[], object], nbytes: int, min_time: float = 0.3) -> float:
+    """MB/s of ``fn`` over at least ``min_time`` seconds (best of the timed calls)."""
+    best = float("inf")
+    spent = 0.0
+    calls = 0
+    while spent < min_time or calls < 3:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best = min(best, dt)
+        spent += dt
+        calls += 1
+    return nbytes / best / 1e6
+
+
+def bench_codec(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)) -> list[dict[str, Any]]:
+    """Encode/decode MB/s of the codec against pickle (protocol 5) on the same tensors."""
+    import torch
+
+    rows = []
+    for size in sizes:
+        array = _tensor(size)
+        for origin, value in (("numpy", array), ("torch", torch.from_numpy(array.copy()))):
+            frame = codec.encode({"tensor": value}, kind="bench")
+            pickled = pickle.dumps(value, protocol=5)
+            rows.append(
+                {
+                    "size_bytes": size,
+                    "origin": origin,
+                    "encode_mb_s": round(_rate(partial(codec.encode, {"tensor": value}, kind="b"), size)),
+                    "decode_mb_s": round(_rate(partial(codec.decode, frame), size)),
+                    "pickle_dumps_mb_s": round(_rate(partial(pickle.dumps, value, protocol=5), size)),
+                    "pickle_loads_mb_s": round(_rate(partial(pickle.loads, pickled), size)),
+                }
+            )
+    return rows

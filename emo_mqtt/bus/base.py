@@ -1,0 +1,325 @@
+"""The bus interface every node talks through, and the logic its implementations share.
+
+A :class:`Bus` publishes byte payloads to topics and yields whole messages from its
+subscriptions. Payloads above ``chunk_size`` are split into chunk frames
+(:mod:`emo_mqtt.chunking`) that travel on the same topic and are reassembled before
+:meth:`Bus.messages` yields them, so callers never see a chunk. Two implementations:
+:class:`~emo_mqtt.bus.mqtt.MqttBus` (the only module that imports aiomqtt) and
+:class:`~emo_mqtt.bus.memory.MemoryBus` (in-process, for fast unit tests).
+
+Incoming frames wait in a bounded inbox. When it fills, the bus applies backpressure
+(:meth:`Bus._pause_reading`): the MQTT bus stops reading its socket, so TCP flow control
+pushes back to the broker, which holds QoS 1 messages for us. Nothing is dropped
+silently in the bus; every rejected frame is counted by reason in :attr:`Bus.stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import Counter, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from emo_mqtt.chunking import HEADER_SIZE, Reassembler, is_chunk_frame, split
+from emo_mqtt.errors import BusError, ChunkError, PublishTimeout
+from emo_mqtt.topics import validate_filter
+
+log = logging.getLogger("emo_mqtt.bus")
+
+Payload = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One whole message as a subscriber sees it (chunks already reassembled)."""
+
+    topic: str
+    payload: bytes | bytearray
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass
+class BusStats:
+    """Counters of one bus client. ``bytes`` count MQTT payload bytes, chunk headers included."""
+
+    published_messages: int = 0
+    published_frames: int = 0
+    published_bytes: int = 0
+    republished_frames: int = 0
+    received_messages: int = 0
+    received_frames: int = 0
+    received_bytes: int = 0
+    reconnects: int = 0
+    pauses: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    bytes_out_by_topic: Counter[str] = field(default_factory=Counter)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy of the counters."""
+        return {
+            "published_messages": self.published_messages,
+            "published_frames": self.published_frames,
+            "published_bytes": self.published_bytes,
+            "republished_frames": self.republished_frames,
+            "received_messages": self.received_messages,
+            "received_frames": self.received_frames,
+            "received_bytes": self.received_bytes,
+            "reconnects": self.reconnects,
+            "pauses": self.pauses,
+            "rejected": dict(self.rejected),
+            "bytes_out_by_topic": dict(self.bytes_out_by_topic),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BusOptions:
+    """Tuning shared by every bus implementation.
+
+    ``publish_timeout_s + nbytes / min_rate_bytes_s`` is the deadline of one publish, so a
+    10 MB model over a slow uplink is not failed by a timeout sized for a 1 kB message.
+    """
+
+    #: Largest MQTT payload the bus sends, chunk header included: 1 MB, so brokers that cap
+    #: packets at 2 MB take every frame. 1 MB frames were also the fastest we measured
+    #: (docs/performance.md): smaller ones cost a broker round trip each.
+    chunk_size: int = 1_000_000
+    publish_window: int = 16
+    publish_timeout_s: float = 10.0
+    min_rate_bytes_s: float = 1_000_000.0
+    inbox_max_frames: int = 512
+    inbox_max_bytes: int = 64 * 2**20
+    reassembly_max_bytes: int = 256 * 2**20
+    reassembly_max_transfers: int = 64
+    reassembly_max_transfer_size: int = 2**30
+    reassembly_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.chunk_size <= 1024 * 1024:
+            # Brokers commonly cap packets at 2 MB (Mosquitto 2.1) or less.
+            raise ValueError("chunk_size must be between 64 bytes and 1 MiB (1048576)")
+        if self.publish_window < 1 or self.inbox_max_frames < 2:
+            raise ValueError("publish_window must be >= 1 and inbox_max_frames >= 2")
+
+
+class Bus(ABC):
+    """An async publish/subscribe client. Use it as ``async with``; see the module doc."""
+
+    def __init__(self, client_id: str, options: BusOptions | None = None) -> None:
+        self.client_id = client_id
+        self.options = options or BusOptions()
+        self.stats = BusStats()
+        self._subscriptions: dict[str, int] = {}
+        self._inbox: deque[Message] = deque()
+        self._inbox_bytes = 0
+        self._inbox_event = asyncio.Event()
+        self._paused = False
+        self._closed = False
+        self._logged_reasons: set[str] = set()
+        o = self.options
+        self._reassembler = Reassembler(
+            max_bytes=o.reassembly_max_bytes,
+            max_transfers=o.reassembly_max_transfers,
+            max_transfer_size=o.reassembly_max_transfer_size,
+            timeout_s=o.reassembly_timeout_s,
+        )
+        self._last_expiry = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Connect (and keep reconnecting until :meth:`close`)."""
+
+    async def close(self) -> None:
+        """Disconnect cleanly; pending iterators of :meth:`messages` end."""
+        self._closed = True
+        self._inbox_event.set()
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """Whether the bus currently has a live connection."""
+
+    # -- subscriptions ---------------------------------------------------------------------
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe to a topic filter; it is renewed on every reconnect."""
+        validate_filter(topic_filter)
+        self._subscriptions[topic_filter] = qos
+        await self._subscribe(topic_filter, qos)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Drop a subscription."""
+        self._subscriptions.pop(topic_filter, None)
+        await self._unsubscribe(topic_filter)
+
+    @abstractmethod
+    async def _subscribe(self, topic_filter: str, qos: int) -> None: ...
+
+    @abstractmethod
+    async def _unsubscribe(self, topic_filter: str) -> None: ...
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish_deadline(self, nbytes: int) -> float:
+        """Seconds allowed for publishing ``nbytes``: grows with the payload size."""
+        return self.options.publish_timeout_s + nbytes / self.options.min_rate_bytes_s
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``payload`` to ``topic``; chunked when larger than ``chunk_size``.
+
+        Returns once the broker acknowledged every frame (QoS 1) or the frames were handed to
+        the socket (QoS 0). Raises :class:`~emo_mqtt.errors.PublishTimeout` past the deadline
+        and :class:`~emo_mqtt.errors.BusError` when the bus is closed.
+        """
+        if self._closed:
+            raise BusError(f"bus {self.client_id} is closed")
+        size = len(payload)
+        if size <= self.options.chunk_size:
+            frames = [payload if isinstance(payload, bytes) else bytes(payload)]
+        elif retain:
+            # A retained message is one message: chunks would overwrite one another.
+            raise BusError(
+                f"retained payload of {size} bytes on {topic} exceeds chunk_size "
+                f"{self.options.chunk_size}"
+            )
+        else:
+            frames = split(payload, chunk_size=self.options.chunk_size - HEADER_SIZE)
+        deadline = self.publish_deadline(size) if timeout is None else timeout
+        try:
+            async with asyncio.timeout(deadline):
+                if len(frames) == 1:
+                    await self._publish_frame(topic, frames[0], qos, retain)
+                else:
+                    await self._publish_frames(topic, frames, qos)
+        except TimeoutError as exc:
+            raise PublishTimeout(
+                f"publish of {size} bytes to {topic} not acknowledged within {deadline:g} s"
+            ) from exc
+        nbytes = sum(len(f) for f in frames)
+        self.stats.published_messages += 1
+        self.stats.published_frames += len(frames)
+        self.stats.published_bytes += nbytes
+        self.stats.bytes_out_by_topic[topic] += nbytes
+
+    async def _publish_frames(self, topic: str, frames: list[bytes], qos: int) -> None:
+        # Keep a window of frames in flight: one at a time would cost a broker round
+        # trip per chunk; all at once would hold every chunk in paho's queue.
+        window = asyncio.Semaphore(self.options.publish_window)
+
+        async def one(frame: bytes) -> None:
+            async with window:
+                await self._publish_frame(topic, frame, qos, False)
+
+        async with asyncio.TaskGroup() as group:
+            for frame in frames:
+                group.create_task(one(frame))
+
+    @abstractmethod
+    async def _publish_frame(self, topic: str, frame: bytes, qos: int, retain: bool) -> None:
+        """Publish one frame (at most ``chunk_size`` plus a chunk header)."""
+
+    # -- receiving -------------------------------------------------------------------------
+    def _deliver(self, message: Message) -> None:
+        """Called by implementations for every incoming frame (synchronously)."""
+        self._inbox.append(message)
+        self._inbox_bytes += len(message.payload)
+        self.stats.received_frames += 1
+        self.stats.received_bytes += len(message.payload)
+        self._inbox_event.set()
+        o = self.options
+        if not self._paused and (
+            len(self._inbox) >= o.inbox_max_frames or self._inbox_bytes >= o.inbox_max_bytes
+        ):
+            self._paused = True
+            self.stats.pauses += 1
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        """Stop taking frames from the network until :meth:`_resume_reading`."""
+
+    def _resume_reading(self) -> None:
+        """Take frames from the network again."""
+
+    def reject(self, reason: str, topic: str, detail: str = "") -> None:
+        """Count (and log once per reason) a message that was refused as bad input."""
+        self.stats.rejected[reason] += 1
+        if reason not in self._logged_reasons:
+            self._logged_reasons.add(reason)
+            log.warning(
+                "%s: rejected a message on %s (%s): %s; further ones are counted, not logged",
+                self.client_id,
+                topic,
+                reason,
+                detail,
+            )
+
+    async def _next_frame(self) -> Message | None:
+        while not self._inbox:
+            if self._closed:
+                return None
+            self._inbox_event.clear()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._inbox_event.wait()
+            except TimeoutError:
+                self._expire_transfers()
+        message = self._inbox.popleft()
+        self._inbox_bytes -= len(message.payload)
+        o = self.options
+        if self._paused and (
+            len(self._inbox) <= o.inbox_max_frames // 2
+            and self._inbox_bytes <= o.inbox_max_bytes // 2
+        ):
+            self._paused = False
+            self._resume_reading()
+        return message
+
+    def _expire_transfers(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry < 1.0:
+            return
+        self._last_expiry = now
+        for key, _transfer in self._reassembler.expire(now):
+            self.reject("chunk_timeout", key, "an incomplete chunked transfer timed out")
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Yield whole messages from the subscriptions until the bus is closed."""
+        while True:
+            frame = await self._next_frame()
+            if frame is None:
+                return
+            self._expire_transfers()
+            if is_chunk_frame(frame.payload):
+                try:
+                    whole = self._reassembler.feed(frame.topic, frame.payload, time.monotonic())
+                except ChunkError as exc:
+                    self.reject("bad_chunk", frame.topic, str(exc))
+                    continue
+                if whole is None:
+                    continue
+                frame = Message(frame.topic, whole, frame.qos, False)
+            self.stats.received_messages += 1
+            yield frame
+
+    @property
+    def reassembly_pending_bytes(self) -> int:
+        """Bytes held by incomplete chunked transfers."""
+        return self._reassembler.pending_bytes

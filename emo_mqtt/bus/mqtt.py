@@ -1,0 +1,418 @@
+"""The MQTT bus: the one module of emo-mqtt that talks to aiomqtt (and, through it, paho).
+
+What it adds to a bare aiomqtt client:
+
+* **Protocol fallback.** It connects with MQTT 5 and falls back to 3.1.1 when the broker
+  refuses that version (the embedded amqtt broker speaks only 3.1.1). Nothing in emo-mqtt
+  needs MQTT 5 features: everything a receiver needs lives in the codec envelope.
+* **Persistent sessions and reconnects.** A stable client id, ``clean_start=False`` and a
+  session expiry keep subscriptions and queued QoS 1 messages at the broker across
+  disconnects. A supervisor task reconnects with jittered exponential backoff and
+  re-subscribes. A frame whose acknowledgement was lost with the connection is published
+  again on the next connection (at-least-once; receivers de-duplicate by envelope sequence
+  and chunk transfer id).
+* **Backpressure.** Incoming frames go to the bounded inbox of :class:`~emo_mqtt.bus.base.Bus`;
+  when it fills, the socket reader is removed from the event loop, so TCP flow control
+  pushes back and the broker keeps the messages. aiomqtt's own queue would discard
+  messages when full; we never use it.
+* **A last will** published (retained) by the broker when the node dies.
+
+It uses a few private members of ``aiomqtt.Client`` (``_on_message``, ``_on_socket_open``,
+``_disconnected``, ``_loop``); ``pyproject.toml`` pins aiomqtt to the 2.x line and
+``tests/test_bus_mqtt.py`` exercises each of them against a real Mosquitto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import socket
+import ssl
+from typing import Any, Literal
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from emo_mqtt.broker.url import BrokerURL, parse_broker_url
+from emo_mqtt.bus.base import Bus, BusOptions, Message
+from emo_mqtt.errors import BusError
+
+log = logging.getLogger("emo_mqtt.bus.mqtt")
+
+Protocol = Literal["auto", "5", "3.1.1"]
+
+# CONNACK codes that mean "this broker does not speak that protocol version":
+# 0x01 in MQTT 3.1.1, 0x84 (132) "Unsupported Protocol Version" in MQTT 5.
+_UNSUPPORTED_PROTOCOL = {1, 132}
+# CONNACK codes that retrying cannot fix: bad credentials, not authorised, banned.
+_FATAL_CONNACK = {4, 5, 134, 135, 138, 140}
+# amqtt (3.1.1 only) neither accepts nor refuses an MQTT 5 CONNECT: it waits for bytes
+# that never come. Until a version is negotiated, an MQTT 5 CONNACK is awaited this long.
+_MQTT5_PROBE_S = 2.0
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, feeding our inbox and able to pause its socket reader."""
+
+    def __init__(self, bus: MqttBus, **kwargs: Any) -> None:
+        self._emo_bus = bus
+        self._emo_fd = -1
+        super().__init__(**kwargs)
+        # A chunked publish keeps a window of frames in flight on purpose; aiomqtt warns
+        # about more than 10 pending calls.
+        self.pending_calls_threshold = 10_000
+
+    # paho calls this from the event loop thread (aiomqtt drives paho with add_reader).
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        self._emo_bus._deliver(
+            Message(message.topic, message.payload, message.qos, bool(message.retain))
+        )
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        super()._on_socket_open(client, userdata, sock)
+        self._emo_fd = sock.fileno()
+        # paho calls this from aiomqtt's executor thread; queue behind aiomqtt's add_reader.
+        self._loop.call_soon_threadsafe(self._emo_sync_reading)
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        super()._on_socket_close(client, userdata, sock)
+        self._emo_fd = -1
+
+    def _emo_sync_reading(self) -> None:
+        if self._emo_bus.reading_paused:
+            self.emo_pause()
+
+    def emo_pause(self) -> None:
+        if self._emo_fd >= 0:
+            self._loop.remove_reader(self._emo_fd)
+
+    def emo_resume(self) -> None:
+        if self._emo_fd >= 0 and not self._disconnected.done():
+            self._loop.add_reader(self._emo_fd, self._emo_read)
+            # TLS may hold decrypted bytes that will never make the fd readable again.
+            self._loop.call_soon(self._emo_read)
+
+    def _emo_read(self) -> None:
+        # The same as aiomqtt's reader callback: a read error means the connection broke.
+        try:
+            while True:
+                self._client.loop_read()
+                pending = getattr(self._client._sock, "pending", None)
+                if pending is None or pending() <= 0:
+                    break
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    def emo_abandon(self) -> None:
+        """Close the socket of an attempt that failed before its CONNACK (aiomqtt keeps it)."""
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+
+    @property
+    def lost(self) -> asyncio.Future[None]:
+        """Resolves when this connection ends, for any reason."""
+        return self._disconnected
+
+
+class MqttBus(Bus):
+    """A :class:`~emo_mqtt.bus.base.Bus` over an MQTT broker (Mosquitto, amqtt, ...)."""
+
+    def __init__(
+        self,
+        url: str | BrokerURL,
+        client_id: str,
+        *,
+        will: Message | None = None,
+        clean_start: bool = False,
+        session_expiry_s: int = 3600,
+        keepalive_s: int = 30,
+        protocol: Protocol = "auto",
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+        tls_context: ssl.SSLContext | None = None,
+        options: BusOptions | None = None,
+    ) -> None:
+        super().__init__(client_id, options)
+        self.url = url if isinstance(url, BrokerURL) else parse_broker_url(url)
+        self.will = will
+        self.clean_start = clean_start
+        self.session_expiry_s = session_expiry_s
+        self.keepalive_s = keepalive_s
+        self.protocol: Protocol = protocol
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.connect_timeout_s = connect_timeout_s
+        if tls_context is None and self.url.scheme == "mqtts":
+            tls_context = ssl.create_default_context()
+        self.tls_context = tls_context
+        self.negotiated: str | None = None
+        self._client: _Client | None = None
+        self._up = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._fatal: BusError | None = None
+        self._last_error: BaseException | None = None
+
+    # -- connection management --------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        return client is not None and not client.lost.done()
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
+    async def connect(self) -> None:
+        """Connect, waiting at most ``connect_timeout_s`` for the first connection."""
+        if self._supervisor is not None:
+            return
+        self._closed = False
+        # A local reference: a close() meanwhile sets self._supervisor to None.
+        supervisor = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
+        self._supervisor = supervisor
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                while not self.connected:
+                    if self._fatal is not None:
+                        raise self._fatal
+                    if supervisor.done():
+                        raise BusError(f"bus {self.client_id}: supervisor ended")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.1):
+                            await self._up.wait()
+        except TimeoutError:
+            await self.close()
+            raise BusError(
+                f"could not connect to {self.url} within {self.connect_timeout_s:g} s: "
+                f"{self._last_error!r}"
+            ) from None
+        except BusError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Disconnect gracefully (the broker does not publish the will) and stop reconnecting."""
+        self._closed = True
+        client = self._client
+        if client is not None and not client.lost.done():
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.__aexit__(None, None, None)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        self._client = None
+        await super().close()
+
+    def _make_client(self, protocol: Literal["5", "3.1.1"]) -> _Client:
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, bytes(self.will.payload), self.will.qos, True)
+        kwargs: dict[str, Any] = {
+            "hostname": self.url.host,
+            "port": self.url.port,
+            "username": self.url.username,
+            "password": self.url.password,
+            "identifier": self.client_id,
+            "will": will,
+            "keepalive": self.keepalive_s,
+            "timeout": self.connect_timeout_s,
+            "tls_context": self.tls_context,
+            "max_inflight_messages": max(20, self.options.publish_window * 2),
+            "socket_options": [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        }
+        if protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0 if self.clean_start else self.session_expiry_s
+            kwargs.update(
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=self.clean_start,
+                properties=properties,
+            )
+        else:
+            kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=self.clean_start)
+        return _Client(self, **kwargs)
+
+    async def _supervise(self) -> None:
+        delay = self.reconnect_min_s
+        protocol: Literal["5", "3.1.1"] = "3.1.1" if self.protocol == "3.1.1" else "5"
+        first = True
+        while not self._closed:
+            client = self._make_client(protocol)
+            if protocol == "5" and self.protocol == "auto" and self.negotiated is None:
+                client.timeout = min(_MQTT5_PROBE_S, self.connect_timeout_s / 2)
+            try:
+                await client.__aenter__()
+            except MqttConnectError as exc:
+                code = getattr(exc.rc, "value", exc.rc)
+                self._last_error = exc
+                if protocol == "5" and self.protocol == "auto" and code in _UNSUPPORTED_PROTOCOL:
+                    log.info("%s: broker refused MQTT 5, using 3.1.1", self.client_id)
+                    protocol = "3.1.1"
+                    continue
+                if code in _FATAL_CONNACK:
+                    self._fatal = BusError(f"broker {self.url} refused {self.client_id}: {exc}")
+                    self._fatal.__cause__ = exc
+                    return
+            except (aiomqtt.MqttError, OSError) as exc:
+                self._last_error = exc
+                client.emo_abandon()
+                # Some 3.1.1 brokers just close the socket on a protocol version they don't
+                # know: until one connection succeeds, alternate versions between attempts.
+                if self.negotiated is None and self.protocol == "auto":
+                    protocol = "3.1.1" if protocol == "5" else "5"
+            else:
+                client.timeout = self.connect_timeout_s
+                delay = self.reconnect_min_s
+                self.negotiated = protocol
+                await self._serve(client, first)
+                first = False
+            if self._closed:
+                return
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _serve(self, client: _Client, first: bool) -> None:
+        """Run one live connection until it ends."""
+        self._client = client
+        try:
+            if self._subscriptions:
+                await client.subscribe(list(self._subscriptions.items()))
+            if not first:
+                self.stats.reconnects += 1
+                log.info("%s: reconnected to %s", self.client_id, self.url)
+            self._up.set()
+            await asyncio.wait({client.lost})
+            if not client.lost.cancelled() and client.lost.exception() is not None:
+                self._last_error = client.lost.exception()
+        except (aiomqtt.MqttError, OSError) as exc:
+            self._last_error = exc
+        finally:
+            self._up.clear()
+            if not client.lost.done():
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                    await client.__aexit__(None, None, None)
+            else:
+                # Release aiomqtt's reusability lock; the connection is already gone.
+                with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
+                    await client.__aexit__(None, None, None)
+        if not self._closed:
+            log.warning("%s: connection to %s lost: %r", self.client_id, self.url, self._last_error)
+
+    async def _live_client(self) -> _Client:
+        while True:
+            if self._closed:
+                raise BusError(f"bus {self.client_id} is closed")
+            if self._fatal is not None:
+                raise self._fatal
+            client = self._client
+            if client is not None and not client.lost.done():
+                return client
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await self._up.wait()
+
+    # -- Bus primitives -----------------------------------------------------------------------
+    async def _subscribe(self, topic_filter: str, qos: int) -> None:
+        client = self._client
+        if client is None or client.lost.done():
+            return  # subscribed on the next connection by the supervisor
+        try:
+            await client.subscribe(topic_filter, qos)
+        except aiomqtt.MqttError as exc:
+            if not client.lost.done():
+                raise BusError(f"subscribe to {topic_filter} failed: {exc}") from exc
+
+    async def _unsubscribe(self, topic_filter: str) -> None:
+        client = self._client
+        if client is not None and not client.lost.done():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic_filter)
+
+    async def _publish_frame(self, topic: str, frame: bytes, qos: int, retain: bool) -> None:
+        while True:
+            client = await self._live_client()
+            attempt = asyncio.ensure_future(
+                client.publish(topic, frame, qos=qos, retain=retain, timeout=math.inf)
+            )
+            try:
+                await asyncio.wait({attempt, client.lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not attempt.done():
+                    attempt.cancel()
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                return
+            if attempt.done() and not attempt.cancelled():
+                exc = attempt.exception()
+                if not client.lost.done():
+                    raise BusError(f"publish to {topic} failed: {exc}") from exc
+            # The connection went down before the broker acknowledged: publish again on the
+            # next one (at-least-once). Never await client.lost itself: it may hold the
+            # exception that ended the connection.
+            self.stats.republished_frames += 1
+            await asyncio.wait({client.lost}, timeout=0.2)
+
+    def _pause_reading(self) -> None:
+        if self._client is not None:
+            self._client.emo_pause()
+
+    def _resume_reading(self) -> None:
+        if self._client is not None:
+            self._client.emo_resume()
+
+
+async def bare_aiomqtt_transfer(url: str, where: str, payload: bytes, count: int) -> float:
+    """Reference for ``emo bench bus``: seconds to move ``count`` raw payloads at QoS 1.
+
+    Two plain aiomqtt clients, no codec and no chunking: the publisher awaits each publish
+    (as aiomqtt's documentation does) and the clock stops when the subscriber has them all.
+    It lives here because this is the one module that imports aiomqtt.
+    """
+    target = parse_broker_url(url)
+    common: dict[str, Any] = {
+        "hostname": target.host,
+        "port": target.port,
+        "username": target.username,
+        "password": target.password,
+        "protocol": aiomqtt.ProtocolVersion.V5,
+        "timeout": 60,
+    }
+    try:
+        return await _bare_transfer(common, where, payload, count)
+    except (aiomqtt.MqttError, TimeoutError) as exc:
+        raise BusError(
+            f"bare aiomqtt reference failed ({exc!r}); a broker that caps packets below "
+            f"{len(payload)} bytes refuses it: start one without the cap or pass --no-baseline"
+        ) from exc
+
+
+async def _bare_transfer(common: dict[str, Any], where: str, payload: bytes, count: int) -> float:
+    async with (
+        aiomqtt.Client(identifier="bench-bare-sub", **common) as sub,
+        aiomqtt.Client(identifier="bench-bare-pub", **common) as pub,
+    ):
+        await sub.subscribe(where, qos=1)
+
+        async def consume() -> None:
+            received = 0
+            async for message in sub.messages:
+                if not isinstance(message.payload, bytes) or len(message.payload) != len(payload):
+                    raise BusError("bare aiomqtt reference received a wrong payload")
+                received += 1
+                if received == count:
+                    return
+
+        consumer = asyncio.create_task(consume())
+        start = asyncio.get_running_loop().time()
+        for _ in range(count):
+            await pub.publish(where, payload, qos=1)
+        await asyncio.wait_for(consumer, timeout=60 + len(payload) * count / 1e6)
+        return asyncio.get_running_loop().time() - start

@@ -1,0 +1,306 @@
+"""The ``emo`` command line: ``emo --help`` lists the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from emo_mqtt import __version__
+from emo_mqtt.errors import EmoError
+
+
+def _size(text: str) -> int:
+    """Parse sizes such as ``1048576``, ``100k``, ``1M``, ``10MB`` (decimal: 1M = 10**6)."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    raw = text.strip().lower().removesuffix("b")
+    number = raw.rstrip("kmgi")
+    unit = raw[len(number) :]
+    try:
+        value = int(float(number) * units[unit])
+    except (KeyError, ValueError, OverflowError):  # OverflowError: "inf", "1e999"
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (try 100000, 100k, 1M, 10MB)"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A positive int (a count of 0 would make a benchmark wait for nothing, forever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _chunk_size(text: str) -> int:
+    """A size within the bounds of ``BusOptions.chunk_size``."""
+    value = _size(text)
+    if not 64 <= value <= 1024 * 1024:
+        raise argparse.ArgumentTypeError(
+            f"chunk size must be between 64 bytes and 1 MiB (1048576): {text!r}"
+        )
+    return value
+
+
+def _add_broker_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        help="broker to use, mqtt://host:port or mqtts://host:port; "
+        "without it, emo starts its own (Mosquitto if installed, else embedded amqtt)",
+    )
+
+
+@contextmanager
+def broker_for(
+    url: str | None, say: Callable[[str], None], max_packet_size: int | None = None
+) -> Iterator[str]:
+    """Yield ``url``, or start a broker of our own for the duration and yield its URL."""
+    if url is not None:
+        from emo_mqtt.broker.url import parse_broker_url
+
+        parse_broker_url(url)  # a bad URL fails here, with a clear message
+        yield url
+        return
+    from emo_mqtt.broker.launch import DEFAULT_MAX_PACKET_SIZE, BrokerHandle
+
+    cap = DEFAULT_MAX_PACKET_SIZE if max_packet_size is None else max_packet_size
+    with BrokerHandle(kind="auto", max_packet_size=cap) as handle:
+        say(f"broker: {handle.describe()}")
+        yield handle.url
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from emo_mqtt.broker.launch import run_foreground
+
+    code: int = run_foreground(port=args.port, host=args.host)
+    return code
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from emo_mqtt.topics import SPECS, markdown_table
+
+    if args.markdown:
+        print(markdown_table(), end="")
+    else:
+        for spec in SPECS:
+            print(
+                f"emo/<run>/{spec.pattern:34} qos={spec.qos} retained={spec.retained!s:5} "
+                f"{spec.publisher} -> {spec.subscribers}"
+            )
+    return 0
+
+
+def cmd_bench_bus(args: argparse.Namespace) -> int:
+    from emo_mqtt.bench import bench_bus
+
+    say = (lambda _line: None) if args.json else _stderr
+    # Our own broker must take the bare reference's unchunked payloads.
+    cap = None if args.no_baseline else max(2162688, args.size + 65536)
+    with broker_for(args.broker, _stderr, max_packet_size=cap) as url:
+        result = asyncio.run(
+            bench_bus(
+                url,
+                args.size,
+                args.count,
+                repeats=args.repeats,
+                chunk_size=args.chunk_size,
+                baseline=not args.no_baseline,
+                progress=say,
+            )
+        )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['messages']} x {result['size']} bytes: {result['mb_per_s']} MB/s")
+        if "baseline_bare_aiomqtt_mb_per_s" in result:
+            print(
+                f"bare aiomqtt, same broker and run: {result['baseline_bare_aiomqtt_mb_per_s']}"
+                f" MB/s; ratio {result['ratio_vs_bare']}"
+            )
+    return 0
+
+
+def cmd_bench_codec(args: argparse.Namespace) -> int:
+    from emo_mqtt.bench import bench_codec
+
+    rows = bench_codec(tuple(args.sizes))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(
+            f"{'size':>10} {'origin':6} {'encode':>8} {'decode':>8} {'pickle.dumps':>12} "
+            f"{'pickle.loads':>12}  (MB/s)"
+        )
+        for r in rows:
+            print(
+                f"{r['size_bytes']:>10} {r['origin']:6} {r['encode_mb_s']:>8} "
+                f"{r['decode_mb_s']:>8} {r['pickle_dumps_mb_s']:>12} {r['pickle_loads_mb_s']:>12}"
+            )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from emo_mqtt.demo import run_demo
+
+    with broker_for(args.broker, _stderr) as url:
+        summary = asyncio.run(run_demo(url, devices=args.devices, say=_stderr))
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from emo_mqtt.config import load_config
+    from emo_mqtt.fleet import run_scenario, table
+
+    config = load_config(args.scenario)
+    overrides: dict[str, dict[str, object]] = {}
+    if args.rounds is not None:
+        overrides.setdefault("run", {})["rounds"] = args.rounds
+    if args.algorithms is not None:
+        overrides.setdefault("run", {})["algorithms"] = args.algorithms.split(",")
+    if args.data_dir is not None:
+        overrides.setdefault("data", {})["data_dir"] = args.data_dir
+    if overrides:
+        config = config.with_overrides(**overrides)
+    out = Path(args.out) if args.out else Path("runs") / config.run.name
+    say = (lambda _line: None) if args.quiet else _stderr
+    with broker_for(args.broker, say) as url:
+        summary = asyncio.run(run_scenario(url, config, out, say=say))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(table(summary["algorithms"]))
+        for key, value in summary["comparisons"].items():
+            print(f"{key}: {value}")
+        print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from emo_mqtt.nodes.standalone import run_standalone
+
+    asyncio.run(run_standalone(args.role, args.broker, args.run, args.id, args.config,
+                               args.algorithm, Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from emo_mqtt.infer import infer_command
+
+    result = infer_command(Path(args.run_dir), algorithm=args.algorithm, data_dir=args.data_dir,
+                           broker=args.broker, serve=args.serve, limit=args.limit)
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emo",
+        description="emo-mqtt: Edge Model Overlays for federated learning over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"emo-mqtt {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("broker", help="run Mosquitto in the foreground with the project's config")
+    p.add_argument("--port", type=int, default=1884, help="port to listen on (default 1884)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("demo", help="move real tensors between nodes through a broker")
+    _add_broker_option(p)
+    p.add_argument("--devices", type=int, default=4, help="number of device nodes (default 4)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run every algorithm of a scenario on a local fleet")
+    p.add_argument("scenario", help="scenario file, e.g. scenarios/quickstart.toml")
+    _add_broker_option(p)
+    p.add_argument("--out", help="output directory (default runs/<scenario name>)")
+    p.add_argument("--rounds", type=int, help="override run.rounds")
+    p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("node", help="run one node of a fleet (server, overlay or device)")
+    p.add_argument("role", choices=["server", "overlay", "device"])
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port")
+    p.add_argument("--run", required=True, help="run id shared by the fleet's nodes")
+    p.add_argument("--id", default="server", help="this node's id (dev00.., ovl0.., server)")
+    p.add_argument("--config", required=True, help="the fleet's scenario file")
+    p.add_argument("--algorithm", default="emo", help="fl, sfl, sfl_v1, emo or emo_all")
+    p.add_argument("--out", help="server: directory for the trained models")
+    p.set_defaults(func=cmd_node)
+
+    p = sub.add_parser("infer", help="ensemble inference from a saved run")
+    p.add_argument("run_dir", help="an `emo run` output directory")
+    p.add_argument("--algorithm", default="emo", help="which algorithm's models (default emo)")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images")
+    _add_broker_option(p)
+    p.add_argument("--serve", action="store_true",
+                   help="serve MQTT inference requests on --broker until interrupted")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("topics", help="list every topic of the system")
+    p.add_argument("--markdown", action="store_true", help="print the table of docs/topics.md")
+    p.set_defaults(func=cmd_topics)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench", metavar="WHAT", required=True
+    )
+    p = bench.add_parser("bus", help="throughput of the whole bus path vs bare aiomqtt")
+    _add_broker_option(p)
+    p.add_argument("--size", type=_size, default=10_000_000, help="tensor bytes (default 10MB)")
+    p.add_argument("--count", type=_count, default=20, help="tensors per repeat (default 20)")
+    p.add_argument("--repeats", type=_count, default=3, help="alternating repeats (default 3)")
+    p.add_argument("--chunk-size", type=_chunk_size, default=None,
+                   help="largest MQTT payload before chunking (default 1MB)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the bare aiomqtt reference")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_bus)
+    p = bench.add_parser("codec", help="encode/decode speed vs pickle")
+    p.add_argument("--sizes", type=_size, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench_codec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``emo`` console script."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except EmoError as exc:
+        print(f"emo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("emo: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Run configuration: the scenario TOML file, validated into typed dataclasses.
+
+Every node of a run reads the same configuration (``emo node ... --config FILE``), so the
+data partition, the sampled devices and the models follow from the file and the seed
+alone. Bad files are refused before anything starts, with the key and the problem named.
+See ``scenarios/README.md`` for every key, its unit and its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from emo_mqtt.controller import ControllerConfig
+from emo_mqtt.errors import ConfigError
+from emo_mqtt.topics import validate_id
+
+ALGORITHMS = ("fl", "sfl", "sfl_v1", "emo", "emo_all")
+Algorithm = Literal["fl", "sfl", "sfl_v1", "emo", "emo_all"]
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """``[run]``: what to run."""
+
+    name: str = "run"
+    seed: int = 1
+    rounds: int = 10
+    algorithms: tuple[str, ...] = ("fl", "sfl", "emo")
+    #: Accuracy (0..1) whose first crossing is reported as time to target.
+    target_accuracy: float = 0.7
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``[data]``: the dataset and how it is split across devices."""
+
+    dataset: Literal["fashion-mnist"] = "fashion-mnist"
+    #: Directory with the IDX files; empty: $EMO_DATA_DIR or /usr/share/datasets/fashion-mnist.
+    data_dir: str = ""
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = 0.3
+    #: Training samples per device (0: the device's whole partition).
+    samples_per_device: int = 1000
+    #: Training samples held back by the server to fit ensemble weights.
+    validation_samples: int = 2000
+    #: Test samples evaluated after every round (the final evaluation uses all 10,000).
+    eval_samples_per_round: int = 2000
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    """``[fleet]``: how many nodes, and FedAvg's straggler policy."""
+
+    devices: int = 8
+    overlays: int = 2
+    #: Share of devices sampled each round (at least one).
+    sample_fraction: float = 1.0
+    #: Updates needed to close a round once the deadline has passed.
+    min_updates: int = 1
+    #: Seconds after a round starts at which it closes with the updates it has.
+    round_deadline_s: float = 120.0
+    #: Device trainings allowed to run at the same time in one process (CPU cores).
+    parallel_training: int = 2
+
+
+@dataclass(frozen=True)
+class FLSection:
+    """``[fl]``: the device model and local training."""
+
+    model: str = "cnn-small"
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class SFLSection:
+    """``[sfl]``: the SplitFed baselines."""
+
+    lr: float = 0.05
+    #: Seconds a device waits for the gradient of one batch before giving up the round.
+    gradient_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class EMOSection:
+    """``[emo]``: overlays, their replay cache and the ensemble."""
+
+    overlay_model: str = "overlay-mlp"
+    scaling: Literal["horizontal", "vertical"] = "horizontal"
+    overlay_lr: float = 0.01
+    overlay_batch_size: int = 64
+    #: Optimiser steps an overlay takes per FL round of activations it receives.
+    overlay_steps_per_round: int = 150
+    #: Replay cache capacity in entries (one entry = one sample's activations).
+    cache_entries: int = 20_000
+    #: Spill tier on disk, MiB (0: no spill tier).
+    spill_mib: int = 64
+    #: Activations older than this many FL rounds are not replayed.
+    max_staleness: int = 3
+    #: Device outbox bound, KiB.
+    outbox_kib: int = 4096
+
+
+@dataclass(frozen=True)
+class ControllerSection:
+    """``[controller]``: the convergence-aware communication controller.
+
+    The thresholds are those of :class:`emo_mqtt.controller.ControllerConfig`, where each is
+    explained; ``docs/algorithms.md`` argues the policy.
+    """
+
+    enabled: bool = True
+    #: Validation samples on which the server measures trunk drift between rounds.
+    probe_samples: int = 256
+    warmup_rounds: int = 2
+    max_fraction: float = 1.0
+    min_fraction: float = 0.1
+    drift_high: float = 0.25
+    drift_low: float = 0.03
+    fl_window: int = 2
+    fl_fast: float = 0.15
+    overlay_window: int = 3
+    plateau_threshold: float = 0.02
+    plateau_factor: float = 0.5
+    fp16_drift: float = 0.25
+    int8_drift: float = 0.10
+    min_batch_share: float = 0.25
+
+    def policy(self) -> ControllerConfig:
+        """The controller's own configuration (validated there)."""
+        skip = {"enabled", "probe_samples"}
+        return ControllerConfig(
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole scenario."""
+
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    fleet: FleetSection = field(default_factory=FleetSection)
+    fl: FLSection = field(default_factory=FLSection)
+    sfl: SFLSection = field(default_factory=SFLSection)
+    emo: EMOSection = field(default_factory=EMOSection)
+    controller: ControllerSection = field(default_factory=ControllerSection)
+    source: str = ""
+
+    # -- derived ----------------------------------------------------------------------------
+    def device_ids(self) -> list[str]:
+        return [f"dev{i:02d}" for i in range(self.fleet.devices)]
+
+    def overlay_ids(self) -> list[str]:
+        return [f"ovl{i}" for i in range(self.fleet.overlays)]
+
+    def overlay_of(self, device: str) -> str:
+        """The overlay serving ``device``: devices are dealt to overlays in turn."""
+        index = self.device_ids().index(device)
+        return self.overlay_ids()[index % self.fleet.overlays]
+
+    def devices_of(self, overlay: str) -> list[str]:
+        return [d for d in self.device_ids() if self.overlay_of(d) == overlay]
+
+    def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some keys replaced, e.g. ``with_overrides(run={"rounds": 2})``."""
+        raw = dataclasses.asdict(self)
+        raw.pop("source")
+        for name, values in sections.items():
+            raw[name].update(values)
+        return from_dict(raw, self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw.pop("source")
+        return raw
+
+
+_SECTIONS = {f.name: f for f in fields(RunConfig) if f.name != "source"}
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            choices = ", ".join(repr(c) for c in get_args(hint))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
+    """Validate a parsed TOML document into a :class:`RunConfig` (ConfigError names the key)."""
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source or 'config'}: unknown section(s) {unknown}; "
+                          f"known: {sorted(_SECTIONS)}")
+    built: dict[str, Any] = {}
+    for name, section_field in _SECTIONS.items():
+        cls = section_field.default_factory()  # type: ignore[misc]
+        section_type = type(cls)
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        hints = get_type_hints(section_type)
+        known = {f.name for f in fields(section_type)}
+        extra = sorted(set(values) - known)
+        if extra:
+            raise ConfigError(f"[{name}]: unknown key(s) {extra}; known: {sorted(known)}")
+        kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+        built[name] = section_type(**kwargs)
+    config = RunConfig(**built, source=source)
+    _check(config)
+    return config
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _check(c: RunConfig) -> None:
+    validate_id(c.run.name, "run.name")
+    _require(c.run.rounds >= 1, "run.rounds", "must be at least 1")
+    _require(len(c.run.algorithms) > 0, "run.algorithms", "list at least one algorithm")
+    for algo in c.run.algorithms:
+        _require(algo in ALGORITHMS, "run.algorithms", f"unknown {algo!r}; known: {ALGORITHMS}")
+    _require(len(set(c.run.algorithms)) == len(c.run.algorithms), "run.algorithms", "duplicates")
+    _require(0 < c.run.target_accuracy <= 1, "run.target_accuracy", "must be in (0, 1]")
+    _require(c.data.alpha > 0, "data.alpha", "must be > 0")
+    _require(c.data.samples_per_device >= 0, "data.samples_per_device", "must be >= 0")
+    _require(c.data.validation_samples >= 100, "data.validation_samples", "must be >= 100")
+    _require(c.data.eval_samples_per_round >= 100, "data.eval_samples_per_round", "must be >= 100")
+    _require(1 <= c.fleet.devices <= 1000, "fleet.devices", "must be 1..1000")
+    _require(c.fleet.overlays >= 1, "fleet.overlays", "must be at least 1")
+    _require(c.fleet.overlays <= c.fleet.devices, "fleet.overlays", "cannot exceed fleet.devices")
+    _require(0 < c.fleet.sample_fraction <= 1, "fleet.sample_fraction", "must be in (0, 1]")
+    _require(c.fleet.min_updates >= 1, "fleet.min_updates", "must be at least 1")
+    _require(c.fleet.round_deadline_s > 0, "fleet.round_deadline_s", "must be > 0")
+    _require(c.fleet.parallel_training >= 1, "fleet.parallel_training", "must be at least 1")
+    _require(c.fl.local_epochs >= 1, "fl.local_epochs", "must be at least 1")
+    _require(c.fl.batch_size >= 1, "fl.batch_size", "must be at least 1")
+    _require(c.fl.lr > 0, "fl.lr", "must be > 0")
+    _require(c.sfl.lr > 0, "sfl.lr", "must be > 0")
+    _require(c.emo.overlay_lr > 0, "emo.overlay_lr", "must be > 0")
+    _require(c.emo.cache_entries >= c.emo.overlay_batch_size, "emo.cache_entries",
+             "must hold at least one overlay batch")
+    _require(c.emo.max_staleness >= 0, "emo.max_staleness", "must be >= 0")
+    _require(c.emo.overlay_steps_per_round >= 0, "emo.overlay_steps_per_round", "must be >= 0")
+    _require(c.controller.probe_samples >= 1, "controller.probe_samples", "must be at least 1")
+    try:
+        c.controller.policy()
+    except ConfigError as exc:
+        raise ConfigError(f"[controller]: {exc}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a scenario file."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"scenario file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read scenario file {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return from_dict(raw, str(p))

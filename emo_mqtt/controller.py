@@ -1,0 +1,265 @@
+"""Convergence-aware communication controller: how much activation traffic devices send.
+
+Pure policy, no I/O. The server feeds it convergence signals once per FL round (activation
+drift of the global trunk on probe data, FL training loss), the overlays feed it their replay
+losses, and it answers, per device and round, a :class:`ControlDecision` (share of samples to
+publish, publish interval, wire precision) that the server publishes on the control topic.
+
+The policy is argued and measured in ``docs/algorithms.md``. In short: a device's dataset is
+fixed, so after the first rounds every activation it publishes *replaces* one the overlay
+already holds; the only reason to resend is that the cached copy went stale because the trunk
+moved. The rate a device must publish at is therefore driven by how fast the trunk moves
+(drift), and precision can drop once that motion dwarfs quantisation error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from emo_mqtt.cache import Precision
+from emo_mqtt.errors import ConfigError
+
+__all__ = [
+    "ControlDecision",
+    "Controller",
+    "ControllerConfig",
+    "ConvergenceController",
+    "SendEverything",
+    "activation_drift",
+    "relative_improvement",
+    "select_for_publish",
+]
+
+
+def activation_drift(prev_acts: np.ndarray, cur_acts: np.ndarray) -> float:
+    """Relative L2 drift ``||cur - prev|| / ||prev||`` of trunk activations on the same probes.
+
+    Computed by the server between consecutive global models on a fixed probe batch. It
+    measures what staleness costs directly: how far a cached activation is from what the
+    current trunk would produce for the same input.
+    """
+    prev = np.asarray(prev_acts, dtype=np.float64)
+    cur = np.asarray(cur_acts, dtype=np.float64)
+    if prev.shape != cur.shape:
+        raise ConfigError(f"drift needs equal shapes, got {prev.shape} and {cur.shape}")
+    return float(np.linalg.norm(cur - prev) / max(float(np.linalg.norm(prev)), 1e-12))
+
+
+def relative_improvement(values: Sequence[float], window: int) -> float | None:
+    """``(mean(previous window) - mean(last window)) / |mean(previous window)|``.
+
+    Positive while a loss is falling; near zero on a plateau; None until ``2 * window``
+    values exist. Window means rather than endpoints: replay losses are noisy.
+    """
+    if window < 1:
+        raise ConfigError(f"window must be >= 1, got {window}")
+    vals = [float(v) for v in values if math.isfinite(v)]
+    if len(vals) < 2 * window:
+        return None
+    prev = float(np.mean(vals[-2 * window : -window]))
+    cur = float(np.mean(vals[-window:]))
+    return (prev - cur) / max(abs(prev), 1e-12)
+
+
+@dataclass(frozen=True)
+class ControlDecision:
+    """What one device publishes: every ``interval``-th batch, ``fraction`` of its samples.
+
+    The expected share of samples published is ``fraction / interval``.
+    """
+
+    fraction: float
+    precision: Precision
+    interval: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in [0, 1], got {self.fraction}")
+        if self.interval < 1:
+            raise ConfigError(f"interval must be >= 1, got {self.interval}")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise ConfigError(f"unknown precision {self.precision!r}")
+
+    @property
+    def share(self) -> float:
+        """Expected share of the device's samples published."""
+        return self.fraction / self.interval
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form, for the control topic."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> ControlDecision:
+        try:
+            return cls(
+                float(data["fraction"]),  # type: ignore[arg-type]
+                str(data["precision"]),  # type: ignore[arg-type]
+                int(data["interval"]),  # type: ignore[call-overload]
+                str(data.get("reason", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"bad control decision {dict(data)!r}: {exc}") from exc
+
+
+def select_for_publish(
+    decision: ControlDecision, batch_index: int, batch_len: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Positions (sorted) within a training batch whose activations a device publishes.
+
+    Every ``interval``-th batch; within it ``fraction * batch_len`` samples, rounded
+    stochastically so the expected rate is exact. ``rng`` must be the device's activation
+    stream, never its training generator.
+    """
+    if batch_index % decision.interval != 0 or batch_len == 0:
+        return np.zeros(0, dtype=np.int64)
+    want = decision.fraction * batch_len
+    k = min(batch_len, math.floor(want + rng.random()))
+    if k >= batch_len:
+        return np.arange(batch_len, dtype=np.int64)
+    return np.sort(rng.choice(batch_len, size=k, replace=False)).astype(np.int64)
+
+
+class Controller(Protocol):
+    """What the server's control loop calls."""
+
+    def observe_round(self, round: int, drift: float | None, fl_loss: float | None) -> None: ...
+
+    def observe_overlay(self, overlay_id: str, round: int, loss: float) -> None: ...
+
+    def decide(self, device_id: str, round: int) -> ControlDecision: ...
+
+
+class SendEverything:
+    """The baseline: every sample, every batch, fp32."""
+
+    def observe_round(self, round: int, drift: float | None, fl_loss: float | None) -> None:
+        del round, drift, fl_loss
+
+    def observe_overlay(self, overlay_id: str, round: int, loss: float) -> None:
+        del overlay_id, round, loss
+
+    def decide(self, device_id: str, round: int) -> ControlDecision:
+        del device_id, round
+        return ControlDecision(1.0, "fp32", 1, "send-everything")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Thresholds of :class:`ConvergenceController` (defaults measured in the offline bench).
+
+    - ``warmup_rounds``: full rate, fp32 (the overlay starts empty and the trunk moves most).
+    - share of samples: ``min_fraction`` .. ``max_fraction``, interpolated on log(drift)
+      between ``drift_low`` and ``drift_high``; raised to track the FL loss while it still
+      improves by ``fl_fast`` (relative, over ``fl_window`` rounds) or more.
+    - an overlay whose replay loss improves by less than ``plateau_threshold`` over
+      ``overlay_window`` observations has its devices' share multiplied by ``plateau_factor``.
+    - precision: fp16 below ``fp16_drift``, int8 below ``int8_drift``.
+    - below ``min_batch_share`` the share is sent as a larger fraction of every k-th batch:
+      fewer, larger messages (per-message overhead on MQTT is not negligible).
+    """
+
+    warmup_rounds: int = 2
+    max_fraction: float = 1.0
+    min_fraction: float = 0.1
+    drift_high: float = 0.25
+    drift_low: float = 0.03
+    fl_window: int = 2
+    fl_fast: float = 0.15
+    overlay_window: int = 3
+    plateau_threshold: float = 0.02
+    plateau_factor: float = 0.5
+    fp16_drift: float = 0.25
+    int8_drift: float = 0.10
+    min_batch_share: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_fraction <= self.max_fraction <= 1.0:
+            raise ConfigError("need 0 < min_fraction <= max_fraction <= 1")
+        if not 0.0 < self.drift_low < self.drift_high:
+            raise ConfigError("need 0 < drift_low < drift_high")
+        if not 0.0 < self.plateau_factor <= 1.0:
+            raise ConfigError("plateau_factor must be in (0, 1]")
+        if self.warmup_rounds < 0 or self.fl_window < 1 or self.overlay_window < 1:
+            raise ConfigError("warmup_rounds >= 0 and windows >= 1 required")
+        if not 0.0 < self.min_batch_share <= 1.0:
+            raise ConfigError("min_batch_share must be in (0, 1]")
+
+
+@dataclass
+class ConvergenceController:
+    """Sets each device's activation rate and precision from convergence signals.
+
+    Deterministic: the decision is a pure function of the observations made so far.
+    ``assignment`` maps device ids to the overlay that serves them (for the plateau signal);
+    devices without one use the mean plateau state of all overlays.
+    """
+
+    config: ControllerConfig = field(default_factory=ControllerConfig)
+    assignment: dict[str, str] = field(default_factory=dict)
+    _drift: dict[int, float] = field(default_factory=dict, init=False)
+    _fl_loss: dict[int, float] = field(default_factory=dict, init=False)
+    _overlay: dict[str, dict[int, float]] = field(default_factory=dict, init=False)
+
+    def assign(self, device_id: str, overlay_id: str) -> None:
+        """Record that ``overlay_id`` serves ``device_id``."""
+        self.assignment[device_id] = overlay_id
+
+    def observe_round(self, round: int, drift: float | None, fl_loss: float | None) -> None:
+        """Signals of FL round ``round``: global-trunk drift from the previous round (None for
+        the first), and the mean training loss the devices reported."""
+        if drift is not None and math.isfinite(drift):
+            self._drift[round] = float(drift)
+        if fl_loss is not None and math.isfinite(fl_loss):
+            self._fl_loss[round] = float(fl_loss)
+
+    def observe_overlay(self, overlay_id: str, round: int, loss: float) -> None:
+        """An overlay's mean replay loss while the FL model was at ``round`` (last one wins)."""
+        if math.isfinite(loss):
+            self._overlay.setdefault(overlay_id, {})[round] = float(loss)
+
+    def _series(self, data: Mapping[int, float], round: int) -> list[float]:
+        return [data[r] for r in sorted(data) if r <= round]
+
+    def _plateaued(self, overlay_id: str, round: int) -> bool:
+        losses = self._series(self._overlay.get(overlay_id, {}), round)
+        gain = relative_improvement(losses, self.config.overlay_window)
+        return gain is not None and gain < self.config.plateau_threshold
+
+    def decide(self, device_id: str, round: int) -> ControlDecision:
+        """The decision for ``device_id`` while it trains in FL round ``round``."""
+        cfg = self.config
+        drifts = self._series(self._drift, round)
+        if round < cfg.warmup_rounds or not drifts:
+            return ControlDecision(cfg.max_fraction, "fp32", 1, "warmup")
+        drift = drifts[-1]
+        span = math.log(cfg.drift_high / cfg.drift_low)
+        s_drift = min(1.0, max(0.0, math.log(max(drift, 1e-12) / cfg.drift_low) / span))
+        fl_gain = relative_improvement(self._series(self._fl_loss, round), cfg.fl_window)
+        s_fl = 0.0 if fl_gain is None else min(1.0, max(0.0, fl_gain / cfg.fl_fast))
+        score = max(s_drift, s_fl)
+        share = cfg.min_fraction + (cfg.max_fraction - cfg.min_fraction) * score
+        reason = f"drift={drift:.3g} fl_gain={'-' if fl_gain is None else f'{fl_gain:.3g}'}"
+        overlay = self.assignment.get(device_id)
+        overlays = [overlay] if overlay is not None else sorted(self._overlay)
+        if overlays and all(self._plateaued(o, round) for o in overlays):
+            share *= cfg.plateau_factor
+            reason += " overlay-plateau"
+        share = min(cfg.max_fraction, max(cfg.min_fraction, share))
+        if drift < cfg.int8_drift:
+            precision: Precision = "int8"
+        elif drift < cfg.fp16_drift:
+            precision = "fp16"
+        else:
+            precision = "fp32"
+        interval = 1
+        if share < cfg.min_batch_share:
+            interval = math.ceil(cfg.min_batch_share / share - 1e-9)
+        fraction = min(1.0, share * interval)
+        return ControlDecision(fraction, precision, interval, reason)

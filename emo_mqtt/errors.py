@@ -1,0 +1,40 @@
+"""The package's one exception hierarchy.
+
+Every error emo-mqtt raises on purpose derives from :class:`EmoError`. Errors caused by
+bad input (bytes from the network, topics, config files) also derive from ``ValueError``
+so callers that only know the standard library still catch them.
+"""
+
+from __future__ import annotations
+
+
+class EmoError(Exception):
+    """Root of every exception emo-mqtt raises on purpose."""
+
+
+class CodecError(EmoError, ValueError):
+    """A payload could not be encoded or decoded (malformed, truncated, wrong version...)."""
+
+
+class ChunkError(CodecError):
+    """A chunk frame was malformed, inconsistent with its transfer, or failed its checksum."""
+
+
+class TopicError(EmoError, ValueError):
+    """A topic does not belong to the emo-mqtt topic grammar, or a topic part is invalid."""
+
+
+class ConfigError(EmoError, ValueError):
+    """A configuration value, scenario file or command-line option is invalid."""
+
+
+class BusError(EmoError):
+    """The message bus failed: not connected, connection lost, broker refused us."""
+
+
+class PublishTimeout(BusError, TimeoutError):
+    """A publish was not acknowledged by the broker within its (size-scaled) deadline."""
+
+
+class BrokerError(EmoError):
+    """A broker could not be started, or stopped unexpectedly."""

@@ -1,0 +1,257 @@
+"""The FL model (trunk + head, split at the cut layer) and the larger overlay models.
+
+Sizes (10 classes, 28x28 inputs; `python -m emo_mqtt.models` prints them):
+
+- ``cnn-small`` FL model: conv(1->8,5)-relu-pool-conv(8->16,5)-relu-pool | linear(256->10);
+  cut layer 16x4x4 = 256 floats (1 KiB in fp32) per sample; 5,994 parameters.
+- ``mlp-small`` FL model: linear(784->64)-relu | linear(64->10); cut layer 64; 50,890.
+- ``overlay-mlp`` (horizontal scaling, wide): on a 256-float cut layer
+  layernorm-linear(256->512)-relu-linear(512->256)-relu-linear(256->10): 265,994 parameters,
+  about 44x the cnn-small FL model.
+- ``overlay-cnn`` (vertical scaling, deeper, stacked on the trunk): on 16x4x4
+  conv(16->64,3)-bn-relu-conv(64->64,3)-bn-relu-conv(64->128,3)-bn-relu-avgpool-linear(128->10):
+  121,866 parameters, about 20x the FL model.
+
+The FL models hold no dropout and no batch norm on purpose: their training must be a pure
+function of (weights, data order), so that capturing activations cannot change a bit of it,
+and FedAvg of batch-norm statistics across non-IID devices is a known failure mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from emo_mqtt.errors import ConfigError, EmoError
+
+__all__ = [
+    "FL_MODELS",
+    "OVERLAY_MODELS",
+    "FLModel",
+    "OverlayModel",
+    "StateError",
+    "build_fl_model",
+    "build_overlay_model",
+    "load_numpy_state",
+    "param_count",
+    "state_to_numpy",
+]
+
+
+class StateError(EmoError, ValueError):
+    """A model state (dict of arrays) does not match the model: keys, shapes or dtypes."""
+
+
+class FLModel(nn.Module):
+    """The device model ``forward(x) = head(trunk(x))``; ``trunk(x)`` is the cut layer.
+
+    ``activation_shape`` is the per-sample shape of ``trunk(x)``; ``name`` is the registry name
+    the model was built from (so it can be rebuilt from a saved config).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        head: nn.Module,
+        activation_shape: tuple[int, ...],
+        name: str,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.activation_shape = tuple(activation_shape)
+        self.name = name
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.trunk(x))
+        return out
+
+
+class OverlayModel(nn.Module):
+    """An overlay model: cut-layer activations (N, *activation_shape) -> logits (N, classes).
+
+    Accepts activations flattened to (N, prod(activation_shape)) as well, since caches store
+    them flat.
+    """
+
+    def __init__(self, body: nn.Module, activation_shape: tuple[int, ...], name: str) -> None:
+        super().__init__()
+        self.body = body
+        self.activation_shape = tuple(activation_shape)
+        self.name = name
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = a.reshape(a.shape[0], *self.activation_shape)
+        out: torch.Tensor = self.body(a)
+        return out
+
+
+def _cnn_small(num_classes: int) -> FLModel:
+    trunk = nn.Sequential(
+        nn.Conv2d(1, 8, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+    head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, num_classes))
+    return FLModel(trunk, head, (16, 4, 4), "cnn-small", num_classes)
+
+
+def _cnn_small_early(num_classes: int) -> FLModel:
+    trunk = nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2))
+    head = nn.Sequential(
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, num_classes),
+    )
+    return FLModel(trunk, head, (8, 12, 12), "cnn-small-early", num_classes)
+
+
+def _mlp_small(num_classes: int) -> FLModel:
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 64), nn.ReLU())
+    head = nn.Linear(64, num_classes)
+    return FLModel(trunk, head, (64,), "mlp-small", num_classes)
+
+
+FL_MODELS: dict[str, Callable[[int], FLModel]] = {
+    "cnn-small": _cnn_small,
+    "cnn-small-early": _cnn_small_early,
+    "mlp-small": _mlp_small,
+}
+
+
+def build_fl_model(name: str = "cnn-small", num_classes: int = 10) -> FLModel:
+    """A fresh FL model from the registry; initialised from torch's global RNG (seed first)."""
+    if name not in FL_MODELS:
+        raise ConfigError(f"unknown FL model {name!r}; known: {', '.join(sorted(FL_MODELS))}")
+    if num_classes < 2:
+        raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
+    return FL_MODELS[name](num_classes)
+
+
+def _overlay_mlp(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    dim = math.prod(shape)
+    # LayerNorm first: the trunk's activation scale drifts from round to round, and the
+    # overlay trains on a mix of rounds; normalising per sample absorbs most of that shift.
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.LayerNorm(dim),
+        nn.Linear(dim, 512),
+        nn.ReLU(),
+        nn.Linear(512, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def _overlay_cnn(shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(shape) != 3:
+        raise ConfigError(f"overlay-cnn needs a (C, H, W) cut layer, got {shape}")
+    channels, height = shape[0], min(shape[1:])
+    wide = 64 if height <= 4 else 32
+    return nn.Sequential(
+        nn.Conv2d(channels, wide, 3, padding=1),
+        nn.BatchNorm2d(wide),
+        nn.ReLU(),
+        nn.Conv2d(wide, wide, 3, padding=1),
+        nn.BatchNorm2d(wide),
+        nn.ReLU(),
+        # Halve large maps: same receptive-field growth as the FL head's pool.
+        nn.MaxPool2d(2) if height >= 8 else nn.Identity(),
+        nn.Conv2d(wide, 2 * wide, 3, padding=1),
+        nn.BatchNorm2d(2 * wide),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * wide, num_classes),
+    )
+
+
+OVERLAY_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "overlay-mlp": _overlay_mlp,
+    "overlay-cnn": _overlay_cnn,
+}
+
+
+def build_overlay_model(
+    name: str, activation_shape: tuple[int, ...] | list[int], num_classes: int = 10
+) -> OverlayModel:
+    """A fresh overlay model for cut-layer activations of ``activation_shape``."""
+    if name not in OVERLAY_MODELS:
+        known = ", ".join(sorted(OVERLAY_MODELS))
+        raise ConfigError(f"unknown overlay model {name!r}; known: {known}")
+    shape = tuple(int(d) for d in activation_shape)
+    if not shape or min(shape) < 1:
+        raise ConfigError(f"bad activation shape {activation_shape!r}")
+    return OverlayModel(OVERLAY_MODELS[name](shape, num_classes), shape, name)
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's state dict as numpy copies, in ``state_dict`` order (deterministic).
+
+    Floating tensors become float32; integer buffers (batch-norm counters) keep their dtype.
+    """
+    out: dict[str, np.ndarray] = {}
+    for key, tensor in module.state_dict().items():
+        t = tensor.detach().cpu()
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        out[key] = t.numpy().copy()
+    return out
+
+
+def load_numpy_state(module: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Load ``state`` (as made by :func:`state_to_numpy`) into ``module``, in place.
+
+    Raises :class:`StateError` unless keys, shapes and dtypes all match exactly; nothing is
+    loaded in that case.
+    """
+    current = module.state_dict()
+    missing = [k for k in current if k not in state]
+    extra = [k for k in state if k not in current]
+    if missing or extra:
+        raise StateError(f"state keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, ref in current.items():
+        arr = np.asarray(state[key])
+        want = np.dtype(np.float32) if ref.is_floating_point() else ref.numpy().dtype
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise StateError(f"{key}: shape {arr.shape}, model has {tuple(ref.shape)}")
+        if arr.dtype != want:
+            raise StateError(f"{key}: dtype {arr.dtype}, model wants {want}")
+        tensors[key] = torch.from_numpy(np.array(arr, copy=True)).to(ref.dtype)
+    module.load_state_dict(tensors, strict=True)
+
+
+def _describe() -> str:
+    lines = []
+    for name in FL_MODELS:
+        fl = build_fl_model(name)
+        lines.append(f"{name}: {param_count(fl)} params, cut layer {fl.activation_shape}")
+        for oname in OVERLAY_MODELS:
+            try:
+                ov = build_overlay_model(oname, fl.activation_shape)
+            except ConfigError:
+                continue
+            ratio = param_count(ov) / param_count(fl)
+            lines.append(f"  {oname}: {param_count(ov)} params ({ratio:.1f}x)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_describe())

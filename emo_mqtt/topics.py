@@ -1,0 +1,338 @@
+"""The topic grammar: one place that builds and parses every MQTT topic of emo-mqtt.
+
+Every topic is rooted at a run, ``emo/<run>/...``. Below the run, the tree mirrors the
+cache tiers of EMO: what devices publish lives under ``device/<id>/`` (the device tier),
+what overlays publish under ``overlay/<id>/`` (the overlay tier), what the server publishes
+under ``server/`` (the server tier), next to the ``control``, ``status``, ``metrics`` and
+``infer`` branches. Naming by source keeps least-privilege ACLs simple: a node may publish
+only below its own id.
+
+This module is pure: no I/O, no asyncio, no MQTT. ``docs/topics.md`` is generated from
+:data:`SPECS` (``emo topics --markdown``) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from emo_mqtt.errors import TopicError
+
+ROOT = "emo"
+
+#: Run, node and client ids: safe in topics, file names and ACL patterns.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class Kind(StrEnum):
+    """Every kind of topic in the system."""
+
+    DEVICE_UPDATE = "device.update"
+    DEVICE_ACTIVATIONS = "device.activations"
+    DEVICE_SFL_ACTIVATIONS = "device.sfl_activations"
+    OVERLAY_MODEL = "overlay.model"
+    OVERLAY_SPILL = "overlay.spill"
+    SERVER_ROUND = "server.round"
+    SERVER_SFL_GRADIENTS = "server.sfl_gradients"
+    SERVER_DONE = "server.done"
+    CONTROL = "control"
+    STATUS = "status"
+    METRICS = "metrics"
+    INFER_REQUEST = "infer.request"
+    INFER_RESPONSE = "infer.response"
+    BENCH = "bench"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """One row of the topic table: its shape below ``emo/<run>/`` and how it is used."""
+
+    kind: Kind
+    #: Pattern below ``emo/<run>/``; ``{node}`` is a node id, ``{role}`` a role name.
+    pattern: str
+    tier: str
+    publisher: str
+    subscribers: str
+    qos: int
+    retained: bool
+    payload: str
+
+
+SPECS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        Kind.DEVICE_UPDATE,
+        "device/{node}/update",
+        "device",
+        "device `{node}`",
+        "server",
+        1,
+        False,
+        "codec `update`: FL round, trunk+head weights, sample count, train loss",
+    ),
+    TopicSpec(
+        Kind.DEVICE_ACTIVATIONS,
+        "device/{node}/activations",
+        "device",
+        "device `{node}` (its outbox)",
+        "the overlay serving `{node}`",
+        1,
+        False,
+        "codec `activations`: cut-layer activations (fp32/fp16/int8), labels, "
+        "sample ids, FL round; chunked when large",
+    ),
+    TopicSpec(
+        Kind.DEVICE_SFL_ACTIVATIONS,
+        "device/{node}/sfl/activations",
+        "device",
+        "device `{node}` (SplitFed baseline)",
+        "server",
+        1,
+        False,
+        "codec `sfl.activations`: one batch of cut-layer activations and labels",
+    ),
+    TopicSpec(
+        Kind.OVERLAY_MODEL,
+        "overlay/{node}/model",
+        "overlay",
+        "overlay `{node}`",
+        "server, inference service",
+        1,
+        True,
+        "codec `overlay.model`: overlay model weights, version, trunk round, loss",
+    ),
+    TopicSpec(
+        Kind.OVERLAY_SPILL,
+        "overlay/{node}/spill",
+        "overlay",
+        "overlay `{node}`",
+        "server tier (shared cache)",
+        1,
+        False,
+        "codec `activations`: cache entries the overlay tier could not keep",
+    ),
+    TopicSpec(
+        Kind.SERVER_ROUND,
+        "server/round",
+        "server",
+        "server",
+        "devices, overlays",
+        1,
+        True,
+        "codec `round`: round number, sampled devices, deadline, the global model to start from",
+    ),
+    TopicSpec(
+        Kind.SERVER_SFL_GRADIENTS,
+        "server/sfl/{node}/gradients",
+        "server",
+        "server (SplitFed baseline)",
+        "device `{node}`",
+        1,
+        False,
+        "codec `sfl.gradients`: gradient of the loss w.r.t. one batch's activations",
+    ),
+    TopicSpec(
+        Kind.SERVER_DONE,
+        "server/done",
+        "server",
+        "server",
+        "every node",
+        1,
+        True,
+        "codec `done`: the run is over: final round, final global model, reason",
+    ),
+    TopicSpec(
+        Kind.CONTROL,
+        "control/{node}",
+        "control",
+        "server (controller)",
+        "device `{node}`",
+        1,
+        True,
+        "codec `control`: activation fraction, precision, interval, reason",
+    ),
+    TopicSpec(
+        Kind.STATUS,
+        "status/{role}/{node}",
+        "status",
+        "every node (last will: offline)",
+        "dashboards",
+        1,
+        True,
+        "JSON: state (online/offline), role, version, round",
+    ),
+    TopicSpec(
+        Kind.METRICS,
+        "metrics/{role}/{node}",
+        "metrics",
+        "every node",
+        "dashboards, `emo run`",
+        0,
+        False,
+        "JSON: counters and gauges of the node",
+    ),
+    TopicSpec(
+        Kind.INFER_REQUEST,
+        "infer/{node}/request",
+        "infer",
+        "any client `{node}`",
+        "inference service",
+        1,
+        False,
+        "codec `infer.request`: request id, input images",
+    ),
+    TopicSpec(
+        Kind.INFER_RESPONSE,
+        "infer/{node}/response",
+        "infer",
+        "inference service",
+        "client `{node}`",
+        1,
+        False,
+        "codec `infer.response`: request id, class probabilities",
+    ),
+    TopicSpec(
+        Kind.BENCH,
+        "bench/{node}",
+        "bench",
+        "`emo bench bus`",
+        "`emo bench bus`",
+        1,
+        False,
+        "codec `bench`: one tensor of the requested size",
+    ),
+)
+
+_BY_KIND: dict[Kind, TopicSpec] = {spec.kind: spec for spec in SPECS}
+ROLES = frozenset({"device", "overlay", "server", "dashboard", "client", "bench"})
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid run/node id, else raise :class:`TopicError`."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise TopicError(
+            f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def topic(kind: Kind, run: str, node: str | None = None, role: str | None = None) -> str:
+    """Build the concrete topic of ``kind`` for ``run`` (and ``node``/``role`` where needed)."""
+    spec = _BY_KIND[kind]
+    parts = {"node": node, "role": role}
+    rendered = []
+    for piece in spec.pattern.split("/"):
+        if piece.startswith("{"):
+            name = piece[1:-1]
+            value = parts[name]
+            if value is None:
+                raise TopicError(f"topic {kind.value} needs a {name}")
+            if name == "role" and value not in ROLES:
+                raise TopicError(f"unknown role {value!r}; known: {sorted(ROLES)}")
+            rendered.append(validate_id(value, name))
+        else:
+            rendered.append(piece)
+    return "/".join([ROOT, validate_id(run, "run"), *rendered])
+
+
+def subscription(kind: Kind, run: str, node: str | None = None, role: str | None = None) -> str:
+    """A topic filter for ``kind``: like :func:`topic`, with ``+`` for parts left out."""
+    spec = _BY_KIND[kind]
+    parts = {"node": node, "role": role}
+    rendered = []
+    for piece in spec.pattern.split("/"):
+        if piece.startswith("{"):
+            value = parts[piece[1:-1]]
+            rendered.append("+" if value is None else validate_id(value, piece[1:-1]))
+        else:
+            rendered.append(piece)
+    return "/".join([ROOT, validate_id(run, "run"), *rendered])
+
+
+def run_filter(run: str) -> str:
+    """The filter that matches every topic of ``run``."""
+    return f"{ROOT}/{validate_id(run, 'run')}/#"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What :func:`parse` learns from a topic."""
+
+    kind: Kind
+    run: str
+    node: str | None = None
+    role: str | None = None
+
+
+def parse(value: str) -> ParsedTopic:
+    """Parse a concrete topic into its kind, run and node; :class:`TopicError` if foreign."""
+    parts = value.split("/")
+    if len(parts) < 3 or parts[0] != ROOT:
+        raise TopicError(f"not an emo-mqtt topic: {value!r}")
+    run = validate_id(parts[1], "run")
+    rest = parts[2:]
+    for spec in SPECS:
+        pattern = spec.pattern.split("/")
+        if len(pattern) != len(rest):
+            continue
+        found: dict[str, str] = {}
+        for want, got in zip(pattern, rest, strict=True):
+            if want.startswith("{"):
+                if not _ID_RE.fullmatch(got):
+                    break
+                found[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
+            role = found.get("role")
+            if role is not None and role not in ROLES:
+                raise TopicError(f"unknown role {role!r} in topic {value!r}")
+            return ParsedTopic(spec.kind, run, found.get("node"), role)
+    raise TopicError(f"unknown emo-mqtt topic: {value!r}")
+
+
+def matches(topic_filter: str, value: str) -> bool:
+    """MQTT topic-filter matching (``+`` one level, ``#`` the rest), as a broker does it."""
+    fparts = topic_filter.split("/")
+    tparts = value.split("/")
+    for i, f in enumerate(fparts):
+        if f == "#":
+            # "$SYS"-style topics are never matched by a leading wildcard (MQTT 4.7.2).
+            return not (i == 0 and value.startswith("$"))
+        if i >= len(tparts):
+            return False
+        if f == "+":
+            if i == 0 and value.startswith("$"):
+                return False
+            continue
+        if f != tparts[i]:
+            return False
+    return len(fparts) == len(tparts)
+
+
+def validate_filter(topic_filter: str) -> str:
+    """Check a subscription filter's wildcard syntax; return it or raise :class:`TopicError`."""
+    if not topic_filter or len(topic_filter.encode()) > 65535 or "\x00" in topic_filter:
+        raise TopicError(f"invalid topic filter {topic_filter!r}")
+    parts = topic_filter.split("/")
+    for i, part in enumerate(parts):
+        if "#" in part and (part != "#" or i != len(parts) - 1):
+            raise TopicError(f"'#' must be a whole last level: {topic_filter!r}")
+        if "+" in part and part != "+":
+            raise TopicError(f"'+' must be a whole level: {topic_filter!r}")
+    return topic_filter
+
+
+def markdown_table() -> str:
+    """The topic table of ``docs/topics.md``, generated from :data:`SPECS`."""
+    lines = [
+        "| topic (below `emo/<run>/`) | tier | publisher | subscribers | QoS | retained | payload |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in SPECS:
+        lines.append(
+            f"| `{s.pattern}` | {s.tier} | {s.publisher} | {s.subscribers} | {s.qos} | "
+            f"{'yes' if s.retained else 'no'} | {s.payload} |"
+        )
+    return "\n".join(lines) + "\n"

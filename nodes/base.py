@@ -1,0 +1,232 @@
+"""What every node shares: its bus, status and metrics, and a message loop that never crashes.
+
+A node talks to the rest of the fleet only through its bus. Incoming messages are parsed
+by the topic grammar and decoded by the codec; anything malformed, from another run, on
+an unknown topic, or a duplicate (QoS 1 redelivery) is rejected, counted by reason and
+logged once, and the loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from emo_mqtt import __version__, codec
+from emo_mqtt.bus import Bus, BusOptions, Message, open_bus
+from emo_mqtt.config import RunConfig
+from emo_mqtt.errors import CodecError, EmoError, TopicError
+from emo_mqtt.topics import Kind, ParsedTopic, parse, topic
+
+log = logging.getLogger("emo_mqtt.nodes")
+
+Handler = Callable[[ParsedTopic, codec.Envelope], Awaitable[None]]
+JsonHandler = Callable[[ParsedTopic, dict[str, Any]], Awaitable[None]]
+#: Topics whose payloads are JSON (readable by any MQTT tool), not codec frames.
+JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS})
+
+#: Which "kind of bytes" each topic's payload counts as in summaries.
+BYTE_KINDS: dict[Kind, str] = {
+    Kind.DEVICE_UPDATE: "weights",
+    Kind.SERVER_ROUND: "weights",
+    Kind.SERVER_DONE: "weights",
+    Kind.OVERLAY_MODEL: "weights",
+    Kind.DEVICE_ACTIVATIONS: "activations",
+    Kind.OVERLAY_SPILL: "activations",
+    Kind.DEVICE_SFL_ACTIVATIONS: "activations",
+    Kind.SERVER_SFL_GRADIENTS: "gradients",
+    Kind.CONTROL: "control",
+    Kind.STATUS: "status",
+    Kind.METRICS: "metrics",
+    Kind.INFER_REQUEST: "inference",
+    Kind.INFER_RESPONSE: "inference",
+    Kind.BENCH: "bench",
+}
+
+
+def bytes_by_kind(bytes_out_by_topic: Mapping[str, int]) -> dict[str, int]:
+    """Fold a bus's per-topic byte counters into the kinds of :data:`BYTE_KINDS`."""
+    out: dict[str, int] = {}
+    for name, count in bytes_out_by_topic.items():
+        try:
+            kind = BYTE_KINDS[parse(name).kind]
+        except TopicError:
+            kind = "other"
+        out[kind] = out.get(kind, 0) + count
+    return out
+
+
+class Node:
+    """Base class of the server, overlay and device nodes."""
+
+    role = "node"
+
+    def __init__(self, broker: Any, config: RunConfig, run: str, node_id: str) -> None:
+        self.config = config
+        self.run = run
+        self.node_id = node_id
+        self.status_topic = topic(Kind.STATUS, run, node=node_id, role=self.role)
+        will = Message(self.status_topic, self._status_payload("offline"), 1, True)
+        self.bus: Bus = open_bus(
+            broker,
+            f"{run}-{self.role}-{node_id}",
+            will=will,
+            clean_start=False,
+            options=BusOptions(),
+        )
+        self.handlers: dict[Kind, Handler] = {}
+        self.json_handlers: dict[Kind, JsonHandler] = {}
+        self._seq = 0
+        self._seen: OrderedDict[tuple[str, int, float], None] = OrderedDict()
+        self.round = 0
+        self.stopping = asyncio.Event()
+        self.started = time.monotonic()
+
+    # -- outgoing ---------------------------------------------------------------------------
+    def _status_payload(self, state: str) -> bytes:
+        return json.dumps(
+            {"state": state, "role": self.role, "id": self.node_id, "run": self.run,
+             "version": __version__, "round": getattr(self, "round", 0), "time": time.time()}
+        ).encode()
+
+    async def send(
+        self,
+        kind: Kind,
+        body: Mapping[str, Any],
+        *,
+        msg_kind: str,
+        node: str | None = None,
+        retain: bool = False,
+        qos: int = 1,
+    ) -> None:
+        """Encode ``body`` in an envelope from this node and publish it on ``kind``'s topic."""
+        self._seq += 1
+        frame = codec.encode(body, kind=msg_kind, sender=self.node_id, run=self.run, seq=self._seq)
+        await self.bus.publish(topic(kind, self.run, node=node), frame, qos=qos, retain=retain)
+
+    async def publish_status(self, state: str) -> None:
+        await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)
+
+    def metrics(self) -> dict[str, Any]:
+        """The node's metrics as a JSON-ready dict; subclasses add their own."""
+        s = self.bus.stats
+        return {
+            "role": self.role, "id": self.node_id, "run": self.run, "round": self.round,
+            "time": time.time(), "uptime_s": round(time.monotonic() - self.started, 3),
+            "bytes_out": s.published_bytes,
+            "bytes_out_by_kind": bytes_by_kind(s.bytes_out_by_topic),
+            "bytes_in": s.received_bytes, "messages_out": s.published_messages,
+            "messages_in": s.received_messages, "rejected": dict(s.rejected),
+            "reconnects": s.reconnects,
+        }
+
+    async def publish_metrics(self, *, final: bool = False, **extra: Any) -> None:
+        """Publish the metrics JSON; the final one at QoS 1, since summaries are built on it."""
+        payload = json.dumps({**self.metrics(), **extra, "final": final}).encode()
+        await self.bus.publish(
+            topic(Kind.METRICS, self.run, node=self.node_id, role=self.role),
+            payload,
+            # Events (round closed, run done) and final counters feed summaries: QoS 1.
+            qos=1 if final or "event" in extra else 0,
+        )
+
+    # -- incoming ---------------------------------------------------------------------------
+    def on(self, kind: Kind, handler: Handler) -> None:
+        self.handlers[kind] = handler
+
+    def on_json(self, kind: Kind, handler: JsonHandler) -> None:
+        self.json_handlers[kind] = handler
+
+    async def _dispatch_json(self, where: ParsedTopic, message: Message) -> None:
+        handler = self.json_handlers.get(where.kind)
+        if handler is None or where.run != self.run:
+            self.bus.reject("unexpected_topic", message.topic, "no handler for this topic")
+            return
+        try:
+            body = json.loads(bytes(message.payload))
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.bus.reject("bad_json", message.topic, str(exc))
+            return
+        await handler(where, body)
+
+    def _duplicate(self, envelope: codec.Envelope) -> bool:
+        key = (envelope.sender, envelope.seq, envelope.time)
+        if key in self._seen:
+            return True
+        self._seen[key] = None
+        if len(self._seen) > 50_000:
+            self._seen.popitem(last=False)
+        return False
+
+    async def dispatch(self, message: Message) -> None:
+        """Route one message to its handler; bad input is counted, never raised."""
+        try:
+            where = parse(message.topic)
+        except TopicError as exc:
+            self.bus.reject("unknown_topic", message.topic, str(exc))
+            return
+        if where.kind in JSON_KINDS:
+            await self._dispatch_json(where, message)
+            return
+        handler = self.handlers.get(where.kind)
+        if handler is None or where.run != self.run:
+            self.bus.reject("unexpected_topic", message.topic, "no handler for this topic")
+            return
+        try:
+            envelope = codec.decode(message.payload)
+        except CodecError as exc:
+            self.bus.reject("bad_payload", message.topic, str(exc))
+            return
+        if envelope.run != self.run:
+            self.bus.reject("wrong_run", message.topic, f"envelope run {envelope.run!r}")
+            return
+        if self._duplicate(envelope):
+            self.bus.reject("duplicate", message.topic, "already processed (QoS 1 redelivery)")
+            return
+        try:
+            await handler(where, envelope)
+        except (EmoError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            # A well-formed frame whose body does not fit the message kind.
+            self.bus.reject("bad_message", message.topic, f"{type(exc).__name__}: {exc}")
+
+    async def serve(self) -> None:
+        """The message loop: dispatch until :meth:`stop`."""
+        async for message in self.bus.messages():
+            await self.dispatch(message)
+            if self.stopping.is_set():
+                return
+
+    async def subscriptions(self) -> list[str]:
+        """Topic filters this node subscribes to (subclasses)."""
+        return []
+
+    async def main(self) -> None:
+        """Subclasses run their algorithm here, while :meth:`serve` handles messages."""
+        await self.stopping.wait()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run_node(self) -> None:
+        """Connect, announce, run until done, say goodbye (no will on a clean exit)."""
+        async with self.bus:
+            for topic_filter in await self.subscriptions():
+                await self.bus.subscribe(topic_filter)
+            await self.publish_status("online")
+            server = asyncio.create_task(self.serve(), name=f"{self.role}:{self.node_id}:serve")
+            try:
+                await self.main()
+            finally:
+                self.stop()
+                server.cancel()
+                try:
+                    await self.publish_metrics(final=True)
+                    await self.publish_status("offline")
+                except EmoError as exc:
+                    log.warning("%s %s: could not say goodbye: %s", self.role, self.node_id, exc)

@@ -1,0 +1,253 @@
+"""The device node: FedAvg client, SplitFed client, and (for EMO) activation publisher.
+
+FL (``fl``, ``emo``, ``emo_all``): when the server's round announcement samples this
+device, it loads the global model, trains locally and publishes its update. Under EMO it
+also keeps, from the very forward passes of that training, the cut-layer activations of
+the share of samples the controller allows, in a bounded outbox, and publishes them to its
+overlay after the update: FL never waits for an overlay and nothing comes back.
+
+SplitFed (``sfl``, ``sfl_v1``): the device holds only the trunk; for every batch it sends
+the activations up and waits for their gradient before its backward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from emo_mqtt.cache import ActivationBatch, DeviceOutbox
+from emo_mqtt.codec import Envelope
+from emo_mqtt.config import RunConfig
+from emo_mqtt.controller import ControlDecision, select_for_publish
+from emo_mqtt.data import Split
+from emo_mqtt.errors import EmoError
+from emo_mqtt.models import build_fl_model, load_numpy_state, state_to_numpy
+from emo_mqtt.topics import Kind, ParsedTopic, topic
+from emo_mqtt.training import make_generator, make_rng, sfl_device_backward, train_local
+from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.compute import compute
+
+log = logging.getLogger("emo_mqtt.nodes.device")
+
+EMO_ALGORITHMS = ("emo", "emo_all")
+SFL_ALGORITHMS = ("sfl", "sfl_v1")
+
+
+class DeviceNode(Node):
+    """One IoT device of the fleet."""
+
+    role = "device"
+
+    def __init__(
+        self, broker: Any, config: RunConfig, run: str, node_id: str, algorithm: str, data: Split
+    ) -> None:
+        super().__init__(broker, config, run, node_id)
+        self.algorithm = algorithm
+        self.data = data
+        self.model = build_fl_model(config.fl.model)
+        self.overlay = config.overlay_of(node_id)
+        # Before the first control message: the controller's warm-up rate.
+        self.decision = ControlDecision(config.controller.max_fraction, "fp32", 1, "initial")
+        self.decision_round = 0
+        self._decision_event = asyncio.Event()
+        self.outbox: DeviceOutbox[ActivationBatch] = DeviceOutbox(config.emo.outbox_kib * 1024)
+        self._training: asyncio.Task[None] | None = None
+        self._gradients: dict[tuple[int, int], asyncio.Future[torch.Tensor]] = {}
+        self.activation_bytes = 0
+        self.rounds_trained = 0
+        self.on(Kind.SERVER_ROUND, self._on_round)
+        self.on(Kind.SERVER_DONE, self._on_done)
+        self.on(Kind.CONTROL, self._on_control)
+        self.on(Kind.SERVER_SFL_GRADIENTS, self._on_gradient)
+
+    async def subscriptions(self) -> list[str]:
+        subs = [topic(Kind.SERVER_ROUND, self.run), topic(Kind.SERVER_DONE, self.run)]
+        if self.algorithm in EMO_ALGORITHMS:
+            subs.append(topic(Kind.CONTROL, self.run, node=self.node_id))
+        if self.algorithm in SFL_ALGORITHMS:
+            subs.append(topic(Kind.SERVER_SFL_GRADIENTS, self.run, node=self.node_id))
+        return subs
+
+    def metrics(self) -> dict[str, Any]:
+        out = super().metrics()
+        out.update(
+            algorithm=self.algorithm,
+            rounds_trained=self.rounds_trained,
+            activation_bytes=self.activation_bytes,
+            outbox_bytes=self.outbox.bytes,
+            outbox_evicted=self.outbox.stats.evicted,
+            decision=self.decision.to_dict(),
+        )
+        return out
+
+    # -- handlers ---------------------------------------------------------------------------
+    async def _on_round(self, where: ParsedTopic, env: Envelope) -> None:
+        r = int(env.body["round"])
+        if r <= self.round:
+            return  # a retained announcement we already handled
+        self.round = r
+        if self.node_id not in env.body["sampled"]:
+            return
+        if self._training is not None and not self._training.done():
+            # A new round started before we finished: the server has closed the old one.
+            self._training.cancel()
+        weights = env.body["weights"]
+        self._training = asyncio.create_task(self._train_round(r, weights))
+
+    async def _on_done(self, where: ParsedTopic, env: Envelope) -> None:
+        self.stop()
+
+    async def _on_control(self, where: ParsedTopic, env: Envelope) -> None:
+        r = int(env.body["round"])
+        if r >= self.decision_round:
+            self.decision = ControlDecision.from_dict(env.body["decision"])
+            self.decision_round = r
+            self._decision_event.set()
+
+    async def _on_gradient(self, where: ParsedTopic, env: Envelope) -> None:
+        key = (int(env.body["round"]), int(env.body["batch"]))
+        future = self._gradients.get(key)
+        if future is None or future.done():
+            self.bus.reject("stale_gradient", topic(Kind.SERVER_SFL_GRADIENTS, self.run,
+                                                    node=self.node_id), f"no batch {key}")
+            return
+        future.set_result(torch.as_tensor(np.asarray(env.body["gradient"])))
+
+    async def main(self) -> None:
+        await self.stopping.wait()
+        if self._training is not None and not self._training.done():
+            self._training.cancel()
+
+    # -- training ---------------------------------------------------------------------------
+    async def _train_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
+        try:
+            if self.algorithm in SFL_ALGORITHMS:
+                await self._sfl_round(r, weights)
+            else:
+                await self._fl_round(r, weights)
+            self.rounds_trained += 1
+            await self.publish_metrics()
+        except asyncio.CancelledError:
+            raise
+        except EmoError as exc:
+            log.warning("device %s: round %d failed: %s", self.node_id, r, exc)
+
+    async def _current_decision(self, r: int) -> ControlDecision:
+        """The controller's decision for round ``r`` (published just before the round)."""
+        if self.algorithm == "emo_all":
+            return ControlDecision(1.0, "fp32", 1, "send-everything")
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while self.decision_round < r and asyncio.get_running_loop().time() < deadline:
+            self._decision_event.clear()
+            try:
+                async with asyncio.timeout(0.2):
+                    await self._decision_event.wait()
+            except TimeoutError:
+                pass
+        return self.decision
+
+    async def _fl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
+        load_numpy_state(self.model, weights)
+        c = self.config
+        capture = None
+        if self.algorithm in EMO_ALGORITHMS:
+            decision = await self._current_decision(r)
+            # Its own stream: what is published never touches the training RNG.
+            rng = make_rng(c.run.seed, "activations", self.node_id, r)
+            batch_index = 0
+
+            def capture(idx: np.ndarray, acts: torch.Tensor, labels: np.ndarray) -> None:
+                nonlocal batch_index
+                chosen = select_for_publish(decision, batch_index, len(idx), rng)
+                batch_index += 1
+                if chosen.size:
+                    self.outbox.push(ActivationBatch.quantize(
+                        r, idx[chosen], acts.numpy()[chosen], labels[chosen], decision.precision))
+
+        report = await compute(
+            train_local,
+            self.model,
+            self.data,
+            epochs=c.fl.local_epochs,
+            batch_size=c.fl.batch_size,
+            lr=c.fl.lr,
+            momentum=c.fl.momentum,
+            generator=make_generator(c.run.seed, "train", self.node_id, r),
+            on_activations=capture,
+        )
+        await self.send(
+            Kind.DEVICE_UPDATE,
+            {"round": r, "weights": state_to_numpy(self.model), "samples": report.samples,
+             "loss": report.loss},
+            msg_kind="update",
+            node=self.node_id,
+        )
+        if capture is not None:
+            await self._flush_outbox(r)
+
+    async def _flush_outbox(self, r: int) -> None:
+        """Publish this round's activations in one message (chunked by the bus if large)."""
+        batches = self.outbox.pop_all()
+        if batches:
+            ids = np.concatenate([b.sample_ids for b in batches])
+            labels = np.concatenate([b.labels for b in batches])
+            data = np.concatenate([b.data for b in batches])
+            scales = [b.scale for b in batches if b.scale is not None]
+            scale = np.concatenate(scales) if len(scales) == len(batches) else None
+        else:
+            ids = np.zeros(0, dtype=np.int64)
+            labels = np.zeros(0, dtype=np.int64)
+            data = np.zeros((0, *self.model.activation_shape), dtype=np.float32)
+            scale = None
+        body = {"round": r, "sample_ids": ids, "labels": labels, "data": data, "scale": scale,
+                "last": True}
+        self.activation_bytes += int(data.nbytes + ids.nbytes + labels.nbytes
+                                     + (0 if scale is None else scale.nbytes))
+        await self.send(Kind.DEVICE_ACTIVATIONS, body, msg_kind="activations", node=self.node_id)
+
+    async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
+        trunk = self.model.trunk
+        load_numpy_state(trunk, weights)
+        c = self.config
+        optimizer = torch.optim.SGD(trunk.parameters(), lr=c.sfl.lr)
+        generator = make_generator(c.run.seed, "train", self.node_id, r)
+        x_all = torch.tensor(np.asarray(self.data.x))
+        y_all = torch.tensor(np.asarray(self.data.y))
+        n = len(self.data)
+        loop = asyncio.get_running_loop()
+        batch = 0
+        trunk.train()
+        for _ in range(c.fl.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, c.fl.batch_size):
+                idx = order[start : start + c.fl.batch_size]
+                acts = trunk(x_all[idx])
+                future: asyncio.Future[torch.Tensor] = loop.create_future()
+                self._gradients[(r, batch)] = future
+                await self.send(
+                    Kind.DEVICE_SFL_ACTIVATIONS,
+                    {"round": r, "batch": batch, "activations": acts.detach(),
+                     "labels": y_all[idx]},
+                    msg_kind="sfl.activations",
+                    node=self.node_id,
+                )
+                try:
+                    grad = await asyncio.wait_for(future, c.sfl.gradient_timeout_s)
+                except TimeoutError:
+                    raise EmoError(f"no gradient for round {r} batch {batch}") from None
+                finally:
+                    self._gradients.pop((r, batch), None)
+                sfl_device_backward(acts, grad, optimizer)
+                batch += 1
+        await self.send(
+            Kind.DEVICE_UPDATE,
+            {"round": r, "weights": state_to_numpy(trunk), "samples": n * c.fl.local_epochs,
+             "loss": math.nan},
+            msg_kind="update",
+            node=self.node_id,
+        )

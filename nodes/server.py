@@ -1,0 +1,396 @@
+"""The server node: FedAvg rounds, the SplitFed server half, the controller, and evaluation.
+
+Each round the server samples devices, publishes the round (with the global model) on
+``server/round``, collects updates until every sampled device answered or the deadline
+passed with at least ``min_updates`` (one silent device never stalls a round), averages
+them, and evaluates on the test data it holds. Under EMO it also measures convergence
+(trunk drift on probe data, the FL loss trend, the overlays' losses), publishes each
+device's activation rate on its control topic, and evaluates the ensemble of the FL model
+and the latest overlay models. Under SplitFed it runs the server-side half of the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emo_mqtt.codec import Envelope
+from emo_mqtt.config import RunConfig
+from emo_mqtt.controller import (
+    ConvergenceController,
+    SendEverything,
+    activation_drift,
+)
+from emo_mqtt.dataplan import DataPlan
+from emo_mqtt.ensemble import Ensemble
+from emo_mqtt.errors import EmoError
+from emo_mqtt.fedavg import RoundCollector, fedavg, sample_clients
+from emo_mqtt.models import (
+    OverlayModel,
+    build_fl_model,
+    build_overlay_model,
+    load_numpy_state,
+    state_to_numpy,
+)
+from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.compute import compute
+from emo_mqtt.topics import Kind, ParsedTopic, subscription, topic
+from emo_mqtt.training import evaluate, seed_everything, sfl_server_step
+
+log = logging.getLogger("emo_mqtt.nodes.server")
+
+
+def model_digest(state: dict[str, np.ndarray]) -> str:
+    """SHA-256 over a state dict's names and bytes: equal digests, bit-identical models."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(state[name]).tobytes())
+    return h.hexdigest()
+
+
+class ServerNode(Node):
+    """The FL server (and SplitFed server, and EMO controller and evaluator)."""
+
+    role = "server"
+
+    def __init__(
+        self,
+        broker: Any,
+        config: RunConfig,
+        run: str,
+        algorithm: str,
+        plan: DataPlan,
+        *,
+        node_id: str = "server",
+        out_dir: Path | None = None,
+        start_timeout_s: float = 60.0,
+    ) -> None:
+        super().__init__(broker, config, run, node_id)
+        self.algorithm = algorithm
+        self.plan = plan
+        self.out_dir = out_dir
+        self.start_timeout_s = start_timeout_s
+        seed_everything(config.run.seed)
+        self.model = build_fl_model(config.fl.model)
+        self.online: set[str] = set()
+        self._online_event = asyncio.Event()
+        self.collector: RoundCollector | None = None
+        self._update_event = asyncio.Event()
+        self.history: list[dict[str, Any]] = []
+        self.rejected_updates = 0
+        self.overlays: dict[str, dict[str, Any]] = {}
+        self._overlay_event = asyncio.Event()
+        emo = algorithm in ("emo", "emo_all")
+        self.emo = emo
+        if algorithm == "emo" and config.controller.enabled:
+            self.controller: ConvergenceController | SendEverything = ConvergenceController(
+                config.controller.policy()
+            )
+            for device in config.device_ids():
+                self.controller.assign(device, config.overlay_of(device))
+        else:
+            self.controller = SendEverything()
+        self.decisions: list[dict[str, Any]] = []
+        # SplitFed: the server-side half. V2 shares one head; V1 keeps a copy per device.
+        self.sfl = algorithm in ("sfl", "sfl_v1")
+        self.heads: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.sfl_losses: list[float] = []
+        self._sampled: set[str] = set()
+        self._samples: dict[str, int] = {}
+        self._losses: list[float] = []
+        self.on_json(Kind.STATUS, self._on_status)
+        self.on(Kind.DEVICE_UPDATE, self._on_update)
+        self.on(Kind.OVERLAY_MODEL, self._on_overlay_model)
+        self.on(Kind.DEVICE_SFL_ACTIVATIONS, self._on_sfl_activations)
+        self.final: dict[str, Any] = {}
+
+    async def subscriptions(self) -> list[str]:
+        subs = [
+            subscription(Kind.STATUS, self.run),
+            subscription(Kind.DEVICE_UPDATE, self.run),
+        ]
+        if self.emo:
+            subs.append(subscription(Kind.OVERLAY_MODEL, self.run))
+        if self.sfl:
+            subs.append(subscription(Kind.DEVICE_SFL_ACTIVATIONS, self.run))
+        return subs
+
+    def metrics(self) -> dict[str, Any]:
+        out = super().metrics()
+        out.update(algorithm=self.algorithm, rejected_updates=self.rejected_updates,
+                   online=sorted(self.online))
+        if self.history:
+            out["last_round"] = self.history[-1]
+        return out
+
+    # -- handlers ---------------------------------------------------------------------------
+    async def _on_status(self, where: ParsedTopic, body: dict[str, Any]) -> None:
+        if where.node is None:
+            return
+        if body.get("state") == "online":
+            self.online.add(where.node)
+        else:
+            self.online.discard(where.node)
+        self._online_event.set()
+
+    async def _on_update(self, where: ParsedTopic, env: Envelope) -> None:
+        collector = self.collector
+        device = where.node or ""
+        if collector is None or int(env.body["round"]) != self.round or device != env.sender:
+            self.bus.reject("late_update", f"device/{device}/update",
+                            f"update for round {env.body.get('round')} outside round {self.round}")
+            return
+        state = {k: np.asarray(v) for k, v in env.body["weights"].items()}
+        samples = int(env.body["samples"])
+        if not collector.add(device, state, samples, time.monotonic()):
+            reason = collector.rejected.pop(device, None)
+            if reason is not None:
+                # Non-finite, mis-shaped or otherwise invalid: never enters the average.
+                self.rejected_updates += 1
+                self.bus.reject("bad_update", f"device/{device}/update", reason)
+            else:
+                self.bus.reject("duplicate_update", f"device/{device}/update",
+                                "not sampled this round, or already received")
+            return
+        self._samples[device] = samples
+        loss = env.body.get("loss")
+        if isinstance(loss, float) and math.isfinite(loss):
+            self._losses.append(loss)
+        self._update_event.set()
+
+    async def _on_overlay_model(self, where: ParsedTopic, env: Envelope) -> None:
+        overlay = where.node or ""
+        if overlay not in self.config.overlay_ids():
+            self.bus.reject("unknown_overlay", f"overlay/{overlay}/model", overlay)
+            return
+        model = build_overlay_model(self.config.emo.overlay_model, self.model.activation_shape)
+        load_numpy_state(model, {k: np.asarray(v, dtype=np.float32)
+                                 for k, v in env.body["weights"].items()})
+        r = int(env.body["round"])
+        loss = float(env.body["loss"])
+        self.overlays[overlay] = {"model": model, "round": r, "version": int(env.body["version"]),
+                                  "loss": loss}
+        self.controller.observe_overlay(overlay, r, loss)
+        self._overlay_event.set()
+
+    async def _on_sfl_activations(self, where: ParsedTopic, env: Envelope) -> None:
+        device = where.node or ""
+        r = int(env.body["round"])
+        if r != self.round or device not in self._sampled:
+            self.bus.reject("late_activations", f"device/{device}/sfl/activations",
+                            f"round {r} while at {self.round}")
+            return
+        key = device if self.algorithm == "sfl_v1" else "shared"
+        acts = torch.as_tensor(np.asarray(env.body["activations"]))
+        labels = torch.as_tensor(np.asarray(env.body["labels"]))
+        loss, grad = sfl_server_step(self.heads[key], self.optimizers[key], acts, labels)
+        self.sfl_losses.append(loss)
+        await self.send(
+            Kind.SERVER_SFL_GRADIENTS,
+            {"round": r, "batch": int(env.body["batch"]), "gradient": grad},
+            msg_kind="sfl.gradients",
+            node=device,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _device_side_state(self) -> dict[str, np.ndarray]:
+        return state_to_numpy(self.model.trunk if self.sfl else self.model)
+
+    def _load_device_side(self, state: dict[str, np.ndarray]) -> None:
+        load_numpy_state(self.model.trunk if self.sfl else self.model, state)
+
+    def _start_sfl_round(self, sampled: list[str]) -> None:
+        head_state = state_to_numpy(self.model.head)
+        keys = sampled if self.algorithm == "sfl_v1" else ["shared"]
+        self.heads.clear()
+        self.optimizers.clear()
+        for key in keys:
+            head = build_fl_model(self.config.fl.model).head
+            load_numpy_state(head, head_state)
+            self.heads[key] = head
+            self.optimizers[key] = torch.optim.SGD(head.parameters(), lr=self.config.sfl.lr)
+
+    def _finish_sfl_round(self, contributors: dict[str, int]) -> None:
+        if self.algorithm == "sfl_v1":
+            updates = [(d, state_to_numpy(self.heads[d]), n) for d, n in contributors.items()]
+            if updates:
+                load_numpy_state(self.model.head, fedavg(updates))
+        else:
+            load_numpy_state(self.model.head, state_to_numpy(self.heads["shared"]))
+
+    async def _wait_for_fleet(self) -> None:
+        expected = set(self.config.device_ids())
+        if self.emo:
+            expected |= set(self.config.overlay_ids())
+        deadline = time.monotonic() + self.start_timeout_s
+        while not expected <= self.online:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("server: starting without %s", sorted(expected - self.online))
+                return
+            self._online_event.clear()
+            try:
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._online_event.wait()
+            except TimeoutError:
+                pass
+
+    def _ensemble(self) -> Ensemble | None:
+        if not self.overlays:
+            return None
+        overlays: dict[str, OverlayModel] = {k: v["model"] for k, v in sorted(self.overlays.items())}
+        return Ensemble(self.model, overlays, scaling=self.config.emo.scaling)
+
+    def _evaluate(self, final: bool) -> dict[str, Any]:
+        split = self.plan.test if final else self.plan.eval_subset
+        fl = evaluate(self.model, split)
+        out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss,
+                               "accuracy": fl.accuracy}
+        ensemble = self._ensemble() if self.emo else None
+        if ensemble is not None:
+            ensemble.fit(self.plan.validation)
+            report = ensemble.evaluate(split)
+            out["accuracy"] = report.accuracy
+            out["ensemble_loss"] = report.loss
+            out["overlay_rounds"] = {k: v["round"] for k, v in self.overlays.items()}
+            if final:
+                probs = ensemble.member_proba(split.x)
+                out["member_accuracy"] = {
+                    name: float(np.mean(p.argmax(1) == split.y))
+                    for name, p in zip(ensemble.members, probs, strict=True)
+                }
+                out["ensemble"] = ensemble
+        return out
+
+    # -- the run ----------------------------------------------------------------------------
+    async def main(self) -> None:
+        c = self.config
+        await self._wait_for_fleet()
+        start = time.monotonic()
+        probe = torch.tensor(self.plan.validation.x[: c.controller.probe_samples])
+        prev_probe: np.ndarray | None = None
+        for r in range(1, c.run.rounds + 1):
+            self.round = r
+            sampled = sample_clients(c.device_ids(), c.fleet.sample_fraction, c.run.seed, r)
+            self._losses = []
+            self._sampled = set(sampled)
+            self._samples = {}
+            if self.sfl:
+                self._start_sfl_round(sampled)
+            if self.emo:
+                for device in sampled:
+                    decision = self.controller.decide(device, r)
+                    self.decisions.append({"round": r, "device": device, **decision.to_dict()})
+                    await self.send(Kind.CONTROL, {"round": r, "decision": decision.to_dict()},
+                                    msg_kind="control", node=device, retain=True)
+            self.collector = RoundCollector(
+                round=r, expected=sampled, min_updates=min(c.fleet.min_updates, len(sampled)),
+                deadline_s=c.fleet.round_deadline_s, started_at=time.monotonic(),
+                reference=self._device_side_state(),
+            )
+            await self.send(
+                Kind.SERVER_ROUND,
+                {"round": r, "algorithm": self.algorithm, "sampled": sampled,
+                 "deadline_s": c.fleet.round_deadline_s, "weights": self._device_side_state()},
+                msg_kind="round",
+                retain=True,
+            )
+            result = await self._collect(self.collector)
+            self.collector = None
+            contributors: dict[str, int] = {}
+            if result is not None:
+                self._load_device_side(result.state)
+                contributors = {d: self._samples[d] for d in result.contributors}
+            if self.sfl:
+                self._finish_sfl_round(contributors)
+            if self.emo:
+                with torch.no_grad():
+                    self.model.trunk.eval()
+                    cur = self.model.trunk(probe).numpy()
+                drift = None if prev_probe is None else activation_drift(prev_probe, cur)
+                prev_probe = cur
+                mean_loss = float(np.mean(self._losses)) if self._losses else None
+                self.controller.observe_round(r, drift, mean_loss)
+            scores = await compute(self._evaluate, False)
+            record = {
+                "round": r, "accuracy": scores["accuracy"], "fl_accuracy": scores["fl_accuracy"],
+                "updates": len(contributors), "missing": sorted(set(sampled) - set(contributors)),
+                "wall_s": round(time.monotonic() - start, 3),
+            }
+            if "overlay_rounds" in scores:
+                record["overlay_rounds"] = scores["overlay_rounds"]
+            self.history.append(record)
+            await self.publish_metrics(event="round", **record)
+        await self._finish(start)
+
+    async def _collect(self, collector: RoundCollector) -> Any:
+        while not collector.ready(time.monotonic()):
+            self._update_event.clear()
+            try:
+                async with asyncio.timeout(0.25):
+                    await self._update_event.wait()
+            except TimeoutError:
+                pass
+        if not collector.received:
+            log.warning("server: round %d closed with no update", collector.round)
+            return None
+        return collector.result()
+
+    async def _wait_for_overlays(self, r: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        want = set(self.config.overlay_ids())
+        while {k for k, v in self.overlays.items() if v["round"] >= r} != want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("server: final evaluation without up-to-date overlays")
+                return
+            self._overlay_event.clear()
+            try:
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._overlay_event.wait()
+            except TimeoutError:
+                pass
+
+    async def _finish(self, start: float) -> None:
+        c = self.config
+        if self.emo:
+            await self._wait_for_overlays(c.run.rounds, c.fleet.round_deadline_s)
+        scores = await compute(self._evaluate, True)
+        state = state_to_numpy(self.model)
+        self.final = {
+            "accuracy": scores["accuracy"],
+            "fl_accuracy": scores["fl_accuracy"],
+            "member_accuracy": scores.get("member_accuracy"),
+            "rounds": c.run.rounds,
+            "train_wall_s": round(time.monotonic() - start, 3),
+            "fl_model_sha256": model_digest(state),
+            "rejected_updates": self.rejected_updates,
+        }
+        if self.out_dir is not None:
+            self._save(scores.get("ensemble"), state)
+        await self.send(Kind.SERVER_DONE,
+                        {"round": c.run.rounds, "weights": state, "reason": "finished"},
+                        msg_kind="done", retain=True)
+        await self.publish_metrics(event="done", **{k: v for k, v in self.final.items()})
+
+    def _save(self, ensemble: Ensemble | None, state: dict[str, np.ndarray]) -> None:
+        assert self.out_dir is not None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(self.out_dir / "fl_model.npz", allow_pickle=False, **state)
+        if ensemble is not None:
+            ensemble.save(self.out_dir / "ensemble.npz")
+        meta = {"run": self.run, "algorithm": self.algorithm, "fl_model": self.config.fl.model,
+                "history": self.history, "final": self.final, "decisions": self.decisions}
+        (self.out_dir / "server.json").write_text(json.dumps(meta, indent=2, default=float))
+

@@ -1,0 +1,46 @@
+"""``emo node ROLE``: one node of a fleet as its own process (on its own machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emo_mqtt.config import ALGORITHMS, load_config
+from emo_mqtt.dataplan import plan_data
+from emo_mqtt.errors import ConfigError
+from emo_mqtt.nodes import compute
+from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.device import DeviceNode
+from emo_mqtt.nodes.overlay import OverlayNode
+from emo_mqtt.nodes.server import ServerNode
+from emo_mqtt.topics import validate_id
+
+
+async def run_standalone(
+    role: str,
+    broker: str,
+    run: str,
+    node_id: str,
+    config_path: str,
+    algorithm: str,
+    out: Path | None,
+) -> None:
+    """Build the node ``role``/``node_id`` of ``run`` from the scenario file and run it."""
+    validate_id(run, "run")
+    config = load_config(config_path)
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"--algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
+    known = {"server": ["server"], "overlay": config.overlay_ids(), "device": config.device_ids()}
+    if node_id not in known[role]:
+        raise ConfigError(f"--id {node_id!r} is not a {role} of {config_path}: "
+                          f"use one of {', '.join(known[role])}")
+    compute.configure(config.fleet.parallel_training)
+    plan = plan_data(config)
+    node: Node
+    if role == "server":
+        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=out)
+    elif role == "overlay":
+        node = OverlayNode(broker, config, run, node_id,
+                           spill_dir=None if out is None else out / "spill" / node_id)
+    else:
+        node = DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id))
+    await node.run_node()

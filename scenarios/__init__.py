@@ -1,0 +1,1 @@
+"""emo_mqtt.scenarios (lives in scenarios/ at the top of the repository)."""

@@ -1,0 +1,50 @@
+"""Shared pytest fixtures for emo-mqtt.
+
+Broker fixtures never connect to a broker they did not start (a system Mosquitto may be
+listening on 1883): each one starts its own on a free port and stops it afterwards.
+Their run directories live under pytest's tmp_path, so a failing test's broker log is
+still there to read (``<tmp>/.../mosquitto/mosquitto.log``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from emo_mqtt.broker.launch import BrokerHandle, find_mosquitto
+
+# ------------------------------------------------------------------ brokers
+
+MOSQUITTO_MISSING = "install mosquitto: apt-get install -y mosquitto"
+
+
+def _mosquitto(workdir: Path) -> BrokerHandle:
+    # Fail, never skip: a suite that silently skips its broker tests looks green in CI.
+    if find_mosquitto() is None:
+        pytest.fail(MOSQUITTO_MISSING, pytrace=False)
+    return BrokerHandle(kind="mosquitto", workdir=workdir)
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
+    """A Mosquitto with the project's config on a free port, shared by the whole session.
+
+    Do not stop, restart or kill it: use ``fresh_mosquitto`` for that.
+    """
+    with _mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def fresh_mosquitto(tmp_path: Path) -> Iterator[BrokerHandle]:
+    """A Mosquitto of this test's own, free to be restarted, killed or stopped."""
+    with _mosquitto(tmp_path / "mosquitto") as broker:
+        yield broker
+
+
+@pytest.fixture
+def amqtt_broker(tmp_path: Path) -> Iterator[BrokerHandle]:
+    """The embedded amqtt broker (MQTT 3.1.1 only, no persistence) on a free port."""
+    with BrokerHandle(kind="amqtt", workdir=tmp_path / "amqtt") as broker:
+        yield broker

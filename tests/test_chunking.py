@@ -1,0 +1,261 @@
+"""Tests for emo_mqtt.chunking: split/reassemble, hostile frames and memory limits."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+import zlib
+
+import pytest
+
+from emo_mqtt.chunking import (
+    CHUNK_MAGIC,
+    CHUNK_VERSION,
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    ChunkHeader,
+    Reassembler,
+    is_chunk_frame,
+    parse_frame,
+    split,
+)
+from emo_mqtt.errors import ChunkError, CodecError
+
+TID = bytes(range(16))
+
+
+def feed_all(r: Reassembler, frames: list[bytes], key: str = "t", now: float = 0.0) -> list[bytes]:
+    return [bytes(out) for f in frames if (out := r.feed(key, f, now)) is not None]
+
+
+def frame(tid: bytes, total: int, offset: int, data: bytes, crc: int | None = None) -> bytes:
+    crc = zlib.crc32(data) if crc is None else crc
+    head = struct.pack("<3sB16sQQI", CHUNK_MAGIC, CHUNK_VERSION, tid, total, offset, crc)
+    return head + data
+
+
+def test_default_chunk_size_fits_brokers_with_2mb_cap() -> None:
+    assert DEFAULT_CHUNK_SIZE + HEADER_SIZE <= 2**20
+
+
+@pytest.mark.parametrize("size", [0, 1, 99, 100, 101, 1000])
+def test_split_and_reassemble_sizes(size: int) -> None:
+    payload = os.urandom(size)
+    frames = split(payload, chunk_size=100)
+    assert len(frames) == max(1, -(-size // 100))
+    assert all(is_chunk_frame(f) and len(f) <= HEADER_SIZE + 100 for f in frames)
+    r = Reassembler()
+    assert feed_all(r, frames) == [payload]
+    assert r.pending_bytes == 0 and r.pending_transfers == 0 and r.stats.completed == 1
+
+
+def test_ten_megabytes_default_chunks_random_order() -> None:
+    payload = os.urandom(10 * 2**20)
+    frames = split(payload)
+    assert len(frames) == 20
+    random.Random(0).shuffle(frames)
+    r = Reassembler()
+    results = [r.feed("t", f, 0.0) for f in frames]
+    assert all(x is None for x in results[:-1])
+    out = results[-1]
+    assert isinstance(out, bytearray) and out == payload
+
+
+def test_zero_size_payload_completes_on_its_only_frame() -> None:
+    (only,) = split(b"", transfer_id=TID)
+    header, data = parse_frame(only)
+    assert header == ChunkHeader(TID, 0, 0, 0, 0) and len(data) == 0
+    r = Reassembler()
+    assert r.feed("t", only, 0.0) == b""
+    assert r.feed("t", only, 0.0) is None  # late duplicate
+    assert r.stats.duplicates == 1
+
+
+def test_parse_frame_and_split_arguments() -> None:
+    frames = split(memoryview(b"abcdefg"), chunk_size=3, transfer_id=TID)
+    header, data = parse_frame(memoryview(frames[2]))
+    assert header == ChunkHeader(TID, 7, 6, 1, zlib.crc32(b"g")) and bytes(data) == b"g"
+    assert split(b"x")[0][4:20] != split(b"x")[0][4:20]  # fresh random transfer ids
+    with pytest.raises(ChunkError, match="chunk_size"):
+        split(b"abc", chunk_size=0)
+    with pytest.raises(ChunkError, match="16 bytes"):
+        split(b"abc", transfer_id=b"short")
+    assert not is_chunk_frame(b"EMO\x01xxxx") and not is_chunk_frame(b"EM")
+
+
+def test_random_order_with_duplicates_counts_each_duplicate_once() -> None:
+    payload = os.urandom(5000)
+    frames = split(payload, chunk_size=64)
+    stream = frames + random.Random(1).sample(frames, 30)
+    random.Random(2).shuffle(stream)
+    r = Reassembler()
+    assert feed_all(r, stream) == [payload]
+    # Every duplicate is counted, before or after completion, and none completes twice.
+    assert r.stats.duplicates == 30 and r.stats.completed == 1
+
+
+def test_resend_after_reconnect_with_other_chunk_size() -> None:
+    payload = os.urandom(3000)
+    r = Reassembler()
+    first = split(payload, chunk_size=500, transfer_id=TID)
+    assert feed_all(r, first[:3]) == []
+    # The sender reconnects and re-sends everything, split differently: overlaps that
+    # agree are fine, and only the really new bytes make progress.
+    again = split(payload, chunk_size=700, transfer_id=TID)
+    assert feed_all(r, again) == [payload]
+    assert r.stats.completed == 1 and r.stats.duplicates == 2
+
+
+def test_interleaved_transfers_same_and_different_keys() -> None:
+    payloads = {("a", 1): os.urandom(900), ("a", 2): os.urandom(1000), ("b", 1): os.urandom(700)}
+    stream = [
+        (key, f)
+        for (key, n), p in payloads.items()
+        for f in split(p, chunk_size=128, transfer_id=bytes([n]) * 16)
+    ]
+    random.Random(3).shuffle(stream)
+    r = Reassembler()
+    done = {}
+    for key, f in stream:
+        out = r.feed(key, f, 0.0)
+        if out is not None:
+            done[(key, parse_frame(f)[0].transfer_id[0])] = bytes(out)
+    assert done == payloads and r.pending_bytes == 0
+
+
+def test_checksum_corruption_is_refused() -> None:
+    good = split(b"hello world", transfer_id=TID)[0]
+    bad = bytearray(good)
+    bad[-1] ^= 0x01
+    r = Reassembler()
+    with pytest.raises(ChunkError, match="checksum mismatch"):
+        r.feed("t", bytes(bad), 0.0)
+    with pytest.raises(ChunkError, match="checksum"):
+        parse_frame(bad)
+    assert r.stats.rejected == {"checksum": 1} and r.pending_transfers == 0
+    assert r.feed("t", good, 0.0) == b"hello world"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "truncated"),
+        (b"EMC\x01" + bytes(20), "truncated"),
+        (frame(TID, 10, 0, b"abc")[:3] + b"\x02" + frame(TID, 10, 0, b"abc")[4:], "version 2"),
+        (b"XYZ" + frame(TID, 10, 0, b"abc")[3:], "bad magic"),
+        (frame(TID, 10, 8, b"abc"), r"overruns total size 10"),
+        (frame(TID, 2**64 - 1, 2**64 - 2, b"abc"), "overruns"),
+        (frame(TID, 10, 0, b""), "empty chunk"),
+        (frame(TID, 10, 0, b"abc", crc=1), "checksum"),
+    ],
+)
+def test_malformed_frames(data: bytes, expected: str) -> None:
+    with pytest.raises(ChunkError, match=expected):
+        parse_frame(data)
+    r = Reassembler()
+    with pytest.raises(ChunkError, match=expected):
+        r.feed("t", data, 0.0)
+    assert r.pending_bytes == 0 and sum(r.stats.rejected.values()) == 1
+
+
+def test_chunk_error_is_a_codec_error() -> None:
+    with pytest.raises(CodecError):
+        parse_frame(b"nope")
+    with pytest.raises(ChunkError, match="bytes-like"):
+        parse_frame(123)  # type: ignore[arg-type]
+
+
+def test_inconsistent_total_and_conflicting_overlap() -> None:
+    r = Reassembler()
+    assert r.feed("t", frame(TID, 10, 0, b"abcd"), 0.0) is None
+    with pytest.raises(ChunkError, match="total size 11"):
+        r.feed("t", frame(TID, 11, 4, b"efgh"), 0.0)
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.feed("t", frame(TID, 10, 2, b"XYef"), 0.0)
+    assert r.stats.rejected == {"inconsistent": 1, "conflict": 1}
+    # The transfer survives the bad frames and completes with the right bytes.
+    assert r.feed("t", frame(TID, 10, 2, b"cdefghij"), 0.0) == b"abcdefghij"
+
+
+def test_limits_refuse_new_transfers_without_evicting() -> None:
+    r = Reassembler(max_bytes=1000, max_transfers=2, max_transfer_size=600)
+    with pytest.raises(ChunkError, match="exceeds 600"):
+        r.feed("t", frame(b"a" * 16, 601, 0, b"x"), 0.0)
+    assert r.feed("t", frame(b"b" * 16, 600, 0, b"x"), 0.0) is None
+    with pytest.raises(ChunkError, match="max_bytes"):
+        r.feed("t", frame(b"c" * 16, 500, 0, b"x"), 0.0)
+    assert r.feed("t", frame(b"d" * 16, 400, 0, b"x"), 0.0) is None
+    assert r.pending_bytes == 1000 and r.pending_transfers == 2
+    with pytest.raises(ChunkError, match="transfers already in progress"):
+        r.feed("t", frame(b"e" * 16, 1, 0, b"x"), 0.0)
+    assert r.stats.rejected == {"too_large": 1, "max_bytes": 1, "max_transfers": 1}
+    # The live transfers were not evicted: they still complete.
+    assert r.feed("t", frame(b"d" * 16, 400, 1, b"\x00" * 399), 0.0) == b"x" + b"\x00" * 399
+    assert r.pending_bytes == 600
+
+
+def test_expiry_drops_stalled_transfers_only() -> None:
+    r = Reassembler(timeout_s=10.0)
+    slow_payload = os.urandom(300)
+    slow, fast = split(slow_payload, chunk_size=100), split(os.urandom(300), chunk_size=100)
+    r.feed("a", slow[0], 0.0)
+    r.feed("b", fast[0], 0.0)
+    r.feed("b", fast[1], 8.0)
+    r.feed("a", slow[0], 8.0)  # a duplicate is not progress
+    assert r.expire(9.9) == []
+    dropped = r.expire(10.0)
+    assert dropped == [("a", parse_frame(slow[0])[0].transfer_id)]
+    assert r.stats.expired == 1 and r.pending_transfers == 1 and r.pending_bytes == 300
+    assert r.feed("b", fast[2], 12.0) is not None
+    # A re-send of the expired transfer starts it afresh and can still complete.
+    assert feed_all(r, slow, key="a", now=20.0) == [slow_payload]
+
+
+def test_late_duplicate_after_completion_does_not_restart() -> None:
+    payload = os.urandom(1000)
+    frames = split(payload, chunk_size=100)
+    r = Reassembler()
+    assert feed_all(r, frames) == [payload]
+    assert feed_all(r, frames[::-1]) == []
+    assert r.stats.duplicates == 10 and r.pending_transfers == 0 and r.pending_bytes == 0
+    # The same id on another topic is a different transfer.
+    assert feed_all(r, frames, key="other") == [payload]
+
+
+def test_completed_memory_is_bounded() -> None:
+    r = Reassembler()
+    for i in range(1500):
+        r.feed("t", split(b"x", transfer_id=i.to_bytes(16, "big"))[0], 0.0)
+    assert r.stats.completed == 1500
+    # The oldest ids have been forgotten, the recent ones are still recognised.
+    assert r.feed("t", split(b"x", transfer_id=(1499).to_bytes(16, "big"))[0], 0.0) is None
+    assert r.feed("t", split(b"x", transfer_id=(0).to_bytes(16, "big"))[0], 0.0) == b"x"
+
+
+def test_fragmentation_is_bounded() -> None:
+    r = Reassembler()
+    total = 100_000  # allows max(1024, total // 4096) = 1024 disjoint ranges
+    for i in range(1024):
+        r.feed("t", frame(TID, total, 2 * i, b"x"), 0.0)
+    with pytest.raises(ChunkError, match="too many disjoint pieces"):
+        r.feed("t", frame(TID, total, 5000, b"x"), 0.0)
+    # Filling a gap merges ranges and is still accepted.
+    assert r.feed("t", frame(TID, total, 1, b"\x00"), 0.0) is None
+
+
+def test_pending_bytes_never_exceeds_max_bytes_under_a_flood() -> None:
+    rng = random.Random(4)
+    r = Reassembler(max_bytes=50_000, max_transfers=8, max_transfer_size=40_000, timeout_s=5)
+    for step in range(2000):
+        tid = rng.randrange(30).to_bytes(16, "big")
+        total = rng.choice([10, 1000, 20_000, 39_999, 60_000])
+        offset = rng.randrange(total)
+        data = os.urandom(min(rng.randrange(1, 3000), total - offset))
+        with contextlib.suppress(ChunkError):
+            r.feed(f"k{rng.randrange(3)}", frame(tid, total, offset, data), step / 100)
+        assert r.pending_bytes <= 50_000 and r.pending_transfers <= 8
+        if step % 50 == 0:
+            r.expire(step / 100)
+    assert sum(r.stats.rejected.values()) > 0

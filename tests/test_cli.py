@@ -1,0 +1,214 @@
+"""The ``emo`` command line: subcommands, output formats and errors a user sees.
+
+Most tests call :func:`emo_mqtt.cli.main` in-process (fast, output through capsys); a few
+run the installed console script to check what a shell sees: the exit status included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emo_mqtt import __version__
+from emo_mqtt.broker.launch import BrokerHandle
+from emo_mqtt.cli import _size, main
+from emo_mqtt.topics import SPECS, markdown_table
+
+EMO = str(Path(sys.executable).with_name("emo"))
+
+
+def _emo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EMO, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+# ----------------------------------------------------------------- help and topics
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = _emo("--help")
+    assert result.returncode == 0, result.stderr
+    listed = re.findall(r"^ {4}(\w+) ", result.stdout, flags=re.MULTILINE)
+    assert listed == ["broker", "demo", "topics", "bench"]
+    bench = _emo("bench", "--help")
+    assert bench.returncode == 0
+    assert re.findall(r"^ {4}(\w+) ", bench.stdout, flags=re.MULTILINE) == ["bus", "codec"]
+    version = _emo("--version")
+    assert version.stdout.strip() == f"emo-mqtt {__version__}"
+
+
+def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "required: COMMAND" in capsys.readouterr().err
+
+
+def test_topics_markdown_is_the_docs_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["topics", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == markdown_table()
+    lines = out.splitlines()
+    assert lines[0].startswith("| topic (below `emo/<run>/`) | tier | publisher |")
+    assert set(lines[1]) == {"|", "-"}
+    assert len(lines) == 2 + len(SPECS)
+    for spec, line in zip(SPECS, lines[2:], strict=True):
+        assert line.startswith(f"| `{spec.pattern}` |")
+
+
+def test_topics_plain_lists_every_topic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["topics"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(SPECS)
+    for spec, line in zip(SPECS, lines, strict=True):
+        assert line.startswith(f"emo/<run>/{spec.pattern}")
+        assert f"qos={spec.qos}" in line
+
+
+# ----------------------------------------------------------------- bench
+
+
+@pytest.mark.broker
+def test_bench_bus_json(mosquitto: BrokerHandle, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "bus", "--broker", mosquitto.url, "--size", "100k", "--count", "3"]
+    assert main([*argv, "--repeats", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # --json: no progress lines, and a given broker is not announced
+    (line,) = out.splitlines()
+    result = json.loads(line)
+    # Correctness only: no speed assertion, benchmarks never gate tests.
+    assert isinstance(result["mb_per_s"], float) and result["mb_per_s"] > 0
+    assert (result["messages"], result["bytes"], result["size"]) == (3, 300_000, 100_000)
+    assert result["repeats"] == 1 and len(result["runs_mb_per_s"]) == 1
+    assert result["wire_bytes"] > 300_000
+    assert result["baseline_bare_aiomqtt_mb_per_s"] > 0
+
+
+@pytest.mark.broker
+def test_bench_bus_without_broker_starts_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "bus", "--size", "2M", "--count", "1", "--repeats", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    # Its broker takes the bare reference's unchunked 2 MB payloads (above the default cap).
+    assert re.fullmatch(
+        r"broker: Mosquitto \S+ on 127\.0\.0\.1:\d+ \(started by emo, pid \d+\)\n", err
+    )
+    result = json.loads(out)
+    assert (result["messages"], result["bytes"]) == (1, 2_000_000)
+    assert result["baseline_bare_aiomqtt_mb_per_s"] > 0
+
+
+@pytest.mark.broker
+def test_bench_bus_size_not_a_multiple_of_4_is_a_clear_error(
+    mosquitto: BrokerHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "bus", "--broker", mosquitto.url, "--size", "1001", "--count", "1"]
+    assert main([*argv, "--repeats", "1", "--json"]) == 2
+    assert "emo: error: size must be a multiple of 4 bytes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1048576", 1_048_576),
+        ("100k", 100_000),
+        ("100K", 100_000),
+        ("1M", 1_000_000),
+        ("10MB", 10_000_000),
+        ("10mb", 10_000_000),
+        ("1.5k", 1_500),
+        ("2G", 2_000_000_000),
+        ("1Ki", 1024),
+        ("1MiB", 2**20),
+        (" 3m ", 3_000_000),
+    ],
+)
+def test_size_parsing(text: str, expected: int) -> None:
+    assert _size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["bad", "", "MB", "1x", "1kk", "0", "-5", "0.0001", "inf", "1e999", "nan"]
+)
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"not a size|must be positive"):
+        _size(text)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--size", "bad", "argument --size: not a size: 'bad' (try 100000, 100k, 1M, 10MB)"),
+        ("--size", "inf", "argument --size: not a size: 'inf'"),
+        ("--size", "0", "argument --size: size must be positive: '0'"),
+        ("--count", "0", "argument --count: must be at least 1: '0'"),
+        ("--count", "three", "argument --count: not an integer: 'three'"),
+        ("--repeats", "-1", "argument --repeats: must be at least 1: '-1'"),
+        ("--chunk-size", "2M", "argument --chunk-size: chunk size must be between 64 bytes"),
+    ],
+)
+def test_bad_bench_options_exit_2(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused while parsing: no broker is started or contacted.
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "bus", option, value])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- demo
+
+
+@pytest.mark.broker
+def test_demo_on_a_given_broker(
+    mosquitto: BrokerHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--broker", mosquitto.url, "--json"]) == 0
+    out, err = capsys.readouterr()
+    (line,) = out.splitlines()
+    summary = json.loads(line)
+    assert summary["broker"] == mosquitto.url
+    assert summary["nodes"] == 6  # server, overlay and 4 devices
+    assert summary["messages"] == 9  # 4 updates, 4 activation batches, 1 global model
+    assert summary["frames"] > summary["messages"]  # the activation batches were chunked
+    assert summary["bytes"] > 4 * 2**20
+    assert summary["rejected"] == 0
+    assert "broker:" not in err  # it used ours: nothing to announce
+    assert "overlay: received 4 activation batches, bit-identical" in err
+    assert "devices: all 4 received the averaged model, bit-identical" in err
+
+
+@pytest.mark.broker
+def test_demo_without_broker_starts_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--devices", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    first = err.splitlines()[0]
+    found = re.fullmatch(
+        r"broker: Mosquitto [\d.]+ on 127\.0\.0\.1:(\d+) \(started by emo, pid \d+\)", first
+    )
+    assert found, first
+    assert int(found[1]) != 1883  # never the system broker's port
+    assert summary["broker"] == f"mqtt://127.0.0.1:{found[1]}"
+    assert (summary["nodes"], summary["messages"], summary["rejected"]) == (3, 3, 0)
+    assert summary["bytes"] > 0
+
+
+def test_bad_broker_url_exits_2_with_a_clear_error() -> None:
+    result = _emo("demo", "--broker", "ftp://x")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip() == (
+        "emo: error: invalid broker URL 'ftp://x': unsupported scheme 'ftp', use mqtt or mqtts "
+        "(expected mqtt://[user[:password]@]host[:port] or mqtts://...)"
+    )
+
+
+def test_bad_broker_url_for_bench_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "bus", "--broker", "mqtt://host:99999", "--json"]) == 2
+    assert "port 99999 out of range" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""The topic grammar: building, parsing, wildcards, and docs/topics.md kept in step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emo_mqtt.errors import TopicError
+from emo_mqtt.topics import (
+    SPECS,
+    Kind,
+    markdown_table,
+    matches,
+    parse,
+    run_filter,
+    subscription,
+    topic,
+    validate_filter,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "topics.md"
+
+
+def _example(kind: Kind) -> tuple[str | None, str | None]:
+    pattern = next(s.pattern for s in SPECS if s.kind == kind)
+    return ("d-1" if "{node}" in pattern else None, "device" if "{role}" in pattern else None)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_round_trips(kind: Kind) -> None:
+    node, role = _example(kind)
+    built = topic(kind, "run-7", node=node, role=role)
+    assert built.startswith("emo/run-7/")
+    assert parse(built) == parse(built)
+    parsed = parse(built)
+    assert (parsed.kind, parsed.run, parsed.node, parsed.role) == (kind, "run-7", node, role)
+    assert matches(subscription(kind, "run-7"), built)
+    assert matches(run_filter("run-7"), built)
+    assert not matches(run_filter("run-8"), built)
+
+
+def test_examples() -> None:
+    assert topic(Kind.DEVICE_UPDATE, "r", node="dev3") == "emo/r/device/dev3/update"
+    assert subscription(Kind.DEVICE_ACTIVATIONS, "r") == "emo/r/device/+/activations"
+    assert topic(Kind.STATUS, "r", node="ov1", role="overlay") == "emo/r/status/overlay/ov1"
+    assert topic(Kind.SERVER_SFL_GRADIENTS, "r", node="d") == "emo/r/server/sfl/d/gradients"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "emo", "emo/r", "x/r/device/d/update", "emo/r/device/d/nope", "emo/r/device/+/update",
+     "emo/r/device/d#/update", "emo/bad run/server/round", "emo/r/status/alien/x",
+     "emo/r/device//update", "emo/r/server/round/extra"],
+)
+def test_parse_rejects_foreign_topics(bad: str) -> None:
+    with pytest.raises(TopicError):
+        parse(bad)
+
+
+@pytest.mark.parametrize("bad_id", ["", "a/b", "+", "#", "a b", "-lead", "x" * 65, "é"])
+def test_ids_are_validated(bad_id: str) -> None:
+    with pytest.raises(TopicError):
+        topic(Kind.DEVICE_UPDATE, "r", node=bad_id)
+    with pytest.raises(TopicError):
+        topic(Kind.SERVER_ROUND, bad_id)
+
+
+def test_missing_parts_are_errors() -> None:
+    with pytest.raises(TopicError, match="needs a node"):
+        topic(Kind.DEVICE_UPDATE, "r")
+    with pytest.raises(TopicError, match="unknown role"):
+        topic(Kind.STATUS, "r", node="x", role="alien")
+
+
+@pytest.mark.parametrize(
+    ("flt", "value", "expected"),
+    [
+        ("a/+/c", "a/b/c", True),
+        ("a/+/c", "a/b/d", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("a/b", "a/b/c", False),
+        ("a/b/c", "a/b", False),
+    ],
+)
+def test_wildcards(flt: str, value: str, expected: bool) -> None:
+    assert matches(flt, value) is expected
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a/b#", "a+/b", "a/\x00"])
+def test_validate_filter(bad: str) -> None:
+    with pytest.raises(TopicError):
+        validate_filter(bad)
+
+
+def test_docs_table_matches_the_grammar() -> None:
+    assert markdown_table() in DOCS.read_text(), (
+        "docs/topics.md is out of date: paste the output of `emo topics --markdown` into it"
+    )
