@@ -43,7 +43,7 @@ from emo_mqtt.data import (
     partition_dirichlet,
     subsample_parts,
 )
-from emo_mqtt.ensemble import Ensemble
+from emo_mqtt.ensemble import Ensemble, fit_combiner
 from emo_mqtt.fedavg import fedavg
 from emo_mqtt.models import (
     OverlayModel,
@@ -54,10 +54,14 @@ from emo_mqtt.models import (
     state_to_numpy,
 )
 from emo_mqtt.training import (
+    ActivationCallback,
     evaluate,
+    evaluate_proba,
     make_generator,
     make_rng,
     seed_everything,
+    sfl_device_backward,
+    sfl_server_step,
     train_local,
     train_overlay_steps,
 )
@@ -68,9 +72,9 @@ class Config:
     devices: int = 8
     samples_per_device: int = 1000
     alpha: float = 0.3
-    rounds: int = 20
-    epochs: int = 1
-    lr: float = 0.05
+    rounds: int = 15
+    epochs: int = 2
+    lr: float = 0.1
     momentum: float = 0.0
     batch: int = 32
     fl_model: str = "cnn-small"
@@ -80,6 +84,9 @@ class Config:
     overlay_batch: int = 64
     overlay_lr: float = 1e-3
     max_staleness: int = 3
+    staleness_budget: float = 0.25
+    min_coverage: float = 0.5
+    fl_fast: float = 0.5
     cache_dtype: str = "float16"
     val_size: int = 2000
     probe_size: int = 256
@@ -97,7 +104,7 @@ class Pipeline:
     name: str
     controller: Controller
     overlays: dict[str, OverlayModel]
-    optimizers: dict[str, torch.optim.Optimizer]
+    optimizers: dict[str, torch.optim.Adam]
     caches: dict[str, ReplayCache]
     outboxes: dict[str, DeviceOutbox[ActivationBatch]]
     bytes_sent: int = 0
@@ -116,7 +123,14 @@ def make_pipeline(name: str, cfg: Config, activation_shape: tuple[int, ...], cap
     if name == "send-all":
         controller = SendEverything()
     else:
-        conv = ConvergenceController(ControllerConfig())
+        conv = ConvergenceController(
+            ControllerConfig(
+                max_staleness=cfg.max_staleness,
+                staleness_budget=cfg.staleness_budget,
+                min_coverage=cfg.min_coverage,
+                fl_fast=cfg.fl_fast,
+            )
+        )
         for d in range(cfg.devices):
             conv.assign(f"dev-{d:02d}", overlay_of(d, cfg))
         controller = conv
@@ -132,7 +146,48 @@ def make_pipeline(name: str, cfg: Config, activation_shape: tuple[int, ...], cap
     return Pipeline(name, controller, overlays, optimizers, caches, outboxes)
 
 
-def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> dict[str, Any]:
+def make_publisher(
+    pipelines: list[Pipeline], cfg: Config, dev: str, r: int, ids: np.ndarray
+) -> ActivationCallback | None:
+    """The device-side activation callback: each pipeline's decision, own RNG, own outbox."""
+    if not pipelines:
+        return None
+    decisions = {p.name: p.controller.decide(dev, r) for p in pipelines}
+    rngs = {p.name: make_rng(cfg.seed, "activations", p.name, dev, r) for p in pipelines}
+    batch_no = 0
+
+    def publish(idx: np.ndarray, acts: torch.Tensor, y: np.ndarray) -> None:
+        nonlocal batch_no
+        a = acts.numpy()
+        for p in pipelines:
+            dec = decisions[p.name]
+            pos = select_for_publish(dec, batch_no, len(idx), rngs[p.name])
+            if pos.size:
+                batch = ActivationBatch.quantize(r, ids[idx[pos]], a[pos], y[pos], dec.precision)
+                p.outboxes[dev].push(batch)
+        batch_no += 1
+
+    return publish
+
+
+def replay(
+    cache: ReplayCache, cfg: Config, r: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``overlay_steps`` batches sampled from the cache within the staleness bound."""
+    for _ in range(cfg.overlay_steps):
+        got = cache.sample(cfg.overlay_batch, r, cfg.max_staleness, rng)
+        if got is None:
+            return
+        yield got[0], got[1]
+
+
+def run(
+    cfg: Config,
+    *,
+    check_identity: bool = False,
+    verbose: bool = True,
+    dump_probs: str | None = None,
+) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     train, test = load_fashion_mnist()
@@ -173,26 +228,7 @@ def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> d
             dev = f"dev-{d:02d}"
             model = build_fl_model(cfg.fl_model)
             load_numpy_state(model, state)
-            decisions = {p.name: p.controller.decide(dev, r) for p in pipelines}
-            act_rngs = {
-                p.name: make_rng(cfg.seed, "activations", p.name, dev, r) for p in pipelines
-            }
-            batch_no = [0]
-            ids = parts[d]
-
-            def publish(idx: np.ndarray, acts: torch.Tensor, y: np.ndarray) -> None:
-                a = acts.numpy()
-                for p in pipelines:
-                    dec = decisions[p.name]
-                    pos = select_for_publish(dec, batch_no[0], len(idx), act_rngs[p.name])
-                    if pos.size:
-                        p.outboxes[dev].push(
-                            ActivationBatch.quantize(
-                                r, ids[idx[pos]], a[pos], y[pos], dec.precision
-                            )
-                        )
-                batch_no[0] += 1
-
+            publish = make_publisher(pipelines, cfg, dev, r, parts[d])
             t0 = time.perf_counter()
             rep = train_local(
                 model,
@@ -202,7 +238,7 @@ def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> d
                 lr=cfg.lr,
                 momentum=cfg.momentum,
                 generator=make_generator(cfg.seed, "train", dev, r),
-                on_activations=publish if pipelines else None,
+                on_activations=publish,
             )
             fl_seconds += time.perf_counter() - t0
             fl_samples += rep.samples
@@ -225,20 +261,11 @@ def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> d
         for p in pipelines:
             p.controller.observe_round(r, drift, fl_loss)
             for oid, ov in p.overlays.items():
-                cache, orng = p.caches[oid], make_rng(cfg.seed, "replay", p.name, oid, r)
-
-                def batches(
-                    cache: ReplayCache = cache, orng: np.random.Generator = orng
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-                    for _ in range(cfg.overlay_steps):
-                        got = cache.sample(cfg.overlay_batch, r, cfg.max_staleness, orng)
-                        if got is None:
-                            return
-                        yield got[0], got[1]
-
+                cache = p.caches[oid]
+                batches = replay(cache, cfg, r, make_rng(cfg.seed, "replay", p.name, oid, r))
                 t0 = time.perf_counter()
                 before = cache.stats.sampled_batches
-                loss = train_overlay_steps(ov, p.optimizers[oid], batches())
+                loss = train_overlay_steps(ov, p.optimizers[oid], batches)
                 p.overlay_seconds += time.perf_counter() - t0
                 p.overlay_steps += cache.stats.sampled_batches - before
                 p.controller.observe_overlay(oid, r, loss)
@@ -266,6 +293,7 @@ def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> d
     results["fl"] = asdict(evaluate(global_model, test))
     fl_only.fit(val)
     results["fl_calibrated"] = asdict(fl_only.evaluate(test))
+    dumps: dict[str, np.ndarray] = {}
     for p in pipelines:
         res: dict[str, Any] = {
             "bytes": p.bytes_sent,
@@ -273,19 +301,24 @@ def run(cfg: Config, *, check_identity: bool = False, verbose: bool = True) -> d
             "overlay_step_s": p.overlay_seconds / max(p.overlay_steps, 1),
             "overlay_steps": p.overlay_steps,
         }
-        for oid, ov in p.overlays.items():
-            ov.eval()
-            res[f"{oid}_alone"] = evaluate(
-                lambda x, ov=ov: ov(global_model.trunk(x)), test
-            ).accuracy
         ens = Ensemble(global_model, p.overlays)
-        res["ensemble_uniform"] = asdict(ens.evaluate(test))
-        ens.fit(val, "linear")
-        res["ensemble_linear"] = asdict(ens.evaluate(test))
-        ens.fit(val, "log")
-        res["ensemble_log"] = asdict(ens.evaluate(test))
+        val_probs, test_probs = ens.member_proba(val.x), ens.member_proba(test.x)
+        for name, probs in zip(ens.members, test_probs, strict=True):
+            res[f"{name}_alone"] = evaluate_proba(probs, test.y).accuracy
+        if dump_probs:
+            dumps[f"{p.name}/val"], dumps[f"{p.name}/test"] = (
+                np.stack(val_probs),
+                np.stack(test_probs),
+            )
+            dumps["val_y"], dumps["test_y"] = val.y, test.y
+        res["ensemble_uniform"] = asdict(evaluate_proba(ens.combiner(test_probs), test.y))
+        for pooling in ("linear", "log"):
+            ens.combiner = fit_combiner(val_probs, val.y, pooling)
+            res[f"ensemble_{pooling}"] = asdict(evaluate_proba(ens.combiner(test_probs), test.y))
         res["weights"] = ens.combiner.weights.tolist()
         results[p.name] = res
+    if dump_probs:
+        np.savez(dump_probs, allow_pickle=False, **dumps)
     n_total = sum(len(x) for x in device_data)
     act_bytes = int(np.prod(shape)) * 4
     results["sfl_bytes_estimate"] = cfg.rounds * cfg.epochs * n_total * (2 * act_bytes + 8)
@@ -368,6 +401,39 @@ def summary(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def micro_timings(threads: int, fl_model: str = "cnn-small") -> dict[str, float]:
+    """Seconds for the unit operations a fleet is sized by (synthetic data, warm caches)."""
+    torch.set_num_threads(threads)
+    train, _ = load_fashion_mnist()
+    data = train.subset(np.arange(1000))
+    seed_everything(0)
+    model = build_fl_model(fl_model)
+    train_local(model, data, epochs=1, batch_size=32, lr=0.1, generator=make_generator(0))
+    t0 = time.perf_counter()
+    train_local(model, data, epochs=3, batch_size=32, lr=0.1, generator=make_generator(1))
+    out = {"fl_epoch_per_1000_s": (time.perf_counter() - t0) / 3}
+    x = torch.tensor(data.x[:32])
+    y = torch.tensor(data.y[:32])
+    dev_opt = torch.optim.SGD(model.trunk.parameters(), lr=0.1)
+    srv_opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    t0 = time.perf_counter()
+    for _ in range(50):
+        acts = model.trunk(x)
+        _, grad = sfl_server_step(model.head, srv_opt, acts.detach(), y)
+        sfl_device_backward(acts, grad, dev_opt)
+    out["sfl_batch32_compute_s"] = (time.perf_counter() - t0) / 50
+    for kind in ("overlay-mlp", "overlay-cnn"):
+        ov = build_overlay_model(kind, model.activation_shape)
+        opt = torch.optim.Adam(ov.parameters(), lr=1e-3)
+        a = np.random.default_rng(0).normal(size=(64, *model.activation_shape)).astype(np.float32)
+        lab = np.arange(64) % 10
+        train_overlay_steps(ov, opt, [(a, lab)] * 5)
+        t0 = time.perf_counter()
+        train_overlay_steps(ov, opt, [(a, lab)] * 50)
+        out[f"{kind}_step64_s"] = (time.perf_counter() - t0) / 50
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f_name, f_def in asdict(Config()).items():
@@ -376,11 +442,20 @@ def main() -> None:
         else:
             parser.add_argument(f"--{f_name.replace('_', '-')}", type=type(f_def), default=f_def)
     parser.add_argument("--check-identity", action="store_true")
+    parser.add_argument(
+        "--timing", action="store_true", help="only print unit timings (1 and 2 torch threads)"
+    )
     parser.add_argument("--json", help="write full results here")
+    parser.add_argument("--dump-probs", help="write member probabilities (val/test) to this .npz")
     args = vars(parser.parse_args())
-    check, out = args.pop("check_identity"), args.pop("json")
+    check, out, dump = args.pop("check_identity"), args.pop("json"), args.pop("dump_probs")
+    if args.pop("timing"):
+        for threads in (1, 2):
+            timings = micro_timings(threads, args["fl_model"])
+            print(f"threads={threads} " + " ".join(f"{k}={v:.4f}" for k, v in timings.items()))
+        return
     args["pipelines"] = tuple(args["pipelines"])
-    res = run(Config(**args), check_identity=check)
+    res = run(Config(**args), check_identity=check, dump_probs=dump)
     print(summary(res))
     if out:
         with open(out, "w") as fh:

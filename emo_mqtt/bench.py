@@ -161,14 +161,13 @@ def bench_codec(sizes: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)) -> li
         for origin, value in (("numpy", array), ("torch", torch.from_numpy(array.copy()))):
             frame = codec.encode({"tensor": value}, kind="bench")
             pickled = pickle.dumps(value, protocol=5)
-            rows.append(
-                {
-                    "size_bytes": size,
-                    "origin": origin,
-                    "encode_mb_s": round(_rate(partial(codec.encode, {"tensor": value}, kind="b"), size)),
-                    "decode_mb_s": round(_rate(partial(codec.decode, frame), size)),
-                    "pickle_dumps_mb_s": round(_rate(partial(pickle.dumps, value, protocol=5), size)),
-                    "pickle_loads_mb_s": round(_rate(partial(pickle.loads, pickled), size)),
-                }
-            )
+            timed: dict[str, Callable[[], object]] = {
+                "encode_mb_s": partial(codec.encode, {"tensor": value}, kind="b"),
+                "decode_mb_s": partial(codec.decode, frame),
+                "pickle_dumps_mb_s": partial(pickle.dumps, value, protocol=5),
+                "pickle_loads_mb_s": partial(pickle.loads, pickled),
+            }
+            row: dict[str, Any] = {"size_bytes": size, "origin": origin}
+            row.update({name: round(_rate(fn, size)) for name, fn in timed.items()})
+            rows.append(row)
     return rows

@@ -378,11 +378,12 @@ class PutResult:
 class CacheStats:
     """Cumulative counters of a :class:`ReplayCache`."""
 
-    offered: int = 0
+    offered: int = 0  # entries offered to the memory tier, by puts and refills
     inserted: int = 0
     replaced: int = 0
     skipped: int = 0
-    evicted: int = 0
+    evicted: int = 0  # capacity evictions, including incoming rows that lost (``dropped``)
+    dropped: int = 0
     spilled: int = 0
     refilled: int = 0
     purged: int = 0
@@ -547,6 +548,7 @@ class ReplayCache:
         self.stats.replaced += replaced
         self.stats.skipped += skipped
         self.stats.evicted += n_evicted
+        self.stats.dropped += len(dropped)
         if spill_evictions and self.spill is not None and evicted_blocks:
             spilled = SpillBlock(
                 *(np.concatenate([getattr(b, k) for b in evicted_blocks]) for k in _BLOCK_KEYS)
@@ -604,7 +606,6 @@ class ReplayCache:
         if block is None:
             return 0
         result = self._insert(block, spill_evictions=False)
-        self.stats.offered -= len(block)  # refills are not new traffic
         self.stats.refilled += result.inserted + result.replaced
         return result.inserted + result.replaced
 

@@ -23,6 +23,7 @@ import zlib
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal
 
 from emo_mqtt.errors import ChunkError
 
@@ -142,6 +143,7 @@ class ReassemblerStats:
     completed: int = 0
     duplicates: int = 0
     expired: int = 0
+    evicted: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -164,9 +166,12 @@ class Reassembler:
     """Reassemble chunked transfers, keyed by (topic, transfer id), under hard limits.
 
     ``max_bytes`` bounds the sum of in-progress buffers, ``max_transfers`` their number and
-    ``max_transfer_size`` any one transfer; a first frame that would break a limit is
-    refused with :class:`ChunkError`. Not thread-safe: use one per event loop / thread.
-    Call :meth:`expire` periodically; :meth:`feed` never drops transfers on its own.
+    ``max_transfer_size`` any one transfer. A first frame that would break the count or
+    byte limit is refused with :class:`ChunkError` (``when_full="refuse"``), or makes room by
+    evicting the transfers that progressed least recently (``when_full="evict_stalest"``):
+    a flood of transfers that never complete then cannot lock out live ones, which
+    progress all the time. Evictions are counted and reported by :meth:`drain_evicted`.
+    Not thread-safe: use one per event loop / thread. Call :meth:`expire` periodically.
     """
 
     def __init__(
@@ -176,9 +181,14 @@ class Reassembler:
         max_transfers: int = 64,
         max_transfer_size: int = 1 * 2**30,
         timeout_s: float = 30.0,
+        when_full: Literal["refuse", "evict_stalest"] = "refuse",
     ) -> None:
         if min(max_bytes, max_transfers, max_transfer_size) < 0 or not timeout_s > 0:
             raise ChunkError("Reassembler limits must be non-negative and timeout_s positive")
+        if when_full not in ("refuse", "evict_stalest"):
+            raise ChunkError(f"when_full must be 'refuse' or 'evict_stalest', not {when_full!r}")
+        self.when_full = when_full
+        self._evicted: list[tuple[str, bytes]] = []
         self.max_bytes = max_bytes
         self.max_transfers = max_transfers
         self.max_transfer_size = max_transfer_size
@@ -252,6 +262,8 @@ class Reassembler:
             raise self._reject(
                 "too_large", f"transfer of {total} bytes exceeds {self.max_transfer_size}"
             )
+        if self.when_full == "evict_stalest" and total <= self.max_bytes:
+            self._make_room(total)
         if len(self._transfers) >= self.max_transfers:
             raise self._reject(
                 "max_transfers", f"{len(self._transfers)} transfers already in progress"
@@ -266,6 +278,21 @@ class Reassembler:
         self._transfers[tkey] = transfer
         self._pending += total
         return transfer
+
+    def _make_room(self, total: int) -> None:
+        """Evict least-recently-progressed transfers until one more of ``total`` bytes fits."""
+        while self._transfers and (
+            len(self._transfers) >= self.max_transfers or self._pending + total > self.max_bytes
+        ):
+            tkey = min(self._transfers, key=lambda k: self._transfers[k].last_progress)
+            self._pending -= len(self._transfers.pop(tkey).buffer)
+            self.stats.evicted += 1
+            self._evicted.append(tkey)
+
+    def drain_evicted(self) -> list[tuple[str, bytes]]:
+        """(key, transfer id) of the transfers evicted since the last call."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     def _store(self, t: _Transfer, header: ChunkHeader, data: memoryview) -> bool:
         """Write the new parts of a chunk; return whether any byte was new."""

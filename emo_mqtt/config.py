@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from emo_mqtt.controller import ControllerConfig
-from emo_mqtt.errors import ConfigError
+from emo_mqtt.errors import ConfigError, TopicError
 from emo_mqtt.topics import validate_id
 
 ALGORITHMS = ("fl", "sfl", "sfl_v1", "emo", "emo_all")
@@ -111,33 +111,43 @@ class EMOSection:
 class ControllerSection:
     """``[controller]``: the convergence-aware communication controller.
 
-    The thresholds are those of :class:`emo_mqtt.controller.ControllerConfig`, where each is
-    explained; ``docs/algorithms.md`` argues the policy.
+    Besides ``enabled`` and ``probe_samples``, the section takes any threshold of
+    :class:`emo_mqtt.controller.ControllerConfig` (where each one is explained); those not
+    given keep the controller's defaults. ``docs/algorithms.md`` argues the policy.
     """
 
     enabled: bool = True
     #: Validation samples on which the server measures trunk drift between rounds.
     probe_samples: int = 256
-    warmup_rounds: int = 2
-    max_fraction: float = 1.0
-    min_fraction: float = 0.1
-    drift_high: float = 0.25
-    drift_low: float = 0.03
-    fl_window: int = 2
-    fl_fast: float = 0.15
-    overlay_window: int = 3
-    plateau_threshold: float = 0.02
-    plateau_factor: float = 0.5
-    fp16_drift: float = 0.25
-    int8_drift: float = 0.10
-    min_batch_share: float = 0.25
+    #: Thresholds given in the file, as (name, value) pairs.
+    policy_overrides: tuple[tuple[str, Any], ...] = ()
 
     def policy(self) -> ControllerConfig:
         """The controller's own configuration (validated there)."""
-        skip = {"enabled", "probe_samples"}
-        return ControllerConfig(
-            **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        )
+        return ControllerConfig(**dict(self.policy_overrides))
+
+
+def _controller_section(values: dict[str, Any]) -> ControllerSection:
+    own = {f.name: f for f in fields(ControllerSection) if f.name != "policy_overrides"}
+    policy_fields = {f.name for f in fields(ControllerConfig)}
+    unknown = sorted(set(values) - set(own) - policy_fields)
+    if unknown:
+        raise ConfigError(f"[controller]: unknown key(s) {unknown}; known: "
+                          f"{sorted(set(own) | policy_fields)}")
+    hints = get_type_hints(ControllerSection)
+    kwargs = {k: _coerce(f"controller.{k}", v, hints[k]) for k, v in values.items() if k in own}
+    overrides = []
+    for k, v in values.items():
+        if k in policy_fields:
+            if isinstance(v, list):  # TOML arrays: the policy takes tuples
+                v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+            overrides.append((k, v))
+    section = ControllerSection(**kwargs, policy_overrides=tuple(overrides))
+    try:
+        section.policy()
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"[controller]: {exc}") from None
+    return section
 
 
 @dataclass(frozen=True)
@@ -170,19 +180,34 @@ class RunConfig:
 
     def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some keys replaced, e.g. ``with_overrides(run={"rounds": 2})``."""
-        raw = dataclasses.asdict(self)
-        raw.pop("source")
+        raw = self._raw()
         for name, values in sections.items():
             raw[name].update(values)
         return from_dict(raw, self.source)
 
-    def to_dict(self) -> dict[str, Any]:
+    def _raw(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw.pop("source")
+        controller = raw["controller"]
+        controller.update(dict(controller.pop("policy_overrides")))
+        return raw
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration, controller thresholds included (JSON-ready)."""
+        raw = self._raw()
+        raw["controller"].update(dataclasses.asdict(self.controller.policy()))
         return raw
 
 
-_SECTIONS = {f.name: f for f in fields(RunConfig) if f.name != "source"}
+_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "data": DataSection,
+    "fleet": FleetSection,
+    "fl": FLSection,
+    "sfl": SFLSection,
+    "emo": EMOSection,
+    "controller": ControllerSection,
+}
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -193,7 +218,7 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {choices}")
         return value
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
         return tuple(value)
     if hint is bool:
@@ -222,12 +247,13 @@ def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
         raise ConfigError(f"{source or 'config'}: unknown section(s) {unknown}; "
                           f"known: {sorted(_SECTIONS)}")
     built: dict[str, Any] = {}
-    for name, section_field in _SECTIONS.items():
-        cls = section_field.default_factory()  # type: ignore[misc]
-        section_type = type(cls)
+    for name, section_type in _SECTIONS.items():
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{name}] must be a table")
+        if name == "controller":
+            built[name] = _controller_section(values)
+            continue
         hints = get_type_hints(section_type)
         known = {f.name for f in fields(section_type)}
         extra = sorted(set(values) - known)
@@ -246,7 +272,10 @@ def _require(ok: bool, key: str, problem: str) -> None:
 
 
 def _check(c: RunConfig) -> None:
-    validate_id(c.run.name, "run.name")
+    try:
+        validate_id(c.run.name, "run.name")
+    except TopicError as exc:
+        raise ConfigError(str(exc)) from None
     _require(c.run.rounds >= 1, "run.rounds", "must be at least 1")
     _require(len(c.run.algorithms) > 0, "run.algorithms", "list at least one algorithm")
     for algo in c.run.algorithms:
@@ -274,10 +303,6 @@ def _check(c: RunConfig) -> None:
     _require(c.emo.max_staleness >= 0, "emo.max_staleness", "must be >= 0")
     _require(c.emo.overlay_steps_per_round >= 0, "emo.overlay_steps_per_round", "must be >= 0")
     _require(c.controller.probe_samples >= 1, "controller.probe_samples", "must be at least 1")
-    try:
-        c.controller.policy()
-    except ConfigError as exc:
-        raise ConfigError(f"[controller]: {exc}") from None
 
 
 def load_config(path: str | Path) -> RunConfig:

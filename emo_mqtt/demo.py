@@ -97,14 +97,13 @@ async def run_demo(
         weights = [e.body["samples"] for e in received]
         average = {
             name: sum(
-                e.body["weights"][name] * (n / sum(weights)) for e, n in zip(received, weights)
+                e.body["weights"][name] * (n / sum(weights))
+                for e, n in zip(received, weights, strict=True)
             )
             for name in received[0].body["weights"]
         }
-        say(
-            f"server: averaged {len(received)} updates "
-            f"({sum(e.body['weights'][k].numel() for k in average for e in received[:1])} parameters)"
-        )
+        parameters = sum(value.numel() for value in average.values())
+        say(f"server: averaged {len(received)} updates of {parameters} parameters")
 
         activations = await asyncio.wait_for(batches, timeout=60)
         for envelope in activations:

@@ -25,7 +25,7 @@ from emo_mqtt.nodes.base import Node
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
-from emo_mqtt.topics import Kind, parse, subscription
+from emo_mqtt.topics import Kind, parse, subscription, topic
 
 log = logging.getLogger("emo_mqtt.fleet")
 
@@ -52,6 +52,32 @@ def build_nodes(
     for device in config.device_ids():
         others.append(DeviceNode(broker, config, run, device, algorithm, plan.device(device)))
     return server, others
+
+
+async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
+    """Start a run clean on a broker that may have seen one with the same id before.
+
+    A finished run leaves retained messages (its round, ``done``, control decisions,
+    statuses) and persistent sessions with queued messages; a new run with the same id must
+    not take them for its own. Every node's client id connects once with a clean start
+    (which drops its old session) and the run's retained topics are cleared.
+    """
+    run = run_id(config, algorithm)
+    server, others = ["server"], config.device_ids()
+    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    clients = [f"{run}-server-server"] + [f"{run}-device-{d}" for d in others]
+    clients += [f"{run}-overlay-{o}" for o in overlays]
+    for client in clients:
+        async with open_bus(broker, client, clean_start=True):
+            pass
+    retained = [topic(Kind.SERVER_ROUND, run), topic(Kind.SERVER_DONE, run)]
+    retained += [topic(Kind.CONTROL, run, node=d) for d in others]
+    retained += [topic(Kind.STATUS, run, node=n, role="device") for n in others]
+    retained += [topic(Kind.STATUS, run, node=n, role="overlay") for n in overlays]
+    retained += [topic(Kind.STATUS, run, node=n, role="server") for n in server]
+    async with open_bus(broker, f"{run}-reset", clean_start=True) as bus:
+        for where in retained:
+            await bus.publish(where, b"", retain=True)  # an empty retained payload clears it
 
 
 class Monitor:
@@ -130,6 +156,7 @@ async def run_algorithm(
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry."""
     run = run_id(config, algorithm)
+    await reset_run(broker, config, algorithm)
     server, others = build_nodes(broker, config, algorithm, plan, out_dir)
     monitor = Monitor(broker, run, algorithm, config.run.rounds, say)
     await monitor.start()
@@ -207,7 +234,8 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if emo and full:
         act = emo["bytes_by_kind"].get("activations", 0)
         act_full = full["bytes_by_kind"].get("activations", 0)
-        out["controller_activation_bytes_saved"] = round(1 - act / act_full, 4) if act_full else None
+        saved = round(1 - act / act_full, 4) if act_full else None
+        out["controller_activation_bytes_saved"] = saved
         out["controller_total_bytes_saved"] = round(1 - emo["bytes"] / full["bytes"], 4)
         out["controller_accuracy_cost_points"] = round(
             100 * (full["accuracy"] - emo["accuracy"]), 2)

@@ -14,6 +14,7 @@ raw uint8 (N, 28, 28) pixels, which the service normalises.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def evaluate_saved(predictor: Predictor, data_dir: str | None, limit: int) -> di
     _, test = load_fashion_mnist(data_dir)
     x, y = (test.x[:limit], test.y[:limit]) if limit else (test.x, test.y)
     out: dict[str, Any] = {"run": predictor.run, "algorithm": predictor.algorithm,
-                           "images": int(len(y))}
+                           "images": len(y)}
     out["accuracy"] = float(np.mean(predictor.predict_proba(x).argmax(1) == y))
     for name, probs in predictor.member_proba(x).items():
         out[f"member_accuracy.{name}"] = float(np.mean(probs.argmax(1) == y))
@@ -178,9 +179,7 @@ def infer_command(
     if serve:
         if broker is None:
             raise ConfigError("--serve needs --broker URL (the broker the clients use)")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_inference(broker, predictor))
-        except KeyboardInterrupt:
-            pass
         return {"served": predictor.run}
     return evaluate_saved(predictor, data_dir, limit)

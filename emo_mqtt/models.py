@@ -1,16 +1,22 @@
 """The FL model (trunk + head, split at the cut layer) and the larger overlay models.
 
-Sizes (10 classes, 28x28 inputs; `python -m emo_mqtt.models` prints them):
+Sizes (10 classes, 28x28 inputs; ``python -m emo_mqtt.models`` prints them):
 
-- ``cnn-small`` FL model: conv(1->8,5)-relu-pool-conv(8->16,5)-relu-pool | linear(256->10);
-  cut layer 16x4x4 = 256 floats (1 KiB in fp32) per sample; 5,994 parameters.
-- ``mlp-small`` FL model: linear(784->64)-relu | linear(64->10); cut layer 64; 50,890.
-- ``overlay-mlp`` (horizontal scaling, wide): on a 256-float cut layer
-  layernorm-linear(256->512)-relu-linear(512->256)-relu-linear(256->10): 265,994 parameters,
-  about 44x the cnn-small FL model.
-- ``overlay-cnn`` (vertical scaling, deeper, stacked on the trunk): on 16x4x4
-  conv(16->64,3)-bn-relu-conv(64->64,3)-bn-relu-conv(64->128,3)-bn-relu-avgpool-linear(128->10):
-  121,866 parameters, about 20x the FL model.
+- ``cnn-small`` FL model, 5,994 parameters: conv(1->8,5)-relu-pool | conv(8->16,5)-relu-pool-
+  linear(256->10). The cut is after the first conv block: the trunk (208 parameters) is what
+  every device, overlay and SplitFed server shares; the cut layer is 8x12x12 = 1,152 floats
+  per sample (4.5 KiB fp32, 1.2 KiB int8).
+- ``cnn-small-late``: the same network cut after the second block (trunk 3,424 parameters,
+  head linear(256->10)); cut layer 16x4x4 = 256 floats, 4.5x less traffic, but the overlays
+  then see features already pooled down for a linear head and add less (docs/algorithms.md).
+- ``mlp-small``: linear(784->64)-relu | linear(64->10); cut layer 64; 50,890 parameters.
+- ``overlay-mlp`` (horizontal scaling, wide): layernorm-linear(D->512)-relu-linear(512->256)-
+  relu-linear(256->10) on the flattened cut layer: 726,538 parameters on cnn-small's cut
+  (121x the FL model), 265,994 on cnn-small-late's (44x).
+- ``overlay-cnn`` (vertical scaling, deeper, stacked on the trunk): on an 8x12x12 cut,
+  conv(8->32,3)-bn-relu-pool-conv(32->64,3)-bn-relu-pool-linear(576->128)-relu-linear(128->10):
+  96,170 parameters (16x); on a 4x4 cut, three 3x3 convs (64, 64, 128)-avgpool-linear:
+  121,866 (20x).
 
 The FL models hold no dropout and no batch norm on purpose: their training must be a pure
 function of (weights, data order), so that capturing activations cannot change a bit of it,
@@ -92,7 +98,7 @@ class OverlayModel(nn.Module):
         return out
 
 
-def _cnn_small(num_classes: int) -> FLModel:
+def _cnn_small_late(num_classes: int) -> FLModel:
     trunk = nn.Sequential(
         nn.Conv2d(1, 8, 5),
         nn.ReLU(),
@@ -102,10 +108,10 @@ def _cnn_small(num_classes: int) -> FLModel:
         nn.MaxPool2d(2),
     )
     head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, num_classes))
-    return FLModel(trunk, head, (16, 4, 4), "cnn-small", num_classes)
+    return FLModel(trunk, head, (16, 4, 4), "cnn-small-late", num_classes)
 
 
-def _cnn_small_early(num_classes: int) -> FLModel:
+def _cnn_small(num_classes: int) -> FLModel:
     trunk = nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2))
     head = nn.Sequential(
         nn.Conv2d(8, 16, 5),
@@ -114,7 +120,7 @@ def _cnn_small_early(num_classes: int) -> FLModel:
         nn.Flatten(),
         nn.Linear(16 * 4 * 4, num_classes),
     )
-    return FLModel(trunk, head, (8, 12, 12), "cnn-small-early", num_classes)
+    return FLModel(trunk, head, (8, 12, 12), "cnn-small", num_classes)
 
 
 def _mlp_small(num_classes: int) -> FLModel:
@@ -125,7 +131,7 @@ def _mlp_small(num_classes: int) -> FLModel:
 
 FL_MODELS: dict[str, Callable[[int], FLModel]] = {
     "cnn-small": _cnn_small,
-    "cnn-small-early": _cnn_small_early,
+    "cnn-small-late": _cnn_small_late,
     "mlp-small": _mlp_small,
 }
 
@@ -157,23 +163,38 @@ def _overlay_mlp(shape: tuple[int, ...], num_classes: int) -> nn.Module:
 def _overlay_cnn(shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(shape) != 3:
         raise ConfigError(f"overlay-cnn needs a (C, H, W) cut layer, got {shape}")
-    channels, height = shape[0], min(shape[1:])
-    wide = 64 if height <= 4 else 32
+    channels, height, width = shape
+    if min(height, width) >= 8:
+        # Large maps (an early cut): the conv layers a device cannot afford, then a wide
+        # classifier; this is vertical scaling proper.
+        flat = 64 * (height // 4) * (width // 4)
+        return nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(flat, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
     return nn.Sequential(
-        nn.Conv2d(channels, wide, 3, padding=1),
-        nn.BatchNorm2d(wide),
+        nn.Conv2d(channels, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
         nn.ReLU(),
-        nn.Conv2d(wide, wide, 3, padding=1),
-        nn.BatchNorm2d(wide),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
         nn.ReLU(),
-        # Halve large maps: same receptive-field growth as the FL head's pool.
-        nn.MaxPool2d(2) if height >= 8 else nn.Identity(),
-        nn.Conv2d(wide, 2 * wide, 3, padding=1),
-        nn.BatchNorm2d(2 * wide),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.BatchNorm2d(128),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(2 * wide, num_classes),
+        nn.Linear(128, num_classes),
     )
 
 

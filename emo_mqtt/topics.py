@@ -327,7 +327,8 @@ def validate_filter(topic_filter: str) -> str:
 def markdown_table() -> str:
     """The topic table of ``docs/topics.md``, generated from :data:`SPECS`."""
     lines = [
-        "| topic (below `emo/<run>/`) | tier | publisher | subscribers | QoS | retained | payload |",
+        "| topic (below `emo/<run>/`) | tier | publisher | subscribers | QoS | retained "
+        "| payload |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in SPECS:

@@ -166,6 +166,8 @@ class Node:
 
     async def dispatch(self, message: Message) -> None:
         """Route one message to its handler; bad input is counted, never raised."""
+        if not message.payload:
+            return  # an empty retained payload: MQTT's way of clearing a retained message
         try:
             where = parse(message.topic)
         except TopicError as exc:

@@ -27,10 +27,10 @@ from emo_mqtt.controller import ControlDecision, select_for_publish
 from emo_mqtt.data import Split
 from emo_mqtt.errors import EmoError
 from emo_mqtt.models import build_fl_model, load_numpy_state, state_to_numpy
-from emo_mqtt.topics import Kind, ParsedTopic, topic
-from emo_mqtt.training import make_generator, make_rng, sfl_device_backward, train_local
 from emo_mqtt.nodes.base import Node
 from emo_mqtt.nodes.compute import compute
+from emo_mqtt.topics import Kind, ParsedTopic, topic
+from emo_mqtt.training import make_generator, make_rng, sfl_device_backward, train_local
 
 log = logging.getLogger("emo_mqtt.nodes.device")
 
@@ -52,7 +52,9 @@ class DeviceNode(Node):
         self.model = build_fl_model(config.fl.model)
         self.overlay = config.overlay_of(node_id)
         # Before the first control message: the controller's warm-up rate.
-        self.decision = ControlDecision(config.controller.max_fraction, "fp32", 1, "initial")
+        policy = config.controller.policy()
+        self.decision = ControlDecision(policy.max_fraction, policy.warmup_precision, 1,
+                                        "initial")
         self.decision_round = 0
         self._decision_event = asyncio.Event()
         self.outbox: DeviceOutbox[ActivationBatch] = DeviceOutbox(config.emo.outbox_kib * 1024)

@@ -32,7 +32,6 @@ from emo_mqtt.controller import (
 )
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
-from emo_mqtt.errors import EmoError
 from emo_mqtt.fedavg import RoundCollector, fedavg, sample_clients
 from emo_mqtt.models import (
     OverlayModel,
@@ -43,7 +42,7 @@ from emo_mqtt.models import (
 )
 from emo_mqtt.nodes.base import Node
 from emo_mqtt.nodes.compute import compute
-from emo_mqtt.topics import Kind, ParsedTopic, subscription, topic
+from emo_mqtt.topics import Kind, ParsedTopic, subscription
 from emo_mqtt.training import evaluate, seed_everything, sfl_server_step
 
 log = logging.getLogger("emo_mqtt.nodes.server")
@@ -249,7 +248,9 @@ class ServerNode(Node):
     def _ensemble(self) -> Ensemble | None:
         if not self.overlays:
             return None
-        overlays: dict[str, OverlayModel] = {k: v["model"] for k, v in sorted(self.overlays.items())}
+        overlays: dict[str, OverlayModel] = {
+            k: v["model"] for k, v in sorted(self.overlays.items())
+        }
         return Ensemble(self.model, overlays, scaling=self.config.emo.scaling)
 
     def _evaluate(self, final: bool) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from emo_mqtt.broker.launch import BrokerHandle, find_mosquitto
 
 # ------------------------------------------------------------------ brokers

@@ -29,7 +29,10 @@ async def _take(bus: MemoryBus, n: int, timeout: float = 5.0) -> list[Message]:
 async def test_small_and_chunked_messages_arrive_whole() -> None:
     broker = MemoryBroker()
     options = BusOptions(chunk_size=4096)
-    async with MemoryBus(broker, "a", options=options) as a, MemoryBus(broker, "b", options=options) as b:
+    async with (
+        MemoryBus(broker, "a", options=options) as a,
+        MemoryBus(broker, "b", options=options) as b,
+    ):
         await b.subscribe("emo/r/#")
         big = np.arange(100_000, dtype=np.float32)
         await a.publish("emo/r/x", codec.encode({"x": big}, kind="t"))

@@ -259,3 +259,30 @@ def test_pending_bytes_never_exceeds_max_bytes_under_a_flood() -> None:
         if step % 50 == 0:
             r.expire(step / 100)
     assert sum(r.stats.rejected.values()) > 0
+
+
+def test_evict_stalest_lets_live_transfers_through_a_flood() -> None:
+    """A flood of never-completed transfers cannot lock out a transfer that is progressing."""
+    r = Reassembler(max_transfers=4, max_bytes=10_000, when_full="evict_stalest")
+    for i in range(10):  # ten abandoned transfers, one chunk each
+        r.feed("t", split(b"v" * 2000, chunk_size=500)[0], now=float(i))
+    assert r.pending_transfers == 4
+    assert r.pending_bytes <= 10_000
+    assert len(r.drain_evicted()) == 6 and r.stats.evicted == 6
+    live = split(b"L" * 3000, chunk_size=1000)
+    out = None
+    for n, frame in enumerate(live):
+        out = r.feed("t", frame, now=20.0 + n)
+        # Each new vandal transfer evicts a stale vandal, never the live transfer.
+        r.feed("t", split(b"w" * 2000, chunk_size=500)[0], now=20.5 + n)
+    assert out == bytearray(b"L" * 3000)
+    assert r.drain_evicted() and r.pending_bytes <= 10_000
+
+
+def test_refuse_policy_is_the_default() -> None:
+    r = Reassembler(max_transfers=1)
+    r.feed("t", split(b"a" * 100, chunk_size=10)[0], now=0.0)
+    with pytest.raises(ChunkError, match="already in progress"):
+        r.feed("t", split(b"b" * 100, chunk_size=10)[0], now=1.0)
+    with pytest.raises(ChunkError, match="when_full"):
+        Reassembler(when_full="drop")  # type: ignore[arg-type]

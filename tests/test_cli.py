@@ -34,10 +34,10 @@ def test_help_lists_the_subcommands() -> None:
     result = _emo("--help")
     assert result.returncode == 0, result.stderr
     listed = re.findall(r"^ {4}(\w+) ", result.stdout, flags=re.MULTILINE)
-    assert listed == ["broker", "demo", "topics", "bench"]
+    assert {"broker", "demo", "topics", "bench"} <= set(listed), listed
     bench = _emo("bench", "--help")
     assert bench.returncode == 0
-    assert re.findall(r"^ {4}(\w+) ", bench.stdout, flags=re.MULTILINE) == ["bus", "codec"]
+    assert {"bus", "codec"} <= set(re.findall(r"^ {4}(\w+) ", bench.stdout, flags=re.MULTILINE))
     version = _emo("--version")
     assert version.stdout.strip() == f"emo-mqtt {__version__}"
 

@@ -49,9 +49,19 @@ def test_examples() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "emo", "emo/r", "x/r/device/d/update", "emo/r/device/d/nope", "emo/r/device/+/update",
-     "emo/r/device/d#/update", "emo/bad run/server/round", "emo/r/status/alien/x",
-     "emo/r/device//update", "emo/r/server/round/extra"],
+    [
+        "",
+        "emo",
+        "emo/r",
+        "x/r/device/d/update",
+        "emo/r/device/d/nope",
+        "emo/r/device/+/update",
+        "emo/r/device/d#/update",
+        "emo/bad run/server/round",
+        "emo/r/status/alien/x",
+        "emo/r/device//update",
+        "emo/r/server/round/extra",
+    ],
 )
 def test_parse_rejects_foreign_topics(bad: str) -> None:
     with pytest.raises(TopicError):

@@ -126,6 +126,8 @@ class Bus(ABC):
             max_transfers=o.reassembly_max_transfers,
             max_transfer_size=o.reassembly_max_transfer_size,
             timeout_s=o.reassembly_timeout_s,
+            # Under a flood of transfers that never complete, live ones must still get in.
+            when_full="evict_stalest",
         )
         self._last_expiry = time.monotonic()
 
@@ -252,10 +254,10 @@ class Bus(ABC):
             self.stats.pauses += 1
             self._pause_reading()
 
-    def _pause_reading(self) -> None:
+    def _pause_reading(self) -> None:  # noqa: B027 (an optional hook)
         """Stop taking frames from the network until :meth:`_resume_reading`."""
 
-    def _resume_reading(self) -> None:
+    def _resume_reading(self) -> None:  # noqa: B027 (an optional hook)
         """Take frames from the network again."""
 
     def reject(self, reason: str, topic: str, detail: str = "") -> None:
@@ -313,6 +315,9 @@ class Bus(ABC):
                 except ChunkError as exc:
                     self.reject("bad_chunk", frame.topic, str(exc))
                     continue
+                for key, _transfer in self._reassembler.drain_evicted():
+                    self.reject("chunk_evicted", key, "an incomplete transfer was evicted to "
+                                "make room (reassembly limits reached)")
                 if whole is None:
                     continue
                 frame = Message(frame.topic, whole, frame.qos, False)

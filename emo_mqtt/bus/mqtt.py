@@ -184,9 +184,7 @@ class MqttBus(Bus):
                         raise self._fatal
                     if supervisor.done():
                         raise BusError(f"bus {self.client_id}: supervisor ended")
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.1):
-                            await self._up.wait()
+                    await self._wait_up()
         except TimeoutError:
             await self.close()
             raise BusError(
@@ -316,9 +314,16 @@ class MqttBus(Bus):
             client = self._client
             if client is not None and not client.lost.done():
                 return client
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await self._up.wait()
+            await self._wait_up()
+
+    async def _wait_up(self) -> None:
+        """While not connected: wait (at most 0.1 s) for the supervisor's next connection."""
+        # A connection just lost leaves _up set until its _serve runs: waiting on it would
+        # return at once, and the caller's loop would spin without ever letting _serve run.
+        self._up.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await self._up.wait()
 
     # -- Bus primitives -----------------------------------------------------------------------
     async def _subscribe(self, topic_filter: str, qos: int) -> None:
