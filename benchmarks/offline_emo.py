@@ -11,7 +11,10 @@ outboxes, activation RNG streams, controller, replay caches and overlay models:
 Usage::
 
     python benchmarks/offline_emo.py                     # the quickstart settings
-    python benchmarks/offline_emo.py --alpha 0.1 --rounds 30 --check-identity
+    python benchmarks/offline_emo.py --check-identity --sfl v1 v2
+    python benchmarks/offline_emo.py --samples-per-device 1000 --rounds 15 \
+        --overlay-steps 60 --alpha 0.1 --seed 2        # a larger run
+    python benchmarks/offline_emo.py --timing            # unit timings for fleet sizing
     python benchmarks/offline_emo.py --json out.json     # machine-readable results
 """
 
@@ -70,9 +73,9 @@ from emo_mqtt.training import (
 @dataclass
 class Config:
     devices: int = 8
-    samples_per_device: int = 1000
+    samples_per_device: int = 600
     alpha: float = 0.3
-    rounds: int = 15
+    rounds: int = 12
     epochs: int = 2
     lr: float = 0.1
     momentum: float = 0.0
@@ -80,7 +83,7 @@ class Config:
     fl_model: str = "cnn-small"
     overlays: int = 2
     overlay_model: str = "overlay-mlp"
-    overlay_steps: int = 60
+    overlay_steps: int = 40
     overlay_batch: int = 64
     overlay_lr: float = 1e-3
     max_staleness: int = 3
@@ -187,7 +190,9 @@ def run(
     check_identity: bool = False,
     verbose: bool = True,
     dump_probs: str | None = None,
+    sfl: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """Run FL with the EMO pipelines riding on it; the results as a JSON-able dict."""
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     train, test = load_fashion_mnist()
@@ -333,6 +338,8 @@ def run(
     results["rounds"] = fl_log
     if check_identity:
         results["fl_bit_identical"] = fl_identity(cfg, parts, train, init_state, state)
+    for version in sfl:
+        results[f"sfl_{version}"] = run_sfl(cfg, version, parts, train, test, init_state)
     return results
 
 
@@ -363,6 +370,59 @@ def fl_identity(
             updates.append((dev, state_to_numpy(model), len(p)))
         state = fedavg(updates)
     return all(np.array_equal(state[k], final[k]) for k in final)
+
+
+def run_sfl(
+    cfg: Config,
+    version: str,
+    parts: list[np.ndarray],
+    train: Split,
+    test: Split,
+    init_state: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """SplitFed offline, with the same data, init and batch order as FL.
+
+    Per batch: device trunk forward, server head step (:func:`sfl_server_step`), device
+    backward with the returned gradient (:func:`sfl_device_backward`). Device trunks are
+    FedAvg-ed every round. ``v1``: a head copy per device, averaged every round (the maths of
+    FedAvg); ``v2``: one shared head, updated by the devices in turn (sorted ids).
+    """
+    model = build_fl_model(cfg.fl_model)
+    load_numpy_state(model, init_state)
+    state = init_state
+    shared_head = model.head
+    sent = 0
+    for r in range(cfg.rounds):
+        updates = []
+        for d, part in enumerate(parts):
+            dev = f"dev-{d:02d}"
+            local = build_fl_model(cfg.fl_model)
+            load_numpy_state(local, state)
+            head = shared_head if version == "v2" else local.head
+            dev_opt = torch.optim.SGD(local.trunk.parameters(), lr=cfg.lr)
+            srv_opt = torch.optim.SGD(head.parameters(), lr=cfg.lr)
+            data = train.subset(part)
+            x_all, y_all = torch.tensor(data.x), torch.tensor(data.y)
+            gen = make_generator(cfg.seed, "train", dev, r)
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(data), generator=gen)
+                for start in range(0, len(data), cfg.batch):
+                    idx = order[start : start + cfg.batch]
+                    acts = local.trunk(x_all[idx])
+                    _, grad = sfl_server_step(head, srv_opt, acts.detach(), y_all[idx])
+                    sfl_device_backward(acts, grad, dev_opt)
+                    sent += 2 * acts.numel() * 4 + idx.numel() * 8
+            if version == "v2":
+                local.head.load_state_dict(shared_head.state_dict())
+            updates.append((dev, state_to_numpy(local), len(part)))
+        state = fedavg(updates)
+        if version == "v2":  # the server's head is not averaged: put it back
+            merged = build_fl_model(cfg.fl_model)
+            load_numpy_state(merged, state)
+            merged.head.load_state_dict(shared_head.state_dict())
+            state = state_to_numpy(merged)
+    load_numpy_state(model, state)
+    return {"accuracy": evaluate(model, test).accuracy, "bytes": float(sent)}
 
 
 def summary(res: dict[str, Any]) -> str:
@@ -396,6 +456,13 @@ def summary(res: dict[str, Any]) -> str:
         f"(batch {res['config']['overlay_batch']}, {t['overlay_params']} params); "
         f"wall {t['wall_s']:.1f} s"
     )
+    for version in ("v1", "v2"):
+        if f"sfl_{version}" in res:
+            sfl = res[f"sfl_{version}"]
+            lines.append(
+                f"SFL-{version.upper()} test acc {sfl['accuracy']:.4f}, activations+gradients "
+                f"{sfl['bytes'] / 1e6:.1f} MB"
+            )
     if "fl_bit_identical" in res:
         lines.append(f"FL bit-identical without capture: {res['fl_bit_identical']}")
     return "\n".join(lines)
@@ -442,6 +509,7 @@ def main() -> None:
         else:
             parser.add_argument(f"--{f_name.replace('_', '-')}", type=type(f_def), default=f_def)
     parser.add_argument("--check-identity", action="store_true")
+    parser.add_argument("--sfl", nargs="*", default=[], choices=["v1", "v2"])
     parser.add_argument(
         "--timing", action="store_true", help="only print unit timings (1 and 2 torch threads)"
     )
@@ -455,7 +523,8 @@ def main() -> None:
             print(f"threads={threads} " + " ".join(f"{k}={v:.4f}" for k, v in timings.items()))
         return
     args["pipelines"] = tuple(args["pipelines"])
-    res = run(Config(**args), check_identity=check, dump_probs=dump)
+    sfl = tuple(args.pop("sfl"))
+    res = run(Config(**args), check_identity=check, dump_probs=dump, sfl=sfl)
     print(summary(res))
     if out:
         with open(out, "w") as fh:

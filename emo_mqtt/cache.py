@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, NotRequired, Protocol, TypedDict, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ __all__ = [
     "ActivationBatch",
     "CacheStats",
     "DeviceOutbox",
+    "Occupancy",
     "OutboxStats",
     "Precision",
     "PutResult",
@@ -364,6 +365,17 @@ class SpillTier:
 # ---------------------------------------------------------------------------- overlay tier
 
 
+class Occupancy(TypedDict):
+    """What :meth:`ReplayCache.occupancy` reports."""
+
+    entries: int
+    capacity: int
+    bytes: int
+    capacity_bytes: int
+    by_device: dict[str, int]
+    mean_staleness: NotRequired[float]
+
+
 @dataclass(frozen=True)
 class PutResult:
     """What one :meth:`ReplayCache.put` did, in entries."""
@@ -658,13 +670,13 @@ class ReplayCache:
         """int64 (num_classes,): labels of the entries held."""
         return np.bincount(self._labels[self._valid], minlength=num_classes).astype(np.int64)
 
-    def occupancy(self, current_round: int | None = None) -> dict[str, object]:
+    def occupancy(self, current_round: int | None = None) -> Occupancy:
         """Entries, bytes, capacity, per-device counts and (given a round) mean staleness."""
         by_device: dict[str, int] = {}
         for device, _ in self._slot:
             by_device[device] = by_device.get(device, 0) + 1
         row_bytes = self._acts.itemsize * self.dim
-        out: dict[str, object] = {
+        out: Occupancy = {
             "entries": len(self._slot),
             "capacity": self.capacity,
             "bytes": len(self._slot) * row_bytes,

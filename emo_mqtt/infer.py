@@ -115,6 +115,7 @@ async def serve_inference(
         if ready is not None:
             ready.set()
         messages = bus.messages()
+        pending: set[asyncio.Task[None]] = set()
         while not stop.is_set():
             get = asyncio.ensure_future(anext(messages))
             halt = asyncio.ensure_future(stop.wait())
@@ -122,6 +123,7 @@ async def serve_inference(
             halt.cancel()
             if get not in done:
                 get.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
                 return
             message = get.result()
             try:
@@ -138,8 +140,12 @@ async def serve_inference(
             except (ConfigError, KeyError) as exc:
                 bus.reject("bad_request", message.topic, str(exc))
                 body = {"request_id": request_id, "error": str(exc)}
-            await bus.publish(topic(Kind.INFER_RESPONSE, run, node=client),
-                              codec.encode(body, kind="infer.response", sender="infer", run=run))
+            # Not awaited in the loop: see Node.spawn on why handlers never await publishes.
+            reply = asyncio.create_task(bus.publish(
+                topic(Kind.INFER_RESPONSE, run, node=client),
+                codec.encode(body, kind="infer.response", sender="infer", run=run)))
+            pending.add(reply)
+            reply.add_done_callback(pending.discard)
 
 
 async def request_inference(

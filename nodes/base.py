@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from emo_mqtt import __version__, codec
@@ -83,6 +83,7 @@ class Node:
         self._seq = 0
         self._seen: OrderedDict[tuple[str, int, float], None] = OrderedDict()
         self.round = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
 
@@ -133,6 +134,23 @@ class Node:
             # Events (round closed, run done) and final counters feed summaries: QoS 1.
             qos=1 if final or "event" in extra else 0,
         )
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (typically a publish) beside the message loop.
+
+        Handlers must not await a publish: while the inbox is full the bus stops reading its
+        socket, so the broker's acknowledgement would wait behind the very messages the
+        handler keeps the loop from draining.
+        """
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s %s: background publish failed: %r", self.role, self.node_id,
+                        task.exception())
 
     # -- incoming ---------------------------------------------------------------------------
     def on(self, kind: Kind, handler: Handler) -> None:

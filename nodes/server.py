@@ -195,12 +195,12 @@ class ServerNode(Node):
         labels = torch.as_tensor(np.asarray(env.body["labels"]))
         loss, grad = sfl_server_step(self.heads[key], self.optimizers[key], acts, labels)
         self.sfl_losses.append(loss)
-        await self.send(
+        self.spawn(self.send(
             Kind.SERVER_SFL_GRADIENTS,
             {"round": r, "batch": int(env.body["batch"]), "gradient": grad},
             msg_kind="sfl.gradients",
             node=device,
-        )
+        ))
 
     # -- helpers ----------------------------------------------------------------------------
     def _device_side_state(self) -> dict[str, np.ndarray]:

@@ -36,11 +36,13 @@ async def run_standalone(
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     node: Node
+    # The same layout as `emo run`: DIR/<algorithm>/..., so `emo infer DIR` finds it.
+    where = None if out is None else out / algorithm
     if role == "server":
-        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=out)
+        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=where)
     elif role == "overlay":
         node = OverlayNode(broker, config, run, node_id,
-                           spill_dir=None if out is None else out / "spill" / node_id)
+                           spill_dir=None if where is None else where / "spill" / node_id)
     else:
         node = DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id))
     await node.run_node()

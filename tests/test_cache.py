@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from emo_mqtt.cache import (
     ActivationBatch,
     DeviceOutbox,
+    PutResult,
     ReplayCache,
     SpillBlock,
     SpillTier,
@@ -25,7 +26,7 @@ def acts(n: int, value: float = 1.0) -> np.ndarray:
     return np.full((n, *SHAPE), value, dtype=np.float32)
 
 
-def put(cache: ReplayCache, dev: str, ids: list[int], rnd: int, value: float = 1.0):  # type: ignore[no-untyped-def]
+def put(cache: ReplayCache, dev: str, ids: list[int], rnd: int, value: float = 1.0) -> PutResult:
     return cache.put(dev, ids, acts(len(ids), value), [i % 10 for i in ids], rnd)
 
 
@@ -46,7 +47,7 @@ def test_quantize_round_trip(precision: str, tol: float) -> None:
 def test_quantized_sizes_shrink() -> None:
     a = np.ones((32, 16, 4, 4), np.float32)
     sizes = [
-        ActivationBatch.quantize(0, np.arange(32), a, np.zeros(32), p).nbytes  # type: ignore[arg-type]
+        ActivationBatch.quantize(0, np.arange(32), a, np.zeros(32), p).nbytes
         for p in ("fp32", "fp16", "int8")
     ]
     assert sizes[0] > sizes[1] > sizes[2]
@@ -111,7 +112,7 @@ def test_eviction_stalest_round_then_oldest_insertion(tmp_path: Path) -> None:
     put(c, "b", [1], rnd=6)
     assert ("a", 2) not in c and ("a", 3) in c
     put(c, "b", [2, 3], rnd=6)
-    assert sorted(c.occupancy()["by_device"].items()) == [("b", 4)]  # type: ignore[union-attr]
+    assert sorted(c.occupancy()["by_device"].items()) == [("b", 4)]
     # A late batch staler than everything held is not inserted (counted as evicted).
     r = put(c, "late", [0], rnd=1)
     assert (r.inserted, r.evicted) == (0, 1) and len(c) == 4 and c.stats.evicted == 5
@@ -189,7 +190,7 @@ def test_invariants_under_random_puts(ops: list[tuple[str, list[int], int]]) -> 
             newest[(dev, i)] = max(newest.get((dev, i), -1), rnd)
         assert len(c) <= cap
         held = c.occupancy()["by_device"]
-        assert sum(held.values()) == len(c)  # type: ignore[union-attr]
+        assert sum(held.values()) == len(c)
     # whatever is held is the newest version offered for that key... unless it was evicted
     for key, rnd in newest.items():
         got = c.round_of(*key)

@@ -72,3 +72,16 @@ def test_overrides_are_validated_too() -> None:
     assert c.with_overrides(run={"rounds": 3}).run.rounds == 3
     with pytest.raises(ConfigError, match=r"run\.rounds"):
         c.with_overrides(run={"rounds": -1})
+
+
+def test_scenarios_readme_documents_every_key() -> None:
+    from dataclasses import fields
+
+    from emo_mqtt.config import _SECTIONS
+
+    text = (ROOT / "scenarios" / "README.md").read_text()
+    for section, cls in _SECTIONS.items():
+        assert f"## `[{section}]`" in text, section
+        for f in fields(cls):
+            if f.name != "policy_overrides":
+                assert f"| `{f.name}` |" in text, f"{section}.{f.name} is not documented"

@@ -32,6 +32,7 @@ NAMES = {
 
 def idx_bytes(ndim: int, n: int, *, magic: bytes | None = None) -> bytes:
     rng = np.random.default_rng(n)
+    dims: tuple[int, ...]
     if ndim == 3:
         body = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8).tobytes()
         dims = (n, 28, 28)

@@ -172,7 +172,7 @@ def test_state_round_trip_and_file(tmp_path: Path) -> None:
 def test_combiner_state_round_trip() -> None:
     members, y = complementary_members(500)
     for pooling in ("linear", "log"):
-        comb = fit_combiner(members, y, pooling)  # type: ignore[arg-type]
+        comb = fit_combiner(members, y, pooling)
         cfg, arrays = comb.to_state()
         again = Combiner.from_state(cfg, arrays)
         assert np.array_equal(again(members), comb(members))

@@ -233,7 +233,7 @@ def test_splitfed_halves_equal_joint_backprop() -> None:
     opt = torch.optim.SGD(joint.parameters(), lr=0.1)
     joint_loss = F.cross_entropy(joint(x), y)
     opt.zero_grad()
-    joint_loss.backward()
+    torch.autograd.backward(joint_loss)
     opt.step()
     assert loss == pytest.approx(float(joint_loss.detach()))
     for a, b in zip(split_model.parameters(), joint.parameters(), strict=True):
