@@ -8,7 +8,9 @@ from emo_mqtt.errors import (
     ConfigError,
     EmoError,
     PublishTimeout,
+    StateError,
     TopicError,
+    UpdateRejected,
 )
 
 __version__ = "0.1.0"
@@ -21,6 +23,8 @@ __all__ = [
     "ConfigError",
     "EmoError",
     "PublishTimeout",
+    "StateError",
     "TopicError",
+    "UpdateRejected",
     "__version__",
 ]

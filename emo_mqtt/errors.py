@@ -28,6 +28,19 @@ class ConfigError(EmoError, ValueError):
     """A configuration value, scenario file or command-line option is invalid."""
 
 
+class StateError(EmoError, ValueError):
+    """A model state (dict of arrays) does not match the model: keys, shapes or dtypes."""
+
+
+class UpdateRejected(EmoError, ValueError):
+    """A client update cannot be aggregated (FedAvg); ``reason`` says why."""
+
+    def __init__(self, reason: str, device: str | None = None) -> None:
+        super().__init__(f"{device}: {reason}" if device else reason)
+        self.reason = reason
+        self.device = device
+
+
 class BusError(EmoError):
     """The message bus failed: not connected, connection lost, broker refused us."""
 

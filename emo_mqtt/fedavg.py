@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emo_mqtt.data import derive_seed
-from emo_mqtt.errors import ConfigError, EmoError
+from emo_mqtt.errors import ConfigError, UpdateRejected
 
 __all__ = [
     "RoundCollector",
@@ -26,15 +26,6 @@ __all__ = [
 ]
 
 State = Mapping[str, np.ndarray]
-
-
-class UpdateRejected(EmoError, ValueError):
-    """A client update cannot be aggregated; ``reason`` says why."""
-
-    def __init__(self, reason: str, device: str | None = None) -> None:
-        super().__init__(f"{device}: {reason}" if device else reason)
-        self.reason = reason
-        self.device = device
 
 
 def validate_update(

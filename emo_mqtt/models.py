@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emo_mqtt.errors import ConfigError, EmoError
+from emo_mqtt.errors import ConfigError, StateError
 
 __all__ = [
     "FL_MODELS",
@@ -46,10 +46,6 @@ __all__ = [
     "param_count",
     "state_to_numpy",
 ]
-
-
-class StateError(EmoError, ValueError):
-    """A model state (dict of arrays) does not match the model: keys, shapes or dtypes."""
 
 
 class FLModel(nn.Module):

@@ -174,8 +174,8 @@ class ServerNode(Node):
             self.bus.reject("unknown_overlay", f"overlay/{overlay}/model", overlay)
             return
         model = build_overlay_model(self.config.emo.overlay_model, self.model.activation_shape)
-        load_numpy_state(model, {k: np.asarray(v, dtype=np.float32)
-                                 for k, v in env.body["weights"].items()})
+        # fp16 on the wire, decoded back to float32; integer buffers (batch norm) as sent.
+        load_numpy_state(model, {k: np.asarray(v) for k, v in env.body["weights"].items()})
         r = int(env.body["round"])
         loss = float(env.body["loss"])
         self.overlays[overlay] = {"model": model, "round": r, "version": int(env.body["version"]),

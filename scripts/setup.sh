@@ -41,7 +41,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 stamp=.venv/.emo-setup-$dev-$(cat pyproject.toml scripts/setup.sh | cksum | cut -d' ' -f1)
 if [[ ! -e "$stamp" ]]; then
   # torch first and pinned: a looser spec can pull a multi-GB CUDA build.
-  say "installing torch ${EMO_TORCH_SPEC:-torch==2.13.0} and emo-mqtt into .venv"
+  say "installing ${EMO_TORCH_SPEC:-torch==2.13.0} and emo-mqtt into .venv"
   "${pip[@]}" "${EMO_TORCH_SPEC:-torch==2.13.0}"
   if ((dev)); then "${pip[@]}" -e '.[dev]'; else "${pip[@]}" -e .; fi
   rm -f .venv/.emo-setup-*
