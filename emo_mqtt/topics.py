@@ -32,7 +32,6 @@ class Kind(StrEnum):
     DEVICE_ACTIVATIONS = "device.activations"
     DEVICE_SFL_ACTIVATIONS = "device.sfl_activations"
     OVERLAY_MODEL = "overlay.model"
-    OVERLAY_SPILL = "overlay.spill"
     SERVER_ROUND = "server.round"
     SERVER_SFL_GRADIENTS = "server.sfl_gradients"
     SERVER_DONE = "server.done"
@@ -96,20 +95,11 @@ SPECS: tuple[TopicSpec, ...] = (
         "overlay/{node}/model",
         "overlay",
         "overlay `{node}`",
-        "server, inference service",
-        1,
-        True,
-        "codec `overlay.model`: overlay model weights, version, trunk round, loss",
-    ),
-    TopicSpec(
-        Kind.OVERLAY_SPILL,
-        "overlay/{node}/spill",
-        "overlay",
-        "overlay `{node}`",
-        "server tier (shared cache)",
+        "server",
         1,
         False,
-        "codec `activations`: cache entries the overlay tier could not keep",
+        "codec `overlay.model`: overlay model weights (fp16), version, FL round, loss; "
+        "chunked (larger than one frame, hence not retained)",
     ),
     TopicSpec(
         Kind.SERVER_ROUND,

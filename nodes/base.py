@@ -36,7 +36,6 @@ BYTE_KINDS: dict[Kind, str] = {
     Kind.SERVER_DONE: "weights",
     Kind.OVERLAY_MODEL: "weights",
     Kind.DEVICE_ACTIVATIONS: "activations",
-    Kind.OVERLAY_SPILL: "activations",
     Kind.DEVICE_SFL_ACTIVATIONS: "activations",
     Kind.SERVER_SFL_GRADIENTS: "gradients",
     Kind.CONTROL: "control",
