@@ -49,6 +49,9 @@ class DeviceNode(Node):
         super().__init__(broker, config, run, node_id)
         self.algorithm = algorithm
         self.data = data
+        # The model of the round being trained. Each round trains a fresh instance: a round
+        # overtaken by the next one may still be running in its worker thread (threads cannot
+        # be cancelled), and must not share weights or an outbox with its successor.
         self.model = build_fl_model(config.fl.model)
         self.overlay = config.overlay_of(node_id)
         # Before the first control message: the controller's warm-up rate.
@@ -57,7 +60,8 @@ class DeviceNode(Node):
                                         "initial")
         self.decision_round = 0
         self._decision_event = asyncio.Event()
-        self.outbox: DeviceOutbox[ActivationBatch] = DeviceOutbox(config.emo.outbox_kib * 1024)
+        self.outbox: DeviceOutbox[ActivationBatch] = self._new_outbox()
+        self.outbox_evicted = 0
         self._training: asyncio.Task[None] | None = None
         self._gradients: dict[tuple[int, int], asyncio.Future[torch.Tensor]] = {}
         self.activation_bytes = 0
@@ -82,7 +86,7 @@ class DeviceNode(Node):
             rounds_trained=self.rounds_trained,
             activation_bytes=self.activation_bytes,
             outbox_bytes=self.outbox.bytes,
-            outbox_evicted=self.outbox.stats.evicted,
+            outbox_evicted=self.outbox_evicted + self.outbox.stats.evicted,
             decision=self.decision.to_dict(),
         )
         return out
@@ -153,8 +157,15 @@ class DeviceNode(Node):
                 pass
         return self.decision
 
+    def _new_outbox(self) -> DeviceOutbox[ActivationBatch]:
+        return DeviceOutbox(self.config.emo.outbox_kib * 1024)
+
     async def _fl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
-        load_numpy_state(self.model, weights)
+        model = build_fl_model(self.config.fl.model)
+        load_numpy_state(model, weights)
+        self.model = model
+        self.outbox_evicted += self.outbox.stats.evicted
+        outbox = self.outbox = self._new_outbox()
         c = self.config
         capture = None
         if self.algorithm in EMO_ALGORITHMS:
@@ -168,12 +179,12 @@ class DeviceNode(Node):
                 chosen = select_for_publish(decision, batch_index, len(idx), rng)
                 batch_index += 1
                 if chosen.size:
-                    self.outbox.push(ActivationBatch.quantize(
+                    outbox.push(ActivationBatch.quantize(
                         r, idx[chosen], acts.numpy()[chosen], labels[chosen], decision.precision))
 
         report = await compute(
             train_local,
-            self.model,
+            model,
             self.data,
             epochs=c.fl.local_epochs,
             batch_size=c.fl.batch_size,
@@ -184,17 +195,17 @@ class DeviceNode(Node):
         )
         await self.send(
             Kind.DEVICE_UPDATE,
-            {"round": r, "weights": state_to_numpy(self.model), "samples": report.samples,
+            {"round": r, "weights": state_to_numpy(model), "samples": report.samples,
              "loss": report.loss},
             msg_kind="update",
             node=self.node_id,
         )
         if capture is not None:
-            await self._flush_outbox(r)
+            await self._flush_outbox(r, outbox)
 
-    async def _flush_outbox(self, r: int) -> None:
+    async def _flush_outbox(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
         """Publish this round's activations in one message (chunked by the bus if large)."""
-        batches = self.outbox.pop_all()
+        batches = outbox.pop_all()
         if batches:
             ids = np.concatenate([b.sample_ids for b in batches])
             labels = np.concatenate([b.labels for b in batches])
@@ -213,6 +224,7 @@ class DeviceNode(Node):
         await self.send(Kind.DEVICE_ACTIVATIONS, body, msg_kind="activations", node=self.node_id)
 
     async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
+        self.model = build_fl_model(self.config.fl.model)
         trunk = self.model.trunk
         load_numpy_state(trunk, weights)
         c = self.config

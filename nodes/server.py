@@ -113,6 +113,7 @@ class ServerNode(Node):
         self.on(Kind.OVERLAY_MODEL, self._on_overlay_model)
         self.on(Kind.DEVICE_SFL_ACTIVATIONS, self._on_sfl_activations)
         self.final: dict[str, Any] = {}
+        self._overlay_rounds: dict[str, int] = {}
 
     async def subscriptions(self) -> list[str]:
         subs = [
@@ -246,25 +247,27 @@ class ServerNode(Node):
                 pass
 
     def _ensemble(self) -> Ensemble | None:
-        if not self.overlays:
+        """A snapshot of the FL model and the latest overlay models (event loop side)."""
+        self._overlay_rounds = {k: v["round"] for k, v in sorted(self.overlays.items())}
+        if not self.emo or not self.overlays:
             return None
         overlays: dict[str, OverlayModel] = {
             k: v["model"] for k, v in sorted(self.overlays.items())
         }
         return Ensemble(self.model, overlays, scaling=self.config.emo.scaling)
 
-    def _evaluate(self, final: bool) -> dict[str, Any]:
+    def _evaluate(self, final: bool, ensemble: Ensemble | None) -> dict[str, Any]:
+        """Runs in a worker thread: touches only ``ensemble`` (a snapshot) and the FL model."""
         split = self.plan.test if final else self.plan.eval_subset
         fl = evaluate(self.model, split)
         out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss,
                                "accuracy": fl.accuracy}
-        ensemble = self._ensemble() if self.emo else None
         if ensemble is not None:
             ensemble.fit(self.plan.validation)
             report = ensemble.evaluate(split)
             out["accuracy"] = report.accuracy
             out["ensemble_loss"] = report.loss
-            out["overlay_rounds"] = {k: v["round"] for k, v in self.overlays.items()}
+            out["overlay_rounds"] = self._overlay_rounds
             if final:
                 probs = ensemble.member_proba(split.x)
                 out["member_accuracy"] = {
@@ -323,7 +326,7 @@ class ServerNode(Node):
                 prev_probe = cur
                 mean_loss = float(np.mean(self._losses)) if self._losses else None
                 self.controller.observe_round(r, drift, mean_loss)
-            scores = await compute(self._evaluate, False)
+            scores = await compute(self._evaluate, False, self._ensemble())
             record = {
                 "round": r, "accuracy": scores["accuracy"], "fl_accuracy": scores["fl_accuracy"],
                 "updates": len(contributors), "missing": sorted(set(sampled) - set(contributors)),
@@ -367,7 +370,7 @@ class ServerNode(Node):
         c = self.config
         if self.emo:
             await self._wait_for_overlays(c.run.rounds, c.fleet.round_deadline_s)
-        scores = await compute(self._evaluate, True)
+        scores = await compute(self._evaluate, True, self._ensemble())
         state = state_to_numpy(self.model)
         self.final = {
             "accuracy": scores["accuracy"],
