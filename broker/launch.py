@@ -571,7 +571,12 @@ class BrokerHandle:
         return f"<BrokerHandle {self.kind} {self.url} running={self.is_running()}>"
 
 
-def run_foreground(port: int, host: str = "127.0.0.1", config: Path | None = None) -> int:
+def run_foreground(
+    port: int,
+    host: str = "127.0.0.1",
+    config: Path | None = None,
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+) -> int:
     """Run Mosquitto in the foreground (logging to this terminal) until it exits.
 
     ``config`` is a template with the same placeholders as the shipped ``mosquitto.conf``
@@ -579,7 +584,7 @@ def run_foreground(port: int, host: str = "127.0.0.1", config: Path | None = Non
     into a temporary run directory, which also holds the persistence database and is
     deleted on exit. SIGINT/SIGTERM/SIGHUP sent to this process are forwarded to the
     broker (SIGHUP makes Mosquitto reload its config). Returns the broker's exit code
-    (128 + N if a signal N killed it).
+    (128 + N if a signal N killed it). ``max_packet_size`` fills the template's packet cap.
     """
     binary = find_mosquitto()
     if binary is None:
@@ -588,7 +593,8 @@ def run_foreground(port: int, host: str = "127.0.0.1", config: Path | None = Non
         run_dir = Path(tmp)
         (run_dir / "data").mkdir()
         conf = run_dir / "mosquitto.conf"
-        conf.write_text(render_config(port, host, run_dir / "data", config), encoding="utf-8")
+        text = render_config(port, host, run_dir / "data", config, max_packet_size)
+        conf.write_text(text, encoding="utf-8")
         proc: subprocess.Popen[bytes] | None = None
         early: list[int] = []  # signals that arrived before the broker existed
 

@@ -88,7 +88,8 @@ def _stderr(line: str) -> None:
 def cmd_broker(args: argparse.Namespace) -> int:
     from emo_mqtt.broker.launch import run_foreground
 
-    code: int = run_foreground(port=args.port, host=args.host)
+    code: int = run_foreground(port=args.port, host=args.host,
+                               max_packet_size=args.max_packet_size)
     return code
 
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run Mosquitto in the foreground with the project's config")
     p.add_argument("--port", type=int, default=1884, help="port to listen on (default 1884)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--max-packet-size", type=_size, default=2162688,
+                   help="largest MQTT packet accepted (default 2162688 = 2 MiB + 64 KiB; "
+                   "raise it, e.g. 20MB, for `emo bench bus`'s unchunked reference)")
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("demo", help="move real tensors between nodes through a broker")
