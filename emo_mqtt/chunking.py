@@ -8,9 +8,16 @@ A chunk frame is::
 all little-endian; the chunk's length is implied by the frame's length. Chunks of one
 transfer travel on the topic the whole message would have used and may arrive in any
 order, duplicated, or re-sent wholesale after a reconnect. :class:`Reassembler` puts them
-back together under hard memory limits: a transfer's buffer is allocated once, on its first
-frame, and only if the limits allow it; a transfer that does not fit is refused, never
-made room for by evicting a live one.
+back together under hard memory limits: a transfer's memory is reserved once, on its first
+frame, and only if the limits allow it; a transfer that does not fit is refused (or, by
+choice, makes room by evicting the transfers that progressed least recently).
+
+Copies are what a large transfer costs, so neither side makes one it can avoid:
+:func:`split` builds each frame with a single join of header and payload slice (and
+checksums that fresh copy, while it is in the CPU cache), and the
+:class:`Reassembler` keeps the chunks of an in-order transfer (the normal case on one MQTT
+connection) as views of the received frames and joins them once, at completion, into the
+payload; only an out-of-order or overlapping arrival falls back to a buffer written in place.
 
 The module is pure: no I/O, no clocks (callers pass ``now``), no asyncio.
 """
@@ -47,6 +54,8 @@ TRANSFER_ID_SIZE = 16
 
 _HEAD = struct.Struct("<3sB16sQQI")
 HEADER_SIZE = _HEAD.size  # 40 bytes
+_BLANK_HEAD = bytes(HEADER_SIZE)
+_JOIN = bytearray().join  # joins into a new bytearray, without zero-filling it first
 #: Completed transfer ids remembered per Reassembler, to recognise late duplicates.
 COMPLETED_MEMORY = 1024
 
@@ -72,11 +81,14 @@ def split(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     transfer_id: bytes | None = None,
-) -> list[bytes]:
+) -> list[bytearray]:
     """Split ``payload`` into chunk frames of at most ``chunk_size`` data bytes each.
 
-    A random 16-byte transfer id is drawn unless one is given. An empty payload yields one
-    frame. Each frame is built with a single join, so the payload is copied exactly once.
+    The payload is cut into the fewest chunks that fit, of (almost) equal sizes, rather
+    than full chunks and a short tail: a tiny last frame would cost a whole broker round
+    trip for a few bytes. A random 16-byte transfer id is drawn unless one is given. An
+    empty payload yields one frame. Each frame is a bytearray built with a single join, so
+    the payload is copied exactly once, and its header is filled in after the copy.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ChunkError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -85,12 +97,17 @@ def split(
         raise ChunkError(f"transfer_id must be {TRANSFER_ID_SIZE} bytes, got {tid!r}")
     view = memoryview(payload).cast("B")
     total = len(view)
+    count = max(1, -(-total // chunk_size))
+    step = -(-total // count) if total else 1  # <= chunk_size
     frames = []
-    for offset in range(0, max(total, 1), chunk_size):
-        data = view[offset : offset + chunk_size]
-        crc = zlib.crc32(data)
-        head = _HEAD.pack(CHUNK_MAGIC, CHUNK_VERSION, tid, total, offset, crc)
-        frames.append(b"".join((head, data)))
+    for offset in range(0, max(total, 1), step):
+        frame = _JOIN((_BLANK_HEAD, view[offset : offset + step]))
+        # Checksum the copy just written, still in cache, and fill the header in after:
+        # CRC-32 runs about twice as fast on cached bytes as on a payload fresh from RAM.
+        with memoryview(frame) as written:
+            crc = zlib.crc32(written[HEADER_SIZE:])
+        _HEAD.pack_into(frame, 0, CHUNK_MAGIC, CHUNK_VERSION, tid, total, offset, crc)
+        frames.append(frame)
     return frames
 
 
@@ -148,18 +165,42 @@ class ReassemblerStats:
 
 
 class _Transfer:
-    """One transfer in progress: its buffer and the disjoint byte ranges received so far."""
+    """One transfer in progress: what was received so far, and where it belongs.
 
-    __slots__ = ("buffer", "covered", "ends", "last_progress", "starts")
+    While chunks arrive in order, each one's data is kept as a view of its frame
+    (``pieces``) and the payload is joined once, at completion: no zero-filled buffer, and
+    one copy of every byte. The first chunk that is not the next in line (out of order, a
+    duplicate, an overlap) moves what came so far into ``buffer``, a bytearray of the
+    whole transfer that later chunks are written into at their offsets.
+    """
+
+    __slots__ = ("buffer", "covered", "ends", "last_progress", "pieces", "starts", "total")
 
     def __init__(self, total: int, now: float) -> None:
-        self.buffer = bytearray(total)
+        self.total = total
+        self.pieces: list[memoryview] | None = []
+        self.buffer: bytearray | None = None
         # Sorted, disjoint, non-adjacent [start, end) ranges; adjacent ones are merged, so
-        # an in-order transfer keeps exactly one range.
+        # an in-order transfer keeps exactly one range. Kept in buffer mode only: in
+        # pieces mode the one range is [0, covered).
         self.starts: list[int] = []
         self.ends: list[int] = []
         self.covered = 0
         self.last_progress = now
+
+    def to_buffer(self) -> bytearray:
+        """Leave pieces mode: copy what came so far into a buffer of the whole transfer."""
+        buffer = self.buffer
+        if buffer is None:
+            buffer = self.buffer = bytearray(self.total)
+            offset = 0
+            for piece in self.pieces or ():
+                buffer[offset : offset + len(piece)] = piece
+                offset += len(piece)
+            if self.covered:
+                self.starts, self.ends = [0], [self.covered]
+            self.pieces = None
+        return buffer
 
 
 class Reassembler:
@@ -212,13 +253,17 @@ class Reassembler:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
         return ChunkError(message)
 
-    def feed(self, key: str, frame: bytes | bytearray | memoryview, now: float) -> bytearray | None:
+    def feed(
+        self, key: str, frame: bytes | bytearray | memoryview, now: float
+    ) -> bytes | bytearray | None:
         """Take one chunk frame received on topic ``key`` at time ``now``.
 
-        Returns the whole payload when this frame completes its transfer, else None. The
-        payload is the transfer's own ``bytearray`` (no extra copy); the Reassembler keeps
-        no reference to it. Duplicates, including late ones for a transfer completed
-        recently, are counted in ``stats.duplicates`` and return None.
+        Returns the whole payload when this frame completes its transfer, else None: a new
+        ``bytes`` when the chunks came in order, else the transfer's own ``bytearray``; the
+        Reassembler keeps no reference to it. Until then it may keep a view of ``frame``
+        rather than a copy: a caller must not modify a frame after feeding it. Duplicates,
+        including late ones for a transfer completed recently, are counted in
+        ``stats.duplicates`` and return None.
         """
         try:
             header, data = _parse_unchecked(frame)
@@ -237,24 +282,37 @@ class Reassembler:
                 return None
             if header.total_size == 0:
                 self._finish(tkey)
-                return bytearray()
+                return b""
             transfer = self._start(tkey, header.total_size, now)
-        elif header.total_size != len(transfer.buffer):
+        elif header.total_size != transfer.total:
             raise self._reject(
                 "inconsistent",
                 f"chunk declares total size {header.total_size}, transfer "
-                f"{header.transfer_id.hex()} on {key!r} has {len(transfer.buffer)}",
+                f"{header.transfer_id.hex()} on {key!r} has {transfer.total}",
             )
-        if not self._store(transfer, header, data):
+        pieces = transfer.pieces
+        if (
+            pieces is not None
+            and header.offset == transfer.covered
+            # Each piece pins a frame and a view object: a transfer sent in tiny chunks
+            # moves to a buffer, so bookkeeping stays a small fraction of its size.
+            and len(pieces) < max(64, transfer.total >> 14)
+        ):
+            pieces.append(data)  # the next chunk in line: nothing to compare, no copy yet
+            transfer.covered += header.length
+        elif not self._store(transfer, header, data):
             self.stats.duplicates += 1
             return None
         transfer.last_progress = now
-        if transfer.covered < len(transfer.buffer):
+        if transfer.covered < transfer.total:
             return None
         del self._transfers[tkey]
-        self._pending -= len(transfer.buffer)
+        self._pending -= transfer.total
         self._finish(tkey)
-        return transfer.buffer
+        if transfer.buffer is not None:
+            return transfer.buffer
+        # The one copy of an in-order transfer; bytes.join does not zero-fill first.
+        return b"".join(pieces or ())
 
     def _start(self, tkey: tuple[str, bytes], total: int, now: float) -> _Transfer:
         # Every check happens before bytearray(total): a refused transfer costs nothing.
@@ -285,7 +343,7 @@ class Reassembler:
             len(self._transfers) >= self.max_transfers or self._pending + total > self.max_bytes
         ):
             tkey = min(self._transfers, key=lambda k: self._transfers[k].last_progress)
-            self._pending -= len(self._transfers.pop(tkey).buffer)
+            self._pending -= self._transfers.pop(tkey).total
             self.stats.evicted += 1
             self._evicted.append(tkey)
 
@@ -296,6 +354,7 @@ class Reassembler:
 
     def _store(self, t: _Transfer, header: ChunkHeader, data: memoryview) -> bool:
         """Write the new parts of a chunk; return whether any byte was new."""
+        buffer = t.to_buffer()
         start, end = header.offset, header.offset + header.length
         # Ranges lo..hi-1 overlap or touch [start, end).
         lo = bisect_left(t.ends, start)
@@ -305,7 +364,7 @@ class Reassembler:
         for i in range(lo, hi):
             a, b = max(t.starts[i], start), min(t.ends[i], end)
             # A bytearray slice + memcmp is ~20x faster than comparing memoryviews.
-            if a < b and t.buffer[a:b] != data[a - start : b - start]:
+            if a < b and buffer[a:b] != data[a - start : b - start]:
                 raise self._reject(
                     "conflict",
                     f"chunk [{start}, {end}) of transfer {header.transfer_id.hex()} "
@@ -320,10 +379,10 @@ class Reassembler:
             return False
         # Bookkeeping stays under ~2% of the buffer, however fragmented the arrival order:
         # a peer sending tiny scattered chunks cannot grow it past that.
-        if hi - lo == 0 and len(t.starts) >= max(1024, len(t.buffer) // 4096):
+        if hi - lo == 0 and len(t.starts) >= max(1024, t.total // 4096):
             raise self._reject("fragmented", "transfer arrives in too many disjoint pieces")
         for a, b in gaps:
-            t.buffer[a:b] = data[a - start : b - start]
+            buffer[a:b] = data[a - start : b - start]
             t.covered += b - a
         new_start = min(start, t.starts[lo]) if hi > lo else start
         new_end = max(end, t.ends[hi - 1]) if hi > lo else end
@@ -341,6 +400,6 @@ class Reassembler:
         """Drop transfers with no new bytes for ``timeout_s``; return their (key, id)."""
         dropped = [k for k, t in self._transfers.items() if now - t.last_progress >= self.timeout_s]
         for tkey in dropped:
-            self._pending -= len(self._transfers.pop(tkey).buffer)
+            self._pending -= self._transfers.pop(tkey).total
         self.stats.expired += len(dropped)
         return dropped

@@ -1,27 +1,34 @@
 """The emo-mqtt wire codec: msgpack envelopes carrying numpy arrays and torch tensors.
 
-A frame is ``MAGIC + bytes([VERSION])`` followed by one msgpack map::
+A frame is a small msgpack map followed by the raw bytes of every tensor in it::
 
-    {"k": kind, "s": sender, "r": run, "q": seq, "t": time, "b": body}
+    MAGIC | u8 VERSION | u32 n | n bytes of msgpack | zero padding to a multiple of 8 | data
 
+The msgpack map is ``{"k": kind, "s": sender, "r": run, "q": seq, "t": time, "b": body}``.
 ``body`` may hold msgpack-native values (None, bool, int, float, str, bytes, lists, tuples
 and dicts with str keys), numpy arrays, torch tensors and :class:`Lossy` wrappers, nested
-arbitrarily. Tensors travel as msgpack ExtTypes whose payload is a small fixed header
-followed by the raw little-endian C-order bytes, so a round trip is bit-exact (NaN
-payloads, -0.0, 0-d and zero-size tensors included).
+arbitrarily. A tensor is a msgpack ExtType *descriptor* in the map; its bytes travel out of
+band (as in pickle protocol 5), raw little-endian C-order, in the data section after the
+map. That is what makes the codec cheap: encode assembles the frame with one join (one copy
+of each tensor), and decode hands out numpy arrays that are zero-copy views of the frame.
+A round trip is bit-exact (NaN payloads, -0.0, 0-d and zero-size tensors included).
 
-Tensor ext payload (``EXT_TENSOR``)::
+Tensor descriptor (``EXT_TENSOR``)::
 
-    u8 origin (0 numpy, 1 torch) | u8 dtype code | u8 ndim | 5 zero bytes
-    | ndim x u64 dims | data
+    u8 origin (0 numpy, 1 torch) | u8 dtype code | u8 ndim | 5 zero bytes | u64 offset
+    | ndim x u64 dims
 
-Lossy ext payload (``EXT_LOSSY``)::
+Lossy descriptor (``EXT_LOSSY``)::
 
     u8 origin | u8 encoding (1 fp16, 2 int8) | u8 original dtype code | u8 ndim
-    | 4 zero bytes | f64 scale | ndim x u64 dims | data (float16 or int8)
+    | 4 zero bytes | f64 scale | u64 offset | ndim x u64 dims
 
-Both headers are multiples of 8 bytes so the data that follows stays 8-byte aligned inside
-the ext payload, which lets decode hand out an aligned zero-copy numpy view.
+``offset`` is where the tensor's bytes start in the data section; their length follows from
+dtype and dims. The layout is canonical, which keeps validation simple and leaves no room
+for aliasing: tensors follow one another in the order their descriptors appear in the
+msgpack stream, each at the next multiple of 8 (zero bytes in between), and the data
+section ends with the last one. Every offset is checked against that layout, and every
+length against the bytes present, before anything is allocated.
 
 The module is pure: no I/O, no asyncio, no pickle. torch is imported only when a torch
 tensor is encoded (it must already be imported by the caller then) or decoded.
@@ -61,8 +68,9 @@ __all__ = [
 ]
 
 MAGIC = b"EMO"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+#: 2: tensor bytes out of band, after the msgpack map (1 carried them inside msgpack ExtTypes).
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 
 EXT_TENSOR = 1
 EXT_LOSSY = 2
@@ -79,10 +87,13 @@ _ENC_FP16 = 1
 _ENC_INT8 = 2
 _ENCODINGS = {"fp16": _ENC_FP16, "int8": _ENC_INT8}
 
-_TENSOR_HEAD = struct.Struct("<BBB5s")
-_LOSSY_HEAD = struct.Struct("<BBBB4sd")
+_PREFIX = struct.Struct("<3sBI")  # MAGIC, version, msgpack length
+_TENSOR_HEAD = struct.Struct("<BBB5sQ")
+_LOSSY_HEAD = struct.Struct("<BBBB4sdQ")
 _PAD5 = bytes(5)
 _PAD4 = bytes(4)
+_ALIGN = 8  # the largest itemsize: every tensor view is aligned for its dtype
+_ZEROS = bytes(_ALIGN)
 
 # dtype code -> (numpy dtype on the wire, torch dtype name). bfloat16 has no numpy dtype:
 # it travels as its raw 16-bit pattern and only torch-origin tensors may carry it.
@@ -210,15 +221,44 @@ def encode(
         raise CodecError(f"body: message must be a mapping, got {_tname(message)}")
 
     packer = _packer()
-    parts: list[Any] = [MAGIC, bytes((VERSION,)), packer.pack_map_header(len(_FIELDS))]
+    out = _Out(packer)
+    out.meta.append(packer.pack_map_header(len(_FIELDS)))
     for item in ("k", kind, "s", sender, "r", run, "q", seq, "t", float(stamp), "b"):
-        parts.append(packer.pack(item))
+        out.meta.append(packer.pack(item))
     try:
-        _emit(message, ("body",), parts, packer, 0)
+        _emit(message, ("body",), out, 0)
     except RecursionError as exc:  # deeply nested non-dict containers etc.
         raise CodecError("body: message nested too deeply") from exc
-    # The one copy of every tensor's bytes: parts holds headers and tensor buffers.
-    return b"".join(parts)
+    meta = b"".join(out.meta)  # small: descriptors only, no tensor bytes
+    if len(meta) >= 2**32:
+        raise CodecError("body: message structure exceeds the 4 GiB msgpack limit")
+    prefix = _PREFIX.pack(MAGIC, VERSION, len(meta))
+    pad = _ZEROS[: -(len(prefix) + len(meta)) % _ALIGN]
+    # The one copy of every tensor's bytes: out.data holds the tensor buffers themselves.
+    return b"".join((prefix, meta, pad, *out.data))
+
+
+class _Out:
+    """What encode accumulates: msgpack pieces and the data section's buffers."""
+
+    __slots__ = ("data", "meta", "packer", "size")
+
+    def __init__(self, packer: Any) -> None:
+        self.packer = packer
+        self.meta: list[bytes] = []
+        self.data: list[Any] = []
+        self.size = 0  # bytes in the data section so far
+
+    def add(self, buf: Any, nbytes: int) -> int:
+        """Append a tensor's buffer to the data section (aligned); return its offset."""
+        pad = -self.size % _ALIGN
+        if pad:
+            self.data.append(_ZEROS[:pad])
+        offset = self.size + pad
+        if nbytes:
+            self.data.append(buf)  # numpy arrays export the buffer protocol: no copy here
+        self.size = offset + nbytes
+        return offset
 
 
 _local = threading.local()
@@ -233,32 +273,33 @@ def _packer() -> Any:
     return packer
 
 
-def _emit(obj: Any, path: tuple[Any, ...], out: list[Any], packer: Any, depth: int) -> None:
+def _emit(obj: Any, path: tuple[Any, ...], out: _Out, depth: int) -> None:
     # Paths are linked tuples (parent, key) so the happy path never formats a string.
     if depth > MAX_DEPTH:
         raise CodecError(f"{_fmt(path)}: nested deeper than {MAX_DEPTH} levels")
     t = type(obj)
+    meta, packer = out.meta, out.packer
     if t in _SCALARS:
-        _pack_scalar(obj, path, out, packer)
+        _pack_scalar(obj, path, meta, packer)
     elif t is dict or isinstance(obj, Mapping):
-        out.append(packer.pack_map_header(len(obj)))
+        meta.append(packer.pack_map_header(len(obj)))
         for key, value in obj.items():
             if type(key) is not str:
                 raise CodecError(
                     f"{_fmt(path)}: dict key {key!r} is {_tname(key)}, keys must be str"
                 )
-            out.append(packer.pack(key))
-            _emit(value, (path, key), out, packer, depth + 1)
+            meta.append(packer.pack(key))
+            _emit(value, (path, key), out, depth + 1)
     elif t is list or t is tuple:
         if _SCALARS.issuperset(map(type, obj)):
             try:  # fast path: msgpack packs a flat list of scalars in C
-                out.append(packer.pack(obj))
+                meta.append(packer.pack(obj))
                 return
             except (OverflowError, ValueError, TypeError):
                 pass  # fall through so the error names the offending element
-        out.append(packer.pack_array_header(len(obj)))
+        meta.append(packer.pack_array_header(len(obj)))
         for i, value in enumerate(obj):
-            _emit(value, (path, i), out, packer, depth + 1)
+            _emit(value, (path, i), out, depth + 1)
     elif isinstance(obj, np.ndarray):
         _emit_array(obj, _ORIGIN_NUMPY, path, out, bf16=False)
     elif _is_torch_tensor(obj):
@@ -268,9 +309,9 @@ def _emit(obj: Any, path: tuple[Any, ...], out: list[Any], packer: Any, depth: i
         _emit_lossy(obj, path, out)
     elif isinstance(obj, np.bool_ | np.integer | np.floating):
         # numpy scalars (np.mean of a float32 array, ...) travel as Python scalars.
-        _pack_scalar(obj.item(), path, out, packer)
+        _pack_scalar(obj.item(), path, meta, packer)
     elif isinstance(obj, str | int | float | bytes):  # subclasses, e.g. IntEnum
-        _pack_scalar(obj, path, out, packer)
+        _pack_scalar(obj, path, meta, packer)
     else:
         raise CodecError(f"{_fmt(path)}: unsupported type {_tname(obj)}")
 
@@ -280,18 +321,6 @@ def _pack_scalar(obj: Any, path: tuple[Any, ...], out: list[Any], packer: Any) -
         out.append(packer.pack(obj))
     except (OverflowError, ValueError, TypeError) as exc:
         raise CodecError(f"{_fmt(path)}: cannot pack {_tname(obj)}: {exc}") from exc
-
-
-def _ext_header(code: int, length: int, path: tuple[Any, ...]) -> bytes:
-    # msgpack ext 8/16/32 framing, written by hand so the tensor bytes are not copied into
-    # msgpack's buffer first (ext 8 for a length of 8 or 16 is valid, just not minimal).
-    if length < 2**8:
-        return struct.pack(">BBb", 0xC7, length, code)
-    if length < 2**16:
-        return struct.pack(">BHb", 0xC8, length, code)
-    if length < 2**32:
-        return struct.pack(">BIb", 0xC9, length, code)
-    raise CodecError(f"{_fmt(path)}: tensor of {length} bytes exceeds msgpack's 4 GiB ext limit")
 
 
 def _wire_array(arr: np.ndarray[Any, Any], path: tuple[Any, ...]) -> tuple[int, Any]:
@@ -313,14 +342,14 @@ def _dims(shape: tuple[int, ...]) -> bytes:
 
 
 def _emit_array(
-    arr: np.ndarray[Any, Any], origin: int, path: tuple[Any, ...], out: list[Any], bf16: bool
+    arr: np.ndarray[Any, Any], origin: int, path: tuple[Any, ...], out: _Out, bf16: bool
 ) -> None:
     code, wire = _wire_array(arr, path)
     code = _BF16 if bf16 else code  # bfloat16 arrives as its int16 bit patterns
     shape = arr.shape
-    head = _TENSOR_HEAD.pack(origin, code, len(shape), _PAD5) + _dims(shape)
-    out.append(_ext_header(EXT_TENSOR, len(head) + wire.nbytes, path) + head)
-    out.append(wire)  # numpy arrays export the buffer protocol: joined without a copy here
+    offset = out.add(wire, wire.nbytes)
+    head = _TENSOR_HEAD.pack(origin, code, len(shape), _PAD5, offset) + _dims(shape)
+    out.meta.append(out.packer.pack(msgpack.ExtType(EXT_TENSOR, head)))
 
 
 def _torch_to_numpy(t: Any, path: tuple[Any, ...]) -> tuple[int, np.ndarray[Any, Any]]:
@@ -340,7 +369,7 @@ def _torch_to_numpy(t: Any, path: tuple[Any, ...]) -> tuple[int, np.ndarray[Any,
     return code, t.numpy()
 
 
-def _emit_lossy(obj: Lossy, path: tuple[Any, ...], out: list[Any]) -> None:
+def _emit_lossy(obj: Lossy, path: tuple[Any, ...], out: _Out) -> None:
     value = obj.value
     if isinstance(value, np.ndarray):
         origin = _ORIGIN_NUMPY
@@ -375,9 +404,9 @@ def _emit_lossy(obj: Lossy, path: tuple[Any, ...], out: list[Any]) -> None:
         scale = min(max(peak / 127.0, 5e-324), _max_scale(code)) if peak > 0 else 1.0
         data = np.clip(np.rint(xw / scale), -127, 127).astype(np.int8, order="C")
         enc = _ENC_INT8
-    head = _LOSSY_HEAD.pack(origin, enc, code, len(shape), _PAD4, scale) + _dims(shape)
-    out.append(_ext_header(EXT_LOSSY, len(head) + data.nbytes, path) + head)
-    out.append(data)
+    offset = out.add(data, data.nbytes)
+    head = _LOSSY_HEAD.pack(origin, enc, code, len(shape), _PAD4, scale, offset) + _dims(shape)
+    out.meta.append(out.packer.pack(msgpack.ExtType(EXT_LOSSY, head)))
 
 
 # --------------------------------------------------------------------------- decode
@@ -386,10 +415,12 @@ def _emit_lossy(obj: Lossy, path: tuple[Any, ...], out: list[Any]) -> None:
 def decode(data: bytes | bytearray | memoryview) -> Envelope:
     """Decode one codec frame; raise :class:`CodecError` (only) for anything malformed.
 
-    numpy arrays come back as read-only zero-copy views over the decoded ext buffer (call
-    ``.copy()`` to write to one); torch tensors come back as writable CPU tensors with
-    their own memory. Lossy values come back as new arrays/tensors in their original
-    dtype. Lists come back as lists (tuples are not preserved).
+    numpy arrays come back as read-only zero-copy views of ``data`` (aligned for their
+    dtype when ``data`` is; call ``.copy()`` to write to one): they keep the frame alive,
+    and a caller that decodes a mutable buffer must not change it while they live. torch
+    tensors come back as writable CPU tensors with their own memory. Lossy values come back
+    as new arrays/tensors in their original dtype. Lists come back as lists (tuples are
+    not preserved).
     """
     try:
         view = memoryview(data).cast("B")
@@ -404,17 +435,27 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
         raise CodecError(
             f"unsupported codec version {version}; this build supports {list(SUPPORTED_VERSIONS)}"
         )
-    body = view[len(MAGIC) + 1 :]
-    # No container, string or ext can declare more items/bytes than the frame holds, so a
+    if len(view) < _PREFIX.size:
+        raise CodecError("malformed codec frame: prefix truncated")
+    meta_end = _PREFIX.size + _PREFIX.unpack_from(view)[2]
+    data_start = meta_end + (-meta_end % _ALIGN)
+    if len(view) < data_start or any(view[meta_end:data_start]):
+        raise CodecError(
+            f"malformed codec frame: {len(view)} bytes, the msgpack map and its padding "
+            f"need {data_start}"
+        )
+    meta = view[_PREFIX.size : meta_end]
+    section = _Section(view[data_start:])
+    # No container, string or ext can declare more items/bytes than the map holds, so a
     # forged length can never make msgpack allocate beyond what the input justifies.
-    limit = len(body)
+    limit = len(meta)
     try:
         obj = msgpack.unpackb(
-            body,
+            meta,
             raw=False,
             use_list=True,
             strict_map_key=True,
-            ext_hook=_ext_hook,
+            ext_hook=section.ext_hook,
             object_hook=_check_map,
             # A foreign msgpack timestamp (ext -1, never consulted with ext_hook) becomes a
             # plain float, so bodies only ever hold the types encode() accepts.
@@ -432,6 +473,11 @@ def decode(data: bytes | bytearray | memoryview) -> Envelope:
         raise CodecError(f"malformed codec frame: {type(exc).__name__}: {exc}") from exc
     except msgpack.UnpackException as exc:  # OutOfData, BufferFull
         raise CodecError(f"malformed codec frame: {type(exc).__name__}: {exc}") from exc
+    if section.cursor != len(section.view):
+        raise CodecError(
+            f"malformed codec frame: {len(section.view) - section.cursor} bytes after the "
+            f"last tensor"
+        )
     return _envelope(obj, version)
 
 
@@ -463,12 +509,36 @@ def _check_map(d: dict[Any, Any]) -> dict[Any, Any]:
     return d
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_TENSOR:
-        return _decode_tensor(data)
-    if code == EXT_LOSSY:
-        return _decode_lossy(data)
-    raise CodecError(f"malformed codec frame: unknown ext type code {code}")
+class _Section:
+    """The data section of one frame, handed out tensor by tensor in canonical order."""
+
+    __slots__ = ("cursor", "view")
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.cursor = 0  # end of the last tensor handed out
+
+    def take(self, offset: int, nbytes: int, what: str) -> int:
+        """Check a descriptor's offset and length against the layout; return the offset."""
+        expected = self.cursor + (-self.cursor % _ALIGN)
+        if offset != expected:
+            raise CodecError(f"malformed {what}: data offset {offset}, expected {expected}")
+        available = len(self.view) - offset
+        if nbytes > available:
+            raise CodecError(
+                f"malformed {what}: needs {nbytes} data bytes, frame has {max(available, 0)}"
+            )
+        if any(self.view[self.cursor : offset]):
+            raise CodecError(f"malformed {what}: non-zero padding before its data")
+        self.cursor = offset + nbytes
+        return offset
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_TENSOR:
+            return _decode_tensor(data, self)
+        if code == EXT_LOSSY:
+            return _decode_lossy(data, self)
+        raise CodecError(f"malformed codec frame: unknown ext type code {code}")
 
 
 def _read_shape(
@@ -477,41 +547,39 @@ def _read_shape(
     """Parse and sanity-check dims; return (shape, element count) without allocating."""
     if ndim > MAX_NDIM:
         raise CodecError(f"malformed {what}: ndim {ndim} exceeds {MAX_NDIM}")
-    if len(data) < offset + 8 * ndim:
-        raise CodecError(f"malformed {what}: header truncated")
+    if len(data) != offset + 8 * ndim:
+        raise CodecError(f"malformed {what}: descriptor of {len(data)} bytes for {ndim} dims")
     shape = struct.unpack_from(f"<{ndim}Q", data, offset)
-    count = math.prod(shape)
     # numpy refuses shapes whose non-zero dims overflow intp even when a zero dim makes
     # the array empty; reject those here so no numpy error leaks out as a surprise.
     if math.prod(d for d in shape if d) * itemsize >= 2**62:
         raise CodecError(f"malformed {what}: declared shape {shape} is absurdly large")
-    expected = count * itemsize
-    actual = len(data) - offset - 8 * ndim
-    if expected != actual:
-        raise CodecError(
-            f"malformed {what}: shape {shape} needs {expected} data bytes, frame has {actual}"
-        )
-    return shape, count
+    return shape, math.prod(shape)
 
 
-def _decode_tensor(data: bytes) -> Any:
+def _decode_tensor(data: bytes, section: _Section) -> Any:
     if len(data) < _TENSOR_HEAD.size:
-        raise CodecError("malformed tensor: header truncated")
-    origin, code, ndim, pad = _TENSOR_HEAD.unpack_from(data)
+        raise CodecError("malformed tensor: descriptor truncated")
+    origin, code, ndim, pad, offset = _TENSOR_HEAD.unpack_from(data)
     if pad != _PAD5 or origin not in (_ORIGIN_NUMPY, _ORIGIN_TORCH):
         raise CodecError(f"malformed tensor: bad origin {origin} or reserved bytes")
     if code not in _DTYPES:
         raise CodecError(f"malformed tensor: unknown dtype code {code}")
-    shape, count = _read_shape(data, _TENSOR_HEAD.size, ndim, _ITEMSIZE[code], "tensor")
-    start = _TENSOR_HEAD.size + 8 * ndim
+    itemsize = _ITEMSIZE[code]
+    shape, count = _read_shape(data, _TENSOR_HEAD.size, ndim, itemsize, "tensor")
+    start = section.take(offset, count * itemsize, "tensor")
+    buf = section.view
     np_dtype, torch_name = _DTYPES[code]
-    if code == _BOOL and count and np.frombuffer(data, np.uint8, count, start).max() > 1:
+    if code == _BOOL and count and np.frombuffer(buf, np.uint8, count, start).max() > 1:
         raise CodecError("malformed tensor: bool bytes other than 0 and 1")
     if origin == _ORIGIN_NUMPY:
         if np_dtype is None:
             raise CodecError("malformed tensor: bfloat16 is only valid for torch tensors")
-        # Zero-copy: a read-only view over the ext bytes msgpack already produced.
-        arr = np.frombuffer(data, np_dtype, count, start).reshape(shape)
+        # Zero-copy: a view of the frame itself, read-only even over a mutable buffer.
+        arr = np.frombuffer(buf, np_dtype, count, start).reshape(shape)
+        if not arr.flags.aligned:  # only when the caller's buffer itself is misaligned
+            arr = arr.copy()
+        arr.flags.writeable = False
         return arr
     import torch
 
@@ -519,14 +587,14 @@ def _decode_tensor(data: bytes) -> Any:
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     # torch tensors are writable, so they need their own (writable) memory: one copy.
-    buf = bytearray(memoryview(data)[start:])
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    own = bytearray(buf[start : start + count * itemsize])
+    return torch.frombuffer(own, dtype=dtype).reshape(shape)
 
 
-def _decode_lossy(data: bytes) -> Any:
+def _decode_lossy(data: bytes, section: _Section) -> Any:
     if len(data) < _LOSSY_HEAD.size:
-        raise CodecError("malformed lossy tensor: header truncated")
-    origin, enc, code, ndim, pad, scale = _LOSSY_HEAD.unpack_from(data)
+        raise CodecError("malformed lossy tensor: descriptor truncated")
+    origin, enc, code, ndim, pad, scale, offset = _LOSSY_HEAD.unpack_from(data)
     if pad != _PAD4 or origin not in (_ORIGIN_NUMPY, _ORIGIN_TORCH):
         raise CodecError(f"malformed lossy tensor: bad origin {origin} or reserved bytes")
     if enc not in (_ENC_FP16, _ENC_INT8):
@@ -538,7 +606,8 @@ def _decode_lossy(data: bytes) -> Any:
         raise CodecError(f"malformed lossy tensor: bad int8 scale {scale}")
     wire = np.dtype("<f2") if enc == _ENC_FP16 else np.dtype("i1")
     shape, count = _read_shape(data, _LOSSY_HEAD.size, ndim, wire.itemsize, "lossy tensor")
-    q = np.frombuffer(data, wire, count, _LOSSY_HEAD.size + 8 * ndim).reshape(shape)
+    start = section.take(offset, count * wire.itemsize, "lossy tensor")
+    q = np.frombuffer(section.view, wire, count, start).reshape(shape)
     target = np.float32 if code == _BF16 else _DTYPES[code][0]
     wide = q if enc == _ENC_FP16 else q.astype(np.float64) * scale
     out = wide.astype(target)

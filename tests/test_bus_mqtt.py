@@ -16,14 +16,19 @@ import struct
 import time
 from collections.abc import Callable
 
+import aiomqtt
 import numpy as np
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from emo_mqtt import codec
 from emo_mqtt.bench import bare_run, emo_bus_run
 from emo_mqtt.broker.launch import BrokerHandle, find_free_port
+from emo_mqtt.broker.url import parse_broker_url
 from emo_mqtt.bus import BusOptions, Message
 from emo_mqtt.bus.mqtt import MqttBus
+from emo_mqtt.bus.paho_fast import ZERO_COPY_MIN
 from emo_mqtt.chunking import HEADER_SIZE, split
 from emo_mqtt.errors import BusError, CodecError, PublishTimeout
 
@@ -116,6 +121,38 @@ async def test_small_and_chunked_messages_arrive_bit_exact(mosquitto: BrokerHand
     assert pub.stats.republished_frames == 0
     assert not sub.stats.rejected
     assert sub.reassembly_pending_bytes == 0
+
+
+async def test_fast_paths_carry_every_kind_of_publish(mosquitto: BrokerHandle) -> None:
+    # The paho replacements (a large payload sent without a copy, a received one handed
+    # over in place) serve both ends, and every shape of PUBLISH goes through them intact.
+    big = os.urandom(3 * ZERO_COPY_MIN)  # unchunked, yet past the zero-copy threshold
+    pub = MqttBus(mosquitto.url, "fast-pub", clean_start=True)
+    sub = MqttBus(mosquitto.url, "fast-sub", clean_start=True)
+    async with pub, sub:
+        assert pub._client is not None and sub._client is not None
+        assert pub._client.emo_fast and sub._client.emo_fast
+        await sub.subscribe("emo/fast/#", qos=1)
+        await pub.publish("emo/fast/q0-small", b"tiny", qos=0)
+        await pub.publish("emo/fast/q0-big", big, qos=0)
+        await pub.publish("emo/fast/q1-big", big, qos=1)
+        # MQTT 5 properties, which the bus never sends itself, from a plain aiomqtt client.
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = [("who", "raw")]
+        properties.MessageExpiryInterval = 60
+        target = parse_broker_url(mosquitto.url)
+        async with aiomqtt.Client(
+            target.host, target.port, identifier="fast-raw", protocol=aiomqtt.ProtocolVersion.V5
+        ) as raw:
+            await raw.publish("emo/fast/props", big, qos=1, properties=properties)
+        got = {m.topic: m for m in await _take(sub, 4)}
+        assert not pub._client._pending_publishes  # every acknowledgement was collected
+    assert got["emo/fast/q0-small"].payload == b"tiny"
+    for name, qos in (("q0-big", 0), ("q1-big", 1), ("props", 1)):
+        message = got[f"emo/fast/{name}"]
+        assert message.payload == big and message.qos == qos
+        assert type(message.payload) is bytearray  # paho's own packet buffer, not a copy
+    assert not sub.stats.rejected
 
 
 # ----------------------------------------------------------------- protocol versions
@@ -294,8 +331,11 @@ async def test_subscription_is_renewed_when_the_broker_forgot_it(
     assert (first.payload, second.payload) == (b"one", b"two")
 
 
+# A small frame takes paho's own send path; a large one the zero-copy one (and, with the
+# broker stopped, fills the socket: the bus then waits for it to drain).
+@pytest.mark.parametrize("payload", [b"payload", b"payload" * 100_000], ids=["small", "large"])
 async def test_frame_in_flight_when_the_connection_drops_is_published_again(
-    fresh_mosquitto: BrokerHandle,
+    fresh_mosquitto: BrokerHandle, payload: bytes
 ) -> None:
     url = fresh_mosquitto.url
     sub = MqttBus(url, "inflight-sub", reconnect_max_s=0.5)
@@ -306,7 +346,7 @@ async def test_frame_in_flight_when_the_connection_drops_is_published_again(
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # the broker reads nothing and acknowledges nothing
         try:
-            publishing = asyncio.create_task(pub.publish("emo/inflight/x", b"payload"))
+            publishing = asyncio.create_task(pub.publish("emo/inflight/x", payload))
             for _ in range(20):  # let the frame go out; its PUBACK cannot come
                 await asyncio.sleep(0)
             assert not publishing.done()
@@ -323,7 +363,7 @@ async def test_frame_in_flight_when_the_connection_drops_is_published_again(
             got += [bytes(m.payload) for m in await _take(sub, 1)]
     # Once or twice (if the broker read the first copy before the connection's end).
     assert got[-1] == b"marker"
-    assert got[:-1] in ([b"payload"], [b"payload", b"payload"])
+    assert got[:-1] in ([payload], [payload, payload])
 
 
 @pytest.mark.timeout(20)  # a regression spins the event loop: only a signal can end it

@@ -26,7 +26,9 @@ from emo_mqtt.errors import ChunkError, CodecError
 TID = bytes(range(16))
 
 
-def feed_all(r: Reassembler, frames: list[bytes], key: str = "t", now: float = 0.0) -> list[bytes]:
+def feed_all(
+    r: Reassembler, frames: list[bytearray] | list[bytes], key: str = "t", now: float = 0.0
+) -> list[bytes]:
     return [bytes(out) for f in frames if (out := r.feed(key, f, now)) is not None]
 
 
@@ -49,6 +51,59 @@ def test_split_and_reassemble_sizes(size: int) -> None:
     r = Reassembler()
     assert feed_all(r, frames) == [payload]
     assert r.pending_bytes == 0 and r.pending_transfers == 0 and r.stats.completed == 1
+
+
+def test_split_cuts_even_chunks_not_a_short_tail() -> None:
+    payload = os.urandom(1001)
+    frames = split(payload, chunk_size=100)
+    sizes = [parse_frame(f)[0].length for f in frames]
+    # 11 chunks either way, but of 91 bytes each rather than ten of 100 and one of 1.
+    assert len(frames) == 11 and max(sizes) - min(sizes) <= 1 and max(sizes) <= 100
+    assert all(isinstance(f, bytearray) for f in frames)  # CRC filled in after the copy
+    assert feed_all(Reassembler(), frames) == [payload]
+
+
+def test_in_order_chunks_are_joined_once_into_bytes() -> None:
+    payload = os.urandom(5000)
+    frames = split(payload, chunk_size=1000)
+    r = Reassembler()
+    assert [r.feed("t", f, 0.0) for f in frames[:-1]] == [None] * 4
+    assert r.pending_bytes == 5000  # reserved on the first frame, as for a buffer
+    out = r.feed("t", frames[-1], 0.0)
+    assert type(out) is bytes and out == payload
+    assert r.pending_bytes == 0
+
+
+def test_a_chunk_out_of_line_moves_the_transfer_to_a_buffer() -> None:
+    payload = os.urandom(5000)
+    frames = split(payload, chunk_size=1000)
+    r = Reassembler()
+    # Two in line, a duplicate of the first, then one ahead of its turn, then the rest.
+    for f in (frames[0], frames[1], frames[0], frames[3], frames[2]):
+        assert r.feed("t", f, 0.0) is None
+    out = r.feed("t", frames[4], 0.0)
+    assert isinstance(out, bytearray) and out == payload
+    assert r.stats.duplicates == 1 and r.stats.completed == 1
+    # A conflicting overlap is still caught after the move from pieces to a buffer.
+    r = Reassembler()
+    r.feed("t", frame(TID, 10, 0, b"abcd"), 0.0)
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.feed("t", frame(TID, 10, 2, b"XY"), 0.0)
+    assert r.feed("t", frame(TID, 10, 4, b"efghij"), 0.0) == b"abcdefghij"
+
+
+def test_tiny_in_order_chunks_do_not_pile_up_as_pieces() -> None:
+    # One view per 1-byte chunk would cost far more than the bytes: past a cap, the
+    # transfer moves to a buffer (and completes as a bytearray).
+    payload = os.urandom(3000)
+    out = feed_all_raw(Reassembler(), split(payload, chunk_size=1))
+    assert isinstance(out, bytearray) and out == payload
+
+
+def feed_all_raw(r: Reassembler, frames: list[bytearray]) -> bytes | bytearray | None:
+    outs = [out for f in frames if (out := r.feed("t", f, 0.0)) is not None]
+    assert len(outs) == 1
+    return outs[0]
 
 
 def test_ten_megabytes_default_chunks_random_order() -> None:

@@ -147,10 +147,35 @@ def test_non_contiguous_torch_grad_and_param() -> None:
 def test_decoded_numpy_is_read_only_view_and_torch_is_writable() -> None:
     a = roundtrip(np.ones(10, dtype=np.float32))
     assert not a.flags.writeable
-    assert a.ctypes.data % 8 == 0  # header padding keeps the data aligned
+    assert a.ctypes.data % 8 == 0  # padding keeps the data aligned
     t = roundtrip(torch.ones(10))
     t += 1  # own, writable memory
     assert torch.equal(t, torch.full((10,), 2.0))
+
+
+def test_decoded_numpy_is_a_zero_copy_view_of_the_frame() -> None:
+    src = {"a": np.arange(5, dtype=np.int16), "b": np.arange(3.0), "c": np.ones((2, 2), "u1")}
+    for frame in (encode(src, kind="k"), bytearray(encode(src, kind="k"))):
+        whole = np.frombuffer(frame, np.uint8)
+        body = decode(frame).body
+        for name, value in src.items():
+            out = body[name]
+            assert np.array_equal(out, value) and np.shares_memory(out, whole)
+            # Read-only even over a mutable buffer, and aligned for its dtype.
+            assert not out.flags.writeable and out.flags.aligned
+    # A caller's misaligned buffer gets an aligned copy rather than a slow view.
+    frame = encode({"b": np.arange(3.0)}, kind="k")
+    shifted = memoryview(bytearray(b"\x00" + frame))[1:]
+    out = decode(shifted).body["b"]
+    assert out.flags.aligned and not out.flags.writeable and out.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_tensor_bytes_travel_after_the_msgpack_map() -> None:
+    t = np.arange(4, dtype="<u4")
+    frame = encode({"x": np.arange(3, dtype="u1"), "t": t}, kind="k")
+    (meta_len,) = struct.unpack_from("<I", frame, 4)
+    data_start = 8 + meta_len + (-(8 + meta_len) % 8)
+    assert frame[data_start:] == bytes([0, 1, 2]) + bytes(5) + t.tobytes()
 
 
 def test_nested_structures_and_scalars() -> None:
@@ -321,8 +346,14 @@ def test_encode_rejects_too_deep_nesting() -> None:
 # --------------------------------------------------------------------------- decode errors
 
 
-def raw_frame(obj: Any, version: int = VERSION) -> bytes:
-    return MAGIC + bytes([version]) + msgpack.packb(obj, use_bin_type=True)
+def raw_meta(meta: bytes, data: bytes = b"", version: int = VERSION) -> bytes:
+    """A frame built by hand: prefix, the msgpack bytes ``meta``, padding, data section."""
+    head = MAGIC + bytes([version]) + struct.pack("<I", len(meta)) + meta
+    return head + bytes(-len(head) % 8) + data
+
+
+def raw_frame(obj: Any, data: bytes = b"", version: int = VERSION) -> bytes:
+    return raw_meta(msgpack.packb(obj, use_bin_type=True), data, version)
 
 
 def envelope(body: Any = None, **override: Any) -> dict[str, Any]:
@@ -332,32 +363,43 @@ def envelope(body: Any = None, **override: Any) -> dict[str, Any]:
 
 
 def tensor_ext(
-    origin: int = 0, code: int = 2, dims: tuple[int, ...] = (2,), data: bytes = bytes(8)
+    origin: int = 0, code: int = 2, dims: tuple[int, ...] = (2,), offset: int = 0
 ) -> msgpack.ExtType:
-    head = struct.pack("<BBB5x", origin, code, len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-    return msgpack.ExtType(EXT_TENSOR, head + data)
+    head = struct.pack("<BBB5xQ", origin, code, len(dims), offset)
+    return msgpack.ExtType(EXT_TENSOR, head + struct.pack(f"<{len(dims)}Q", *dims))
 
 
-def lossy_ext(enc: int = 2, code: int = 2, scale: float = 1.0, data: bytes = bytes(2)) -> Any:
-    head = struct.pack("<BBBB4xdQ", 0, enc, code, 1, scale, len(data) // (2 if enc == 1 else 1))
-    return msgpack.ExtType(EXT_LOSSY, head + data)
+def lossy_ext(enc: int = 2, code: int = 2, scale: float = 1.0, n: int = 2) -> Any:
+    head = struct.pack("<BBBB4xdQQ", 0, enc, code, 1, scale, 0, n)
+    return msgpack.ExtType(EXT_LOSSY, head)
 
 
 def test_valid_hand_built_frames_decode() -> None:
     # Guards the helpers below: the same builders with sane values do decode.
-    body = decode(raw_frame(envelope({"t": tensor_ext(), "l": lossy_ext()}))).body
-    assert body["t"].tolist() == [0.0, 0.0] and body["l"].tolist() == [0.0, 0.0]
+    body = decode(raw_frame(envelope({"t": tensor_ext()}), bytes(8))).body
+    assert body["t"].tolist() == [0.0, 0.0]
+    body = decode(raw_frame(envelope({"l": lossy_ext()}), bytes(2))).body
+    assert body["l"].tolist() == [0.0, 0.0]
+    two = envelope({"a": tensor_ext(code=9, dims=(3,)), "b": tensor_ext(dims=(1,), offset=8)})
+    body = decode(raw_frame(two, b"abc" + bytes(5) + bytes(4))).body
+    assert bytes(body["a"]) == b"abc" and body["b"].tolist() == [0.0]
 
+
+TENSOR_AT_0 = envelope({"x": tensor_ext()})
 
 MALFORMED = [
     (b"", "bad magic"),
     (b"EMO", "bad magic"),
-    (b"XYZ\x01\x80", "bad magic"),
-    (b"EMO\x02\x80", r"unsupported codec version 2; this build supports \[1\]"),
+    (b"XYZ\x02\x80", "bad magic"),
+    (b"EMO\x03\x80", r"unsupported codec version 3; this build supports \[2\]"),
+    (b"EMO\x01\x80", "unsupported codec version 1"),
     (b"EMO\x00\x80", "unsupported codec version 0"),
-    (b"EMO\x01", "malformed codec frame"),
-    (b"EMO\x01\xc1", "malformed codec frame"),
-    (raw_frame(envelope()) + b"\x00", "malformed codec frame"),
+    (b"EMO\x02", "prefix truncated"),
+    (b"EMO\x02\x01\x00\x00\x00\xc1\x00\x00\x00", "malformed codec frame"),
+    (b"EMO\x02\xff\xff\xff\xff\x80", r"the msgpack map and its padding need 4294967304"),
+    (raw_frame(envelope())[:-1] + b"\x01", "malformed codec frame"),  # padding must be zero
+    (raw_frame(envelope()) + b"\x00", "1 bytes after the last tensor"),
+    (raw_frame(envelope(), b"\x00" * 8), "8 bytes after the last tensor"),
     (raw_frame([1, 2]), "envelope is list"),
     (raw_frame(envelope(k=...)), r"lacks field\(s\) \['k'\]"),
     (raw_frame(envelope(k=3)), "field 'k' is int"),
@@ -368,26 +410,43 @@ MALFORMED = [
     (raw_frame(envelope(b=[1])), "field 'b'"),
     (raw_frame(envelope({"x": msgpack.ExtType(9, b"abc")})), "unknown ext type code 9"),
     # A msgpack timestamp ext (-1) of an invalid length (1 byte).
-    (raw_frame(envelope({"x": 0}))[:-1] + b"\xd4\xff\x00", "malformed codec frame"),
+    (raw_meta(msgpack.packb(envelope({"x": 0}))[:-1] + b"\xd4\xff\x00"), "malformed codec"),
+    # Bytes after the msgpack map but inside its declared length.
+    (raw_meta(msgpack.packb(envelope()) + b"\x00"), "ExtraData"),
     (raw_frame({b"k": 1}), "map key of type bytes"),
     (raw_frame(envelope({"x": {1: 2}})), "malformed codec frame"),
-    (raw_frame(envelope({"x": tensor_ext(code=99)})), "unknown dtype code 99"),
-    (raw_frame(envelope({"x": tensor_ext(origin=7)})), "bad origin 7"),
-    (raw_frame(envelope({"x": tensor_ext(data=bytes(7))})), "needs 8 data bytes, frame has 7"),
-    (raw_frame(envelope({"x": tensor_ext(dims=(3,))})), "needs 12 data bytes, frame has 8"),
-    (raw_frame(envelope({"x": tensor_ext(dims=(1,) * 33, data=b"")})), "ndim 33 exceeds 32"),
-    (raw_frame(envelope({"x": tensor_ext(dims=(0, 2**62), data=b"")})), "absurdly large"),
+    (raw_frame(envelope({"x": tensor_ext(code=99)}), bytes(8)), "unknown dtype code 99"),
+    (raw_frame(envelope({"x": tensor_ext(origin=7)}), bytes(8)), "bad origin 7"),
+    (raw_frame(TENSOR_AT_0, bytes(7)), "needs 8 data bytes, frame has 7"),
+    (raw_frame(envelope({"x": tensor_ext(dims=(3,))}), bytes(8)), "needs 12 data bytes, frame"),
+    (raw_frame(TENSOR_AT_0, bytes(9)), "1 bytes after the last tensor"),
+    (raw_frame(envelope({"x": tensor_ext(offset=8)}), bytes(16)), "offset 8, expected 0"),
+    # Two descriptors may not alias the same bytes, nor leave a gap, nor hide bytes in it.
+    (raw_frame(envelope({"x": tensor_ext(), "y": tensor_ext()}), bytes(16)), "expected 8"),
+    (raw_frame(envelope({"x": tensor_ext(), "y": tensor_ext(offset=16)}), bytes(24)), "expec"),
     (
-        raw_frame(envelope({"x": tensor_ext(code=4, data=bytes(4))})),
+        raw_frame(envelope({"x": tensor_ext(code=9), "y": tensor_ext(code=9, offset=8)}),
+                  bytes(2) + b"\x01" + bytes(7)),
+        "non-zero padding",
+    ),
+    (raw_frame(envelope({"x": tensor_ext(dims=(1,) * 33)})), "ndim 33 exceeds 32"),
+    (raw_frame(envelope({"x": tensor_ext(dims=(0, 2**62))})), "absurdly large"),
+    (
+        raw_frame(envelope({"x": tensor_ext(code=4)}), bytes(4)),
         "bfloat16 is only valid for torch",
     ),
-    (raw_frame(envelope({"x": tensor_ext(code=10, data=b"\x00\x02")})), "bool bytes"),
+    (raw_frame(envelope({"x": tensor_ext(code=10)}), b"\x00\x02"), "bool bytes"),
     (raw_frame(envelope({"x": msgpack.ExtType(EXT_TENSOR, b"\x00\x02")})), "truncated"),
-    (raw_frame(envelope({"x": lossy_ext(enc=5)})), "unknown encoding 5"),
-    (raw_frame(envelope({"x": lossy_ext(code=5)})), "bad original dtype code 5"),
-    (raw_frame(envelope({"x": lossy_ext(scale=math.nan)})), "bad int8 scale"),
-    (raw_frame(envelope({"x": lossy_ext(scale=0.0)})), "bad int8 scale"),
-    (raw_frame(envelope({"x": msgpack.ExtType(EXT_LOSSY, bytes(15))})), "truncated"),
+    (
+        raw_frame(envelope({"x": msgpack.ExtType(EXT_TENSOR, tensor_ext().data + b"\x00")})),
+        "descriptor of 25 bytes for 1 dims",
+    ),
+    (raw_frame(envelope({"x": lossy_ext(enc=5)}), bytes(2)), "unknown encoding 5"),
+    (raw_frame(envelope({"x": lossy_ext(code=5)}), bytes(2)), "bad original dtype code 5"),
+    (raw_frame(envelope({"x": lossy_ext(scale=math.nan)}), bytes(2)), "bad int8 scale"),
+    (raw_frame(envelope({"x": lossy_ext(scale=0.0)}), bytes(2)), "bad int8 scale"),
+    (raw_frame(envelope({"x": lossy_ext()}), bytes(1)), "needs 2 data bytes, frame has 1"),
+    (raw_frame(envelope({"x": msgpack.ExtType(EXT_LOSSY, bytes(23))})), "truncated"),
 ]
 
 
@@ -417,8 +476,8 @@ def test_decode_truncated_at_every_position() -> None:
 
 
 def test_absurd_declared_size_fails_fast_without_allocating() -> None:
-    frame = raw_frame(envelope({"x": tensor_ext(dims=(2**60,), data=b"")}))
-    assert len(frame) < 60
+    frame = raw_frame(envelope({"x": tensor_ext(dims=(2**60,))}))
+    assert len(frame) < 80
     tracemalloc.start()
     start = time.perf_counter()
     try:
@@ -436,7 +495,7 @@ def test_forged_msgpack_lengths_are_bounded_by_input() -> None:
         tracemalloc.start()
         try:
             with pytest.raises(CodecError):
-                decode(MAGIC + bytes([VERSION]) + forged)
+                decode(raw_meta(forged))
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
