@@ -21,7 +21,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.errors import EmoError
 from emo_mqtt.nodes import compute
-from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
@@ -133,12 +133,7 @@ class Monitor:
     async def wait_final(self, nodes: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self.final) < nodes and time.monotonic() < deadline:
-            self._event.clear()
-            try:
-                async with asyncio.timeout(0.5):
-                    await self._event.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._event, 0.5)
 
     async def close(self) -> None:
         self._task.cancel()

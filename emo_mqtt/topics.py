@@ -207,37 +207,35 @@ def validate_id(value: str, what: str = "id") -> str:
     return value
 
 
+def _render(kind: Kind, run: str, node: str | None, role: str | None, wildcard: bool) -> str:
+    """Fill ``kind``'s pattern; a missing part is ``+`` when ``wildcard``, else an error."""
+    parts = {"node": node, "role": role}
+    rendered = [ROOT, validate_id(run, "run")]
+    for piece in _BY_KIND[kind].pattern.split("/"):
+        if not piece.startswith("{"):
+            rendered.append(piece)
+            continue
+        name = piece[1:-1]
+        value = parts[name]
+        if value is None:
+            if not wildcard:
+                raise TopicError(f"topic {kind.value} needs a {name}")
+            rendered.append("+")
+            continue
+        if name == "role" and value not in ROLES:
+            raise TopicError(f"unknown role {value!r}; known: {sorted(ROLES)}")
+        rendered.append(validate_id(value, name))
+    return "/".join(rendered)
+
+
 def topic(kind: Kind, run: str, node: str | None = None, role: str | None = None) -> str:
     """Build the concrete topic of ``kind`` for ``run`` (and ``node``/``role`` where needed)."""
-    spec = _BY_KIND[kind]
-    parts = {"node": node, "role": role}
-    rendered = []
-    for piece in spec.pattern.split("/"):
-        if piece.startswith("{"):
-            name = piece[1:-1]
-            value = parts[name]
-            if value is None:
-                raise TopicError(f"topic {kind.value} needs a {name}")
-            if name == "role" and value not in ROLES:
-                raise TopicError(f"unknown role {value!r}; known: {sorted(ROLES)}")
-            rendered.append(validate_id(value, name))
-        else:
-            rendered.append(piece)
-    return "/".join([ROOT, validate_id(run, "run"), *rendered])
+    return _render(kind, run, node, role, wildcard=False)
 
 
 def subscription(kind: Kind, run: str, node: str | None = None, role: str | None = None) -> str:
     """A topic filter for ``kind``: like :func:`topic`, with ``+`` for parts left out."""
-    spec = _BY_KIND[kind]
-    parts = {"node": node, "role": role}
-    rendered = []
-    for piece in spec.pattern.split("/"):
-        if piece.startswith("{"):
-            value = parts[piece[1:-1]]
-            rendered.append("+" if value is None else validate_id(value, piece[1:-1]))
-        else:
-            rendered.append(piece)
-    return "/".join([ROOT, validate_id(run, "run"), *rendered])
+    return _render(kind, run, node, role, wildcard=True)
 
 
 def run_filter(run: str) -> str:

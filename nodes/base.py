@@ -47,6 +47,21 @@ BYTE_KINDS: dict[Kind, str] = {
 }
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Clear ``event``, then wait at most ``timeout`` seconds for it; whether it was set.
+
+    Callers check their condition, call this, and check again: a change between the check
+    and the clear is caught at the latest after ``timeout``, which they keep short.
+    """
+    event.clear()
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def bytes_by_kind(bytes_out_by_topic: Mapping[str, int]) -> dict[str, int]:
     """Fold a bus's per-topic byte counters into the kinds of :data:`BYTE_KINDS`."""
     out: dict[str, int] = {}

@@ -27,7 +27,7 @@ from emo_mqtt.controller import ControlDecision, select_for_publish
 from emo_mqtt.data import Split
 from emo_mqtt.errors import EmoError
 from emo_mqtt.models import build_fl_model, load_numpy_state, state_to_numpy
-from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.topics import Kind, ParsedTopic, topic
 from emo_mqtt.training import make_generator, make_rng, sfl_device_backward, train_local
@@ -149,12 +149,7 @@ class DeviceNode(Node):
             return ControlDecision(1.0, "fp32", 1, "send-everything")
         deadline = asyncio.get_running_loop().time() + 2.0
         while self.decision_round < r and asyncio.get_running_loop().time() < deadline:
-            self._decision_event.clear()
-            try:
-                async with asyncio.timeout(0.2):
-                    await self._decision_event.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._decision_event, 0.2)
         return self.decision
 
     def _new_outbox(self) -> DeviceOutbox[ActivationBatch]:

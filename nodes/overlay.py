@@ -26,7 +26,7 @@ from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
 from emo_mqtt.data import derive_seed
 from emo_mqtt.models import build_fl_model, build_overlay_model, state_to_numpy
-from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.topics import Kind, ParsedTopic, topic
 from emo_mqtt.training import make_rng, train_overlay_steps
@@ -159,7 +159,6 @@ class OverlayNode(Node):
 
     async def main(self) -> None:
         while not self.stopping.is_set():
-            self._work.clear()
             r = self._ready_round()
             if r is not None:
                 self.cache.purge_stale(r, self.config.emo.max_staleness)
@@ -168,8 +167,4 @@ class OverlayNode(Node):
                 continue
             if self.final_round is not None and self.trained_round >= self.final_round:
                 return
-            try:
-                async with asyncio.timeout(1.0):
-                    await self._work.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._work, 1.0)

@@ -40,7 +40,7 @@ from emo_mqtt.models import (
     load_numpy_state,
     state_to_numpy,
 )
-from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.topics import Kind, ParsedTopic, subscription
 from emo_mqtt.training import evaluate, seed_everything, sfl_server_step
@@ -239,12 +239,7 @@ class ServerNode(Node):
             if left <= 0:
                 log.warning("server: starting without %s", sorted(expected - self.online))
                 return
-            self._online_event.clear()
-            try:
-                async with asyncio.timeout(min(left, 1.0)):
-                    await self._online_event.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._online_event, min(left, 1.0))
 
     def _ensemble(self) -> Ensemble | None:
         """A snapshot of the FL model and the latest overlay models (event loop side)."""
@@ -340,12 +335,7 @@ class ServerNode(Node):
 
     async def _collect(self, collector: RoundCollector) -> Any:
         while not collector.ready(time.monotonic()):
-            self._update_event.clear()
-            try:
-                async with asyncio.timeout(0.25):
-                    await self._update_event.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._update_event, 0.25)
         if not collector.received:
             log.warning("server: round %d closed with no update", collector.round)
             return None
@@ -359,12 +349,7 @@ class ServerNode(Node):
             if left <= 0:
                 log.warning("server: final evaluation without up-to-date overlays")
                 return
-            self._overlay_event.clear()
-            try:
-                async with asyncio.timeout(min(left, 1.0)):
-                    await self._overlay_event.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._overlay_event, min(left, 1.0))
 
     async def _finish(self, start: float) -> None:
         c = self.config
