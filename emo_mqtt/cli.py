@@ -182,8 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.with_overrides(**overrides)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
+
+    def jsonl(event: dict[str, object]) -> None:
+        print(json.dumps(event, default=float), flush=True)
+
     with broker_for(args.broker, say) as url:
-        summary = asyncio.run(run_scenario(url, config, out, say=say))
+        summary = asyncio.run(run_scenario(url, config, out, say=say,
+                                           on_event=jsonl if args.jsonl else None))
+    if args.jsonl:
+        return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
         print(json.dumps(summary))
     else:
@@ -209,6 +216,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
                            broker=args.broker, serve=args.serve, limit=args.limit)
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from emo_mqtt.broker.url import parse_broker_url
+    from emo_mqtt.dashboard import run_dashboard
+
+    parse_broker_url(args.broker)  # a bad URL fails here, with a clear message
+    return run_dashboard(args.broker, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per line on stdout: one per round of each "
+                   "algorithm, then a last one with the summary's path (progress stays on "
+                   "stderr unless --quiet)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("node", help="run one node of a fleet (server, overlay or device)")
@@ -265,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve MQTT inference requests on --broker until interrupted")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("dashboard", help="serve a live web dashboard of the fleets on a broker")
+    p.add_argument("--broker", required=True, metavar="URL",
+                   help="the broker the fleet uses, mqtt://host:port")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("topics", help="list every topic of the system")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/topics.md")

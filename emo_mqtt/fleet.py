@@ -30,6 +30,8 @@ from emo_mqtt.topics import Kind, parse, subscription, topic
 log = logging.getLogger("emo_mqtt.fleet")
 
 Say = Callable[[str], None]
+#: Receives one JSON-ready dict per progress event (``emo run --jsonl``).
+OnEvent = Callable[[dict[str, Any]], None]
 
 
 def run_id(config: RunConfig, algorithm: str) -> str:
@@ -83,7 +85,11 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
 class Monitor:
     """Subscribes to a run's metrics like any dashboard would, and keeps what it needs."""
 
-    def __init__(self, broker: Any, run: str, algorithm: str, rounds: int, say: Say) -> None:
+    def __init__(self, broker: Any, run: str, algorithm: str, rounds: int, say: Say,
+                 on_event: OnEvent | None = None) -> None:
+        self.on_event = on_event
+        #: Round -> bytes published by the run's nodes so far, as seen at the round event.
+        self.bytes_at_round: dict[int, int] = {}
         self.bus = open_bus(broker, f"{run}-monitor", clean_start=True)
         self.run = run
         self.algorithm = algorithm
@@ -114,7 +120,16 @@ class Monitor:
                 self.final[node] = body
             if body.get("event") == "round":
                 self.history.append(body)
+                self.bytes_at_round[int(body["round"])] = self.bytes_so_far()
                 self.say(self._progress(body))
+                if self.on_event is not None:
+                    self.on_event({
+                        "event": "round", "algorithm": self.algorithm, "run": self.run,
+                        "round": body["round"], "rounds": self.rounds,
+                        "accuracy": body["accuracy"], "fl_accuracy": body["fl_accuracy"],
+                        "updates": body.get("updates"), "bytes_so_far": self.bytes_so_far(),
+                        "wall_s": body["wall_s"],
+                    })
             elif body.get("event") == "done":
                 self.done = body
             self._event.set()
@@ -148,12 +163,13 @@ async def run_algorithm(
     *,
     out_dir: Path | None = None,
     say: Say = print,
+    on_event: OnEvent | None = None,
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry."""
     run = run_id(config, algorithm)
     await reset_run(broker, config, algorithm)
     server, others = build_nodes(broker, config, algorithm, plan, out_dir)
-    monitor = Monitor(broker, run, algorithm, config.run.rounds, say)
+    monitor = Monitor(broker, run, algorithm, config.run.rounds, say, on_event)
     await monitor.start()
     start = time.monotonic()
     tasks = [asyncio.create_task(n.run_node(), name=f"{n.role}:{n.node_id}") for n in others]
@@ -203,6 +219,9 @@ def summarize(
         "accuracy_per_round": [h["accuracy"] for h in history],
         "fl_accuracy_per_round": [h["fl_accuracy"] for h in history],
         "wall_per_round_s": [h["wall_s"] for h in history],
+        # Bytes published by the run's nodes when each round closed, as the monitor saw them
+        # in the nodes' latest metrics (a node's figure lags by at most one metrics message).
+        "bytes_per_round": [monitor.bytes_at_round.get(int(h["round"])) for h in history],
         "bytes": sum(by_kind.values()),
         "bytes_by_kind": dict(sorted(by_kind.items())),
         "wall_s": round(wall, 3),
@@ -251,9 +270,18 @@ def table(algorithms: dict[str, dict[str, Any]]) -> str:
 
 
 async def run_scenario(
-    broker: Any, config: RunConfig, out_dir: Path | None, say: Say = print
+    broker: Any,
+    config: RunConfig,
+    out_dir: Path | None,
+    say: Say = print,
+    on_event: OnEvent | None = None,
 ) -> dict[str, Any]:
-    """Run every algorithm of ``config`` on the same data split and seed; the summary."""
+    """Run every algorithm of ``config`` on the same data split and seed; the summary.
+
+    With ``out_dir``, writes summary.json there, and the plots and report.md beside it
+    (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
+    algorithm and a last one (``"event": "done"``) with the paths written.
+    """
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     say(f"data: {len(plan.devices)} devices x ~{len(next(iter(plan.devices.values())))} samples "
@@ -264,14 +292,33 @@ async def run_scenario(
         say(f"== {algorithm}: {config.fleet.devices} devices"
             + (f", {config.fleet.overlays} overlays" if algorithm.startswith("emo") else ""))
         algorithms[algorithm] = await run_algorithm(
-            broker, config, algorithm, plan, out_dir=out_dir, say=say)
+            broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event)
     summary = {
         "scenario": config.source,
         "config": config.to_dict(),
         "algorithms": algorithms,
         "comparisons": comparisons(algorithms),
     }
+    written: list[Path] = []
     if out_dir is not None:
+        from emo_mqtt.report import write_report
+
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        try:
+            written = write_report(summary, out_dir)
+        except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
+            log.warning("no plots or report.md: %s (pip install matplotlib)", exc)
+        else:
+            say(f"report: {out_dir / 'report.md'} and {len(written) - 1} plots")
+    if on_event is not None:
+        on_event({
+            "event": "done",
+            "summary": None if out_dir is None else str(out_dir / "summary.json"),
+            "report": [str(p) for p in written],
+            "algorithms": {name: {"accuracy": a["accuracy"], "fl_accuracy": a["fl_accuracy"],
+                                  "bytes": a["bytes"], "wall_s": a["wall_s"]}
+                           for name, a in algorithms.items()},
+            "comparisons": summary["comparisons"],
+        })
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -74,6 +75,21 @@ def bytes_by_kind(bytes_out_by_topic: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``.
+
+    ``json.dumps`` writes NaN as a bare ``NaN``, which is not JSON: Grafana, Node-RED and
+    browsers refuse the whole message. A missing figure is ``null`` instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class Node:
     """Base class of the server, overlay and device nodes."""
 
@@ -100,6 +116,11 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
+        #: Payload bytes of the whole messages this node received, by kind of bytes (chunks
+        #: reassembled, so chunk headers are not counted: the bus's ``received_bytes`` does).
+        self.bytes_in_by_kind: dict[str, int] = {}
+        #: (time, messages out, bytes out) when the previous metrics message was built.
+        self._last_rates: tuple[float, int, int] = (self.started, 0, 0)
 
     # -- outgoing ---------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
@@ -127,21 +148,38 @@ class Node:
         await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)
 
     def metrics(self) -> dict[str, Any]:
-        """The node's metrics as a JSON-ready dict; subclasses add their own."""
+        """The node's metrics as a JSON-ready dict; subclasses add their own.
+
+        Names carry their unit (``_bytes``, ``_s``, ``_per_s``); docs/monitoring.md lists
+        them all. ``bytes_out``/``bytes_in`` keep their historical names (bytes).
+        """
         s = self.bus.stats
+        now = time.monotonic()
+        uptime = max(now - self.started, 1e-9)
+        last_t, last_msgs, last_bytes = self._last_rates
+        window = max(now - last_t, 1e-9)
+        self._last_rates = (now, s.published_messages, s.published_bytes)
         return {
             "role": self.role, "id": self.node_id, "run": self.run, "round": self.round,
-            "time": time.time(), "uptime_s": round(time.monotonic() - self.started, 3),
+            "time": time.time(), "uptime_s": round(uptime, 3),
             "bytes_out": s.published_bytes,
             "bytes_out_by_kind": bytes_by_kind(s.bytes_out_by_topic),
-            "bytes_in": s.received_bytes, "messages_out": s.published_messages,
-            "messages_in": s.received_messages, "rejected": dict(s.rejected),
+            "bytes_in": s.received_bytes,
+            "bytes_in_by_kind": dict(sorted(self.bytes_in_by_kind.items())),
+            "messages_out": s.published_messages, "messages_in": s.received_messages,
+            "publish_rate_messages_per_s": round(s.published_messages / uptime, 3),
+            "publish_rate_bytes_per_s": round(s.published_bytes / uptime, 1),
+            "recent_publish_rate_messages_per_s": round(
+                (s.published_messages - last_msgs) / window, 3),
+            "recent_publish_rate_bytes_per_s": round((s.published_bytes - last_bytes) / window, 1),
+            "rejected": dict(s.rejected),
             "reconnects": s.reconnects,
         }
 
     async def publish_metrics(self, *, final: bool = False, **extra: Any) -> None:
         """Publish the metrics JSON; the final one at QoS 1, since summaries are built on it."""
-        payload = json.dumps({**self.metrics(), **extra, "final": final}).encode()
+        body = json_safe({**self.metrics(), **extra, "final": final})
+        payload = json.dumps(body, allow_nan=False).encode()
         await self.bus.publish(
             topic(Kind.METRICS, self.run, node=self.node_id, role=self.role),
             payload,
@@ -196,6 +234,9 @@ class Node:
             self._seen.popitem(last=False)
         return False
 
+    def _count_in(self, kind: str, message: Message) -> None:
+        self.bytes_in_by_kind[kind] = self.bytes_in_by_kind.get(kind, 0) + len(message.payload)
+
     async def dispatch(self, message: Message) -> None:
         """Route one message to its handler; bad input is counted, never raised."""
         if not message.payload:
@@ -203,8 +244,10 @@ class Node:
         try:
             where = parse(message.topic)
         except TopicError as exc:
+            self._count_in("other", message)
             self.bus.reject("unknown_topic", message.topic, str(exc))
             return
+        self._count_in(BYTE_KINDS.get(where.kind, "other"), message)
         if where.kind in JSON_KINDS:
             await self._dispatch_json(where, message)
             return

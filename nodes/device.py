@@ -66,6 +66,7 @@ class DeviceNode(Node):
         self._gradients: dict[tuple[int, int], asyncio.Future[torch.Tensor]] = {}
         self.activation_bytes = 0
         self.rounds_trained = 0
+        self.last_loss = math.nan  # mean local training loss of the last round trained
         self.on(Kind.SERVER_ROUND, self._on_round)
         self.on(Kind.SERVER_DONE, self._on_done)
         self.on(Kind.CONTROL, self._on_control)
@@ -84,10 +85,12 @@ class DeviceNode(Node):
         out.update(
             algorithm=self.algorithm,
             rounds_trained=self.rounds_trained,
+            loss=self.last_loss,
             activation_bytes=self.activation_bytes,
             outbox_bytes=self.outbox.bytes,
             outbox_evicted=self.outbox_evicted + self.outbox.stats.evicted,
             decision=self.decision.to_dict(),
+            decision_round=self.decision_round,
         )
         return out
 
@@ -188,6 +191,7 @@ class DeviceNode(Node):
             generator=make_generator(c.run.seed, "train", self.node_id, r),
             on_activations=capture,
         )
+        self.last_loss = float(report.loss)
         await self.send(
             Kind.DEVICE_UPDATE,
             {"round": r, "weights": state_to_numpy(model), "samples": report.samples,

@@ -82,7 +82,17 @@ class OverlayNode(Node):
             version=self.version, trained_round=self.trained_round, loss=self.last_loss,
             cache=self.cache.occupancy(self.round),
             cache_stats={"offered": s.offered, "evicted": s.evicted, "purged": s.purged,
-                         "refilled": s.refilled, "sampled_entries": s.sampled_entries},
+                         "refilled": s.refilled, "sampled_entries": s.sampled_entries,
+                         "spilled": s.spilled},
+        )
+        spill = self.cache.spill
+        out.update(
+            spill_bytes=0 if spill is None else spill.bytes,
+            spill_blocks=0 if spill is None else spill.blocks,
+            spill_capacity_bytes=0 if spill is None else spill.max_bytes,
+            spill_entries_written=0 if spill is None else spill.stats.entries_written,
+            spill_entries_dropped=0 if spill is None else spill.stats.entries_dropped,
+            spill_entries_taken=0 if spill is None else spill.stats.entries_taken,
         )
         return out
 

@@ -100,6 +100,9 @@ class ServerNode(Node):
         else:
             self.controller = SendEverything()
         self.decisions: list[dict[str, Any]] = []
+        #: Mean training loss the devices reported with their updates in the last closed
+        #: round (FedAvg); SplitFed: mean server-side loss of the round's batches.
+        self.last_loss = math.nan
         # SplitFed: the server-side half. V2 shares one head; V1 keeps a copy per device.
         self.sfl = algorithm in ("sfl", "sfl_v1")
         self.heads: dict[str, torch.nn.Module] = {}
@@ -129,9 +132,17 @@ class ServerNode(Node):
     def metrics(self) -> dict[str, Any]:
         out = super().metrics()
         out.update(algorithm=self.algorithm, rejected_updates=self.rejected_updates,
-                   online=sorted(self.online))
+                   online=sorted(self.online), loss=self.last_loss)
         if self.history:
-            out["last_round"] = self.history[-1]
+            last = self.history[-1]
+            out["last_round"] = last
+            out["accuracy"] = last["accuracy"]
+            out["fl_accuracy"] = last["fl_accuracy"]
+        # The controller's latest decision for each device (EMO only; empty otherwise).
+        latest: dict[str, dict[str, Any]] = {}
+        for decision in self.decisions:
+            latest[decision["device"]] = decision
+        out["controller_decisions"] = dict(sorted(latest.items()))
         return out
 
     # -- handlers ---------------------------------------------------------------------------
@@ -285,6 +296,7 @@ class ServerNode(Node):
             self._losses = []
             self._sampled = set(sampled)
             self._samples = {}
+            sfl_batches = len(self.sfl_losses)
             if self.sfl:
                 self._start_sfl_round(sampled)
             if self.emo:
@@ -307,6 +319,9 @@ class ServerNode(Node):
             )
             result = await self._collect(self.collector)
             self.collector = None
+            round_losses = self.sfl_losses[sfl_batches:] if self.sfl else self._losses
+            if round_losses:
+                self.last_loss = float(np.mean(round_losses))
             contributors: dict[str, int] = {}
             if result is not None:
                 self._load_device_side(result.state)

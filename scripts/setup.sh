@@ -14,6 +14,8 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 need=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need+=(mosquitto)
 [[ -d /usr/share/datasets/fashion-mnist || -n "${EMO_DATA_DIR:-}" ]] || need+=(dataset-fashion-mnist)
+# The dashboard's browser test drives headless Chromium.
+((dev)) && ! [[ -x /usr/bin/chromium ]] && need+=(chromium)
 if ((${#need[@]})); then
   sudo=""
   if [[ $(id -u) -ne 0 ]]; then

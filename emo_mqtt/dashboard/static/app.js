@@ -1,0 +1,284 @@
+// emo-mqtt dashboard: renders /api/state snapshots pushed over /events (SSE), polling as a
+// fallback. Vanilla JS and inline SVG: nothing is loaded from outside the dashboard server.
+"use strict";
+
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777",
+  "#65a30d"];
+const SVG = "http://www.w3.org/2000/svg";
+let snapshot = null;
+let chosenRun = new URLSearchParams(location.search).get("run") || "";
+let pollTimer = null;
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function svgEl(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function fmtBytes(n) {
+  if (n >= 1e9) return (n / 1e9).toFixed(2) + " GB";
+  if (n >= 1e6) return (n / 1e6).toFixed(2) + " MB";
+  if (n >= 1e3) return (n / 1e3).toFixed(1) + " kB";
+  return n + " B";
+}
+
+// 1, 2 or 5 times a power of ten: the smallest such step at least ``raw``.
+function niceStep(raw) {
+  const power = Math.pow(10, Math.floor(Math.log10(raw || 1)));
+  for (const m of [1, 2, 5, 10]) if (m * power >= raw) return m * power;
+  return 10 * power;
+}
+
+// A line chart: series = [{name, color, dash, points: [[x, y], ...]}].
+function lineChart(container, series, opts) {
+  const W = 640, H = 220, L = 48, R = 10, T = 10, B = 28;
+  const svg = svgEl("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": opts.label || "chart" });
+  const pts = series.flatMap((s) => s.points);
+  if (!pts.length) {
+    svg.appendChild(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data yet"));
+    container.replaceChildren(svg);
+    return;
+  }
+  let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
+  let y0 = opts.yMin !== undefined ? opts.yMin : Math.min(...pts.map((p) => p[1]));
+  let y1 = opts.yMax !== undefined ? opts.yMax : Math.max(...pts.map((p) => p[1]));
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) y1 = y0 + 1;
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + ((y1 - y0) * i) / 4;
+    svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" }));
+    svg.appendChild(svgEl("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" },
+      opts.yFmt(y)));
+  }
+  let step = niceStep((x1 - x0) / 6);
+  if (opts.integerX) step = Math.max(1, Math.round(step));
+  for (let x = Math.ceil(x0 / step) * step; x <= x1 + 1e-9; x += step) {
+    svg.appendChild(svgEl("text", { x: sx(x), y: H - B + 14, "text-anchor": "middle" },
+      opts.xFmt(x, step)));
+  }
+  svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
+  svg.appendChild(svgEl("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" }));
+  svg.appendChild(svgEl("text", { x: W - R, y: H - 2, "text-anchor": "end" }, opts.xLabel));
+  // Dashed lines last, so that a line equal to a solid one (the FL model inside EMO and
+  // plain FedAvg: bit-identical) still shows.
+  for (const s of [...series.filter((x) => !x.dash), ...series.filter((x) => x.dash)]) {
+    if (!s.points.length) continue;
+    const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`)
+      .join(" ");
+    const path = svgEl("path", { d, fill: "none", stroke: s.color, "stroke-width": s.width || 2 });
+    if (s.dash) path.setAttribute("stroke-dasharray", "5 4");
+    svg.appendChild(path);
+    for (const p of s.points.length <= 40 ? s.points : []) {
+      svg.appendChild(svgEl("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: s.color }));
+    }
+  }
+  container.replaceChildren(svg);
+}
+
+function legend(container, series) {
+  container.replaceChildren(...series.map((s) => {
+    const span = el("span");
+    const swatch = el("i");
+    swatch.style.background = s.color;
+    span.append(swatch, s.name);
+    return span;
+  }));
+}
+
+function currentRun() {
+  const runs = snapshot ? snapshot.runs : {};
+  if (chosenRun && runs[chosenRun]) return runs[chosenRun];
+  const names = Object.keys(runs); // most recently active first
+  return names.length ? runs[names[0]] : null;
+}
+
+function renderHeader() {
+  $("broker").textContent = snapshot.broker || "?";
+  const link = $("link");
+  link.textContent = snapshot.connected ? "subscribed" : "disconnected";
+  link.className = "badge " + (snapshot.connected ? "ok" : "bad");
+  const select = $("run-select");
+  const names = Object.keys(snapshot.runs);
+  const run = currentRun();
+  const want = names.join("\n") + "|" + (run ? run.name : "");
+  if (select.dataset.key !== want) {
+    select.replaceChildren(...(names.length ? names : [""]).map((n) =>
+      el("option", { value: n }, n || "(waiting for a run)")));
+    if (run) select.value = run.name;
+    select.dataset.key = want;
+  }
+}
+
+function renderNodes(run) {
+  $("node-count").textContent = run ? run.online_count : 0;
+  $("node-total").textContent = run ? run.node_count : 0;
+  const roles = run ? Object.keys(run.total) : [];
+  $("role-counts").textContent = roles.map((r) => `${r}: ${run.online[r]}/${run.total[r]} online`)
+    .join(" · ");
+  const items = [];
+  for (const role of roles) {
+    for (const [id, node] of Object.entries(run.nodes[role])) {
+      const li = el("li", { "data-state": node.state });
+      li.append(el("span", { class: "dot " + node.state }), `${role}/${id}`);
+      li.title = `${node.state}, round ${node.round ?? "?"}, version ${node.version}`;
+      items.push(li);
+    }
+  }
+  $("node-list").replaceChildren(...items);
+}
+
+function renderAccuracy(run) {
+  const runs = Object.values(snapshot.runs).filter((r) => r.accuracy.length)
+    .sort((a, b) => a.name.localeCompare(b.name)).slice(0, COLORS.length);
+  const series = [];
+  runs.forEach((r, i) => {
+    const color = COLORS[i % COLORS.length];
+    const pts = r.accuracy.filter((p) => p.accuracy !== null).map((p) => [p.round, p.accuracy]);
+    series.push({ name: r.name, color, points: pts, width: run && r.name === run.name ? 3 : 2 });
+    // The FL model's own line, for runs whose deployed model differs from it (EMO).
+    const fl = r.accuracy.filter((p) => p.fl_accuracy !== null)
+      .map((p) => [p.round, p.fl_accuracy]);
+    if (r.accuracy.some((p) => p.fl_accuracy !== p.accuracy)) series.push({ name: r.name + " (FL model)", color, dash: true, points: fl });
+  });
+  lineChart($("accuracy-chart"), series, { label: "accuracy per round", xLabel: "round",
+    integerX: true, xFmt: (x) => String(Math.round(x)), yFmt: (y) => y.toFixed(2) });
+  legend($("accuracy-legend"), series);
+  const acc = run ? run.latest_accuracy : null;
+  $("latest-accuracy").textContent = acc === null || acc === undefined
+    ? "–" : `${run.name} ${acc.toFixed(4)}`;
+  $("latest-accuracy").title = run && run.done ? "final accuracy (whole test set)"
+    : "accuracy of the last round";
+}
+
+function renderBytes(run) {
+  const samples = run ? run.bytes : [];
+  const kinds = [...new Set(samples.flatMap((s) => Object.keys(s.by_kind)))].sort();
+  const t0 = samples.length ? samples[0].t : 0;
+  const series = kinds.map((k, i) => ({ name: k, color: COLORS[i % COLORS.length],
+    points: samples.map((s) => [s.t - t0, (s.by_kind[k] || 0) / 1e6]) }));
+  lineChart($("bytes-chart"), series, { label: "bytes over time", xLabel: "seconds",
+    xFmt: (x, step) => x.toFixed(step < 1 ? 1 : 0), yFmt: (y) => y.toFixed(y < 10 ? 2 : 0) + " MB", yMin: 0 });
+  legend($("bytes-legend"), series);
+  const totals = run ? run.bytes_by_kind : {};
+  $("bytes-total").textContent = Object.entries(totals)
+    .map(([k, v]) => `${k} ${fmtBytes(v)}`).join(" · ");
+}
+
+function renderCache(run) {
+  const rows = Object.entries(run ? run.cache : {}).map(([id, c]) => {
+    const share = c.capacity ? c.entries / c.capacity : 0;
+    const row = el("div", { class: "cache-row" });
+    row.append(el("div", {}, `${id}: ${c.entries ?? 0} / ${c.capacity ?? "?"} entries` +
+      ` (${fmtBytes(c.bytes || 0)}), staleness ${c.mean_staleness === null ||
+        c.mean_staleness === undefined ? "–" : c.mean_staleness.toFixed(2)}` +
+      (c.loss === null || c.loss === undefined ? "" : `, loss ${c.loss.toFixed(3)}`)));
+    const bar = el("div", { class: "bar" });
+    const fill = el("div");
+    fill.style.width = (100 * Math.min(1, share)).toFixed(1) + "%";
+    bar.append(fill);
+    row.append(bar);
+    return row;
+  });
+  $("cache").replaceChildren(...(rows.length ? rows : [el("div", { class: "muted" },
+    "no overlay in this run")]));
+}
+
+function renderController(run) {
+  const rows = Object.entries(run ? run.decisions : {}).map(([id, d]) => {
+    const tr = el("tr");
+    for (const v of [id, d.round ?? "–", d.fraction === null ? "–" : d.fraction.toFixed(3),
+      d.interval ?? "–", d.precision, d.activation_bytes === null ? "–"
+        : (d.activation_bytes / 1e6).toFixed(2)]) tr.append(el("td", {}, String(v)));
+    return tr;
+  });
+  $("controller").tBodies[0].replaceChildren(...rows);
+}
+
+function renderAlerts() {
+  const items = snapshot.alerts.map((a) => el("li", { class: a.level },
+    `${a.run}: ${a.message}`));
+  $("alerts").replaceChildren(...(items.length ? items : [el("li", { class: "none" },
+    "no alerts")]));
+}
+
+function render() {
+  if (!snapshot) return;
+  const run = currentRun();
+  renderHeader();
+  renderNodes(run);
+  renderAccuracy(run);
+  renderBytes(run);
+  renderCache(run);
+  renderController(run);
+  renderAlerts();
+  $("updated").textContent = new Date(snapshot.time * 1000).toLocaleTimeString();
+  $("stats").textContent = `${snapshot.messages} messages, ${snapshot.malformed} malformed`;
+}
+
+function accept(text) {
+  try {
+    snapshot = JSON.parse(text);
+  } catch (e) {
+    return;
+  }
+  render();
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/state", { cache: "no-store" });
+    if (response.ok) accept(await response.text());
+  } catch (e) {
+    $("link").textContent = "dashboard unreachable";
+    $("link").className = "badge bad";
+  }
+}
+
+function startPolling() {
+  if (pollTimer === null) pollTimer = setInterval(poll, 2000);
+}
+
+function stopPolling() {
+  if (pollTimer !== null) clearInterval(pollTimer);
+  pollTimer = null;
+}
+
+function connect() {
+  if (!window.EventSource) {
+    startPolling();
+    return;
+  }
+  const source = new EventSource("/events");
+  source.addEventListener("state", (event) => {
+    stopPolling();
+    accept(event.data);
+  });
+  source.onerror = () => startPolling(); // EventSource reconnects by itself meanwhile
+}
+
+$("run-select").addEventListener("change", (event) => {
+  chosenRun = event.target.value;
+  const url = new URL(location.href);
+  url.searchParams.set("run", chosenRun);
+  history.replaceState(null, "", url);
+  render();
+});
+
+// The server inlines the state it had when it sent the page: render it at once, then go live.
+const initial = document.getElementById("initial-state");
+if (initial) accept(initial.textContent);
+else poll();
+connect();

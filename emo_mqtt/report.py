@@ -1,0 +1,180 @@
+"""Plots and a short Markdown report of an ``emo run``, written next to ``summary.json``.
+
+:func:`write_report` reads only the summary (the dict ``emo run`` writes as summary.json),
+so it can be re-run on an old run directory::
+
+    python -c "import json, pathlib, emo_mqtt.report as r; d = pathlib.Path('runs/quickstart');
+    r.write_report(json.loads((d / 'summary.json').read_text()), d)"
+
+It writes three PNG line plots, one line per algorithm (matplotlib, headless ``Agg``
+backend, imported only here):
+
+- ``accuracy_vs_round.png``: test accuracy (the model each algorithm deploys) per FL round;
+- ``accuracy_vs_bytes.png``: the same against cumulative MQTT payload megabytes published by
+  the algorithm's nodes (``bytes_per_round``, sampled by the monitor at each round event);
+- ``accuracy_vs_time.png``: the same against wall-clock seconds of training
+  (``wall_per_round_s``);
+
+and ``report.md``: the comparison table, the headline comparisons and links to the plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PLOTS", "write_report"]
+
+#: File name, x-axis label and how to get the x values of one algorithm.
+PLOTS = (
+    ("accuracy_vs_round.png", "FL round", "round"),
+    ("accuracy_vs_bytes.png", "cumulative MB published (MQTT payload)", "bytes"),
+    ("accuracy_vs_time.png", "wall-clock time (s)", "time"),
+)
+
+#: Markers and dashes vary by line, so curves that coincide stay distinguishable.
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_STYLES = ("-", "--", "-.", ":")
+
+_COMPARISON_TEXT = {
+    "emo_minus_fl_points": "EMO accuracy minus FL accuracy (points)",
+    "fl_model_identical_with_overlays": "FL model bit-identical with and without overlays",
+    "sfl_bytes_over_emo_bytes": "SFL bytes / EMO bytes",
+    "sfl_wall_over_emo_wall": "SFL wall time / EMO wall time",
+    "controller_activation_bytes_saved": "activation bytes saved by the controller (fraction)",
+    "controller_total_bytes_saved": "total bytes saved by the controller (fraction)",
+    "controller_accuracy_cost_points": "accuracy cost of the controller (points)",
+}
+
+
+def _x_values(entry: dict[str, Any], axis: str) -> tuple[list[float], bool]:
+    """The x values of one algorithm's curve, and whether they are estimated."""
+    n = len(entry.get("accuracy_per_round", []))
+    if axis == "round":
+        return [float(r) for r in range(1, n + 1)], False
+    if axis == "time":
+        return [float(t) for t in entry.get("wall_per_round_s", [])][:n], False
+    per_round = entry.get("bytes_per_round")
+    if per_round and len(per_round) >= n and all(b is not None for b in per_round[:n]):
+        return [float(b) / 1e6 for b in per_round[:n]], False
+    # Older summaries: spread the algorithm's total evenly over its rounds.
+    total = float(entry.get("bytes", 0)) / 1e6
+    return [total * (r / n) for r in range(1, n + 1)], True
+
+
+def _plot(algorithms: dict[str, dict[str, Any]], axis: str, xlabel: str, title: str,
+          path: Path) -> bool:
+    """Draw one plot; whether any x values were estimated."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=110)
+    estimated = False
+    try:
+        for i, (name, entry) in enumerate(algorithms.items()):
+            ys = [float(a) for a in entry.get("accuracy_per_round", [])]
+            xs, est = _x_values(entry, axis)
+            n = min(len(xs), len(ys))
+            if n == 0:
+                continue
+            estimated |= est
+            label = name + (" (bytes estimated)" if est else "")
+            ax.plot(xs[:n], ys[:n], marker=_MARKERS[i % len(_MARKERS)],
+                    linestyle=_STYLES[i % len(_STYLES)], markersize=5, linewidth=1.8,
+                    label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (per-round eval subset)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if axis == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(loc="best", framealpha=0.85)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return estimated
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:g}"
+    return str(value)
+
+
+def _table(algorithms: dict[str, dict[str, Any]]) -> list[str]:
+    lines = [
+        "| algorithm | accuracy | FL model accuracy | MB sent | activation MB | wall s "
+        "| rounds | s to target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, a in algorithms.items():
+        by_kind = a.get("bytes_by_kind", {})
+        lines.append(
+            f"| {name} | {float(a['accuracy']):.4f} | {float(a['fl_accuracy']):.4f} "
+            f"| {float(a.get('bytes', 0)) / 1e6:.2f} "
+            f"| {float(by_kind.get('activations', 0)) / 1e6:.2f} "
+            f"| {float(a.get('wall_s', 0)):.1f} | {a.get('rounds', '-')} "
+            f"| {_fmt(a.get('wall_to_target_s'))} |"
+        )
+    return lines
+
+
+def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write the PNG plots and ``report.md`` for ``summary`` into ``out_dir``; their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    algorithms: dict[str, dict[str, Any]] = summary.get("algorithms", {})
+    scenario = summary.get("scenario") or "?"
+    written: list[Path] = []
+    estimated = False
+    for filename, xlabel, axis in PLOTS:
+        path = out_dir / filename
+        title = f"accuracy vs {axis} ({Path(str(scenario)).name})"
+        estimated |= _plot(algorithms, axis, xlabel, title, path)
+        written.append(path)
+
+    config = summary.get("config", {})
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    fleet = config.get("fleet", {}) if isinstance(config, dict) else {}
+    lines = [f"# emo run: {run.get('name', Path(str(scenario)).stem)}", ""]
+    lines.append(f"Scenario `{scenario}`: {fleet.get('devices', '?')} devices, "
+                 f"{fleet.get('overlays', '?')} overlays, {run.get('rounds', '?')} rounds, "
+                 f"target accuracy {_fmt(run.get('target_accuracy'))}. Accuracy is on the whole "
+                 "test set for the model each algorithm deploys (the ensemble for EMO); bytes "
+                 "are MQTT payload bytes published by all the algorithm's nodes.")
+    lines += ["", "## Comparison", "", *_table(algorithms), ""]
+    comps = summary.get("comparisons", {})
+    if comps:
+        lines += ["## Headline figures", ""]
+        for key, value in comps.items():
+            lines.append(f"- {_COMPARISON_TEXT.get(key, key)} (`{key}`): {_fmt(value)}")
+        lines.append("")
+    lines += ["## Bytes by kind (MB)", ""]
+    kinds = sorted({k for a in algorithms.values() for k in a.get("bytes_by_kind", {})})
+    lines.append("| algorithm | " + " | ".join(kinds) + " |")
+    lines.append("|---|" + "---:|" * len(kinds))
+    for name, a in algorithms.items():
+        by_kind = a.get("bytes_by_kind", {})
+        lines.append(f"| {name} | " + " | ".join(
+            f"{float(by_kind.get(k, 0)) / 1e6:.3f}" for k in kinds) + " |")
+    lines += ["", "## Plots", ""]
+    for (_, _, axis), path in zip(PLOTS, written, strict=True):
+        lines += [f"![accuracy vs {axis}]({path.name})", ""]
+    if estimated:
+        lines += ["Some summaries had no `bytes_per_round`: their bytes axis spreads the "
+                  "total evenly over the rounds (marked *bytes estimated*).", ""]
+    lines += ["The full figures are in [summary.json](summary.json)."]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    written.append(report)
+    return written
