@@ -40,6 +40,12 @@ class BrokerURL:
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: TLS files for ``mqtts`` (PEM paths): the CA that signed the broker's certificate
+    #: (None: the system's CAs) and this client's certificate and key (None: no client
+    #: certificate). Not part of the URL's text; set by ``emo node --node-config``.
+    ca_file: str | None = field(default=None, compare=False)
+    cert_file: str | None = field(default=None, compare=False)
+    key_file: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def tls(self) -> bool:

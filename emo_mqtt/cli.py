@@ -202,10 +202,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from emo_mqtt.broker.url import BrokerURL
+    from emo_mqtt.errors import ConfigError
     from emo_mqtt.nodes.standalone import run_standalone
 
-    asyncio.run(run_standalone(args.role, args.broker, args.run, args.id, args.config,
+    broker: str | BrokerURL | None = args.broker
+    run, node_id = args.run, args.id
+    if args.node_config is not None:
+        from emo_mqtt.provision import load_node_config
+
+        node = load_node_config(args.node_config)
+        if node.role != args.role:
+            raise ConfigError(f"--node-config {args.node_config} is for a {node.role}, "
+                              f"not a {args.role}")
+        broker = node.broker
+        if args.broker is not None:  # another address for the same broker: keep the login
+            from dataclasses import replace
+
+            from emo_mqtt.broker.url import parse_broker_url
+
+            given = parse_broker_url(args.broker)
+            broker = replace(node.broker, scheme=given.scheme, host=given.host, port=given.port)
+        if node_id is not None and node_id != node.node_id:
+            raise ConfigError(f"--id {node_id} does not match the credentials of "
+                              f"--node-config {args.node_config} ({node.node_id})")
+        run = run or node.run
+        node_id = node.node_id
+    if broker is None or run is None:
+        raise ConfigError("emo node needs --broker and --run (or a --node-config with them)")
+    asyncio.run(run_standalone(args.role, broker, run, node_id or "server", args.config,
                                args.algorithm, Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_fleet_provision(args: argparse.Namespace) -> int:
+    from emo_mqtt.provision import provision
+
+    result = provision(Path(args.out), args.devices, args.overlays, host=args.host,
+                       port=args.port, run=args.run, bind=args.bind)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -266,13 +301,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("node", help="run one node of a fleet (server, overlay or device)")
     p.add_argument("role", choices=["server", "overlay", "device"])
-    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port")
-    p.add_argument("--run", required=True, help="run id shared by the fleet's nodes")
-    p.add_argument("--id", default="server", help="this node's id (dev00.., ovl0.., server)")
+    p.add_argument("--broker", metavar="URL",
+                   help="mqtt://host:port or mqtts://user:password@host:port")
+    p.add_argument("--run", help="run id shared by the fleet's nodes")
+    p.add_argument("--id", help="this node's id (dev00.., ovl0.., server; default server)")
+    p.add_argument("--node-config", metavar="FILE",
+                   help="node.json from `emo fleet provision`: broker, TLS files, username, "
+                   "password, id and run (--run overrides it; --broker changes only the "
+                   "address, keeping the login and TLS files)")
     p.add_argument("--config", required=True, help="the fleet's scenario file")
     p.add_argument("--algorithm", default="emo", help="fl, sfl, sfl_v1, emo or emo_all")
     p.add_argument("--out", help="server: directory for the trained models")
     p.set_defaults(func=cmd_node)
+
+    fleet = sub.add_parser("fleet", help="deploying a fleet").add_subparsers(
+        dest="fleet", metavar="WHAT", required=True
+    )
+    p = fleet.add_parser("provision", help="CA, certificates, passwords, ACLs and a Mosquitto "
+                         "config for a fleet on a TLS broker")
+    p.add_argument("--devices", type=_count, required=True, help="number of devices")
+    p.add_argument("--overlays", type=int, default=0, help="number of overlays (default 0)")
+    p.add_argument("--out", required=True, help="new directory for the files")
+    p.add_argument("--run", help="pin the ACLs and node configs to this run id (default: any)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="broker host name or address the nodes connect to (in its certificate)")
+    p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
+    p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.set_defaults(func=cmd_fleet_provision)
 
     p = sub.add_parser("infer", help="ensemble inference from a saved run")
     p.add_argument("run_dir", help="an `emo run` output directory")

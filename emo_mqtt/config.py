@@ -65,6 +65,9 @@ class FleetSection:
     round_deadline_s: float = 120.0
     #: Device trainings allowed to run at the same time in one process (CPU cores).
     parallel_training: int = 2
+    #: Updates whose distance to the round's global model exceeds this many times the
+    #: global model's own L2 norm are refused (a diverged or forged update); 0 turns it off.
+    max_update_norm_ratio: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,8 @@ def _check(c: RunConfig) -> None:
     _require(0 < c.fleet.sample_fraction <= 1, "fleet.sample_fraction", "must be in (0, 1]")
     _require(c.fleet.min_updates >= 1, "fleet.min_updates", "must be at least 1")
     _require(c.fleet.round_deadline_s > 0, "fleet.round_deadline_s", "must be > 0")
+    _require(c.fleet.max_update_norm_ratio >= 0, "fleet.max_update_norm_ratio",
+             "must be >= 0 (0: no norm bound)")
     _require(c.fleet.parallel_training >= 1, "fleet.parallel_training", "must be at least 1")
     _require(c.fl.local_epochs >= 1, "fl.local_epochs", "must be at least 1")
     _require(c.fl.batch_size >= 1, "fl.batch_size", "must be at least 1")

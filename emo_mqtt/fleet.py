@@ -40,17 +40,25 @@ def run_id(config: RunConfig, algorithm: str) -> str:
 
 
 def build_nodes(
-    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, out_dir: Path | None
+    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, out_dir: Path | None,
+    *, checkpoint_dir: Path | None = None,
 ) -> tuple[ServerNode, list[Node]]:
-    """The server and the other nodes of one algorithm's fleet."""
+    """The server and the other nodes of one algorithm's fleet.
+
+    With ``checkpoint_dir``, the server and the overlays checkpoint there
+    (``<dir>/<algorithm>/server``, ``<dir>/<algorithm>/<overlay>``) and resume from it.
+    """
     run = run_id(config, algorithm)
+    ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     server = ServerNode(broker, config, run, algorithm, plan,
-                        out_dir=None if out_dir is None else out_dir / algorithm)
+                        out_dir=None if out_dir is None else out_dir / algorithm,
+                        checkpoint_dir=None if ckpt is None else ckpt / "server")
     others: list[Node] = []
     if algorithm in ("emo", "emo_all"):
         for overlay in config.overlay_ids():
             spill = None if out_dir is None else out_dir / algorithm / "spill" / overlay
-            others.append(OverlayNode(broker, config, run, overlay, spill_dir=spill))
+            others.append(OverlayNode(broker, config, run, overlay, spill_dir=spill,
+                                      checkpoint_dir=None if ckpt is None else ckpt / overlay))
     for device in config.device_ids():
         others.append(DeviceNode(broker, config, run, device, algorithm, plan.device(device)))
     return server, others

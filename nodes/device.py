@@ -67,6 +67,9 @@ class DeviceNode(Node):
         self.activation_bytes = 0
         self.rounds_trained = 0
         self.last_loss = math.nan  # mean local training loss of the last round trained
+        #: (round, body) of the last update published: sent again when a restarted server
+        #: announces that round anew (see :meth:`_on_round`).
+        self._last_update: tuple[int, dict[str, Any]] | None = None
         self.on(Kind.SERVER_ROUND, self._on_round)
         self.on(Kind.SERVER_DONE, self._on_done)
         self.on(Kind.CONTROL, self._on_control)
@@ -97,6 +100,14 @@ class DeviceNode(Node):
     # -- handlers ---------------------------------------------------------------------------
     async def _on_round(self, where: ParsedTopic, env: Envelope) -> None:
         r = int(env.body["round"])
+        if r == self.round and self._last_update is not None and self._last_update[0] == r:
+            # The same round announced by a new envelope (exact redeliveries are dropped as
+            # duplicates before any handler): a server that restarted from its checkpoint
+            # and may have lost our update with its old session. Send it again; a server
+            # that has it already counts it as a duplicate, never twice.
+            self.spawn(self.send(Kind.DEVICE_UPDATE, self._last_update[1], msg_kind="update",
+                                 node=self.node_id))
+            return
         if r <= self.round:
             return  # a retained announcement we already handled
         self.round = r
@@ -192,13 +203,10 @@ class DeviceNode(Node):
             on_activations=capture,
         )
         self.last_loss = float(report.loss)
-        await self.send(
-            Kind.DEVICE_UPDATE,
-            {"round": r, "weights": state_to_numpy(model), "samples": report.samples,
-             "loss": report.loss},
-            msg_kind="update",
-            node=self.node_id,
-        )
+        update = {"round": r, "weights": state_to_numpy(model), "samples": report.samples,
+                  "loss": report.loss}
+        self._last_update = (r, update)
+        await self.send(Kind.DEVICE_UPDATE, update, msg_kind="update", node=self.node_id)
         if capture is not None:
             await self._flush_outbox(r, outbox)
 
@@ -257,10 +265,7 @@ class DeviceNode(Node):
                     self._gradients.pop((r, batch), None)
                 sfl_device_backward(acts, grad, optimizer)
                 batch += 1
-        await self.send(
-            Kind.DEVICE_UPDATE,
-            {"round": r, "weights": state_to_numpy(trunk), "samples": n * c.fl.local_epochs,
-             "loss": math.nan},
-            msg_kind="update",
-            node=self.node_id,
-        )
+        update = {"round": r, "weights": state_to_numpy(trunk), "samples": n * c.fl.local_epochs,
+                  "loss": math.nan}
+        self._last_update = (r, update)
+        await self.send(Kind.DEVICE_UPDATE, update, msg_kind="update", node=self.node_id)

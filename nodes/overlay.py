@@ -11,6 +11,7 @@ replay steps on fresh-enough entries and publishes a new version of its model.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -47,6 +48,7 @@ class OverlayNode(Node):
         node_id: str,
         *,
         spill_dir: Path | None = None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         super().__init__(broker, config, run, node_id)
         self.devices = config.devices_of(node_id)
@@ -67,6 +69,13 @@ class OverlayNode(Node):
         self.final_round: int | None = None
         self.activation_messages = 0
         self._work = asyncio.Event()
+        #: Fault tolerance: after each training the overlay writes its model, optimiser
+        #: state, version, trained round and cache here (``overlay.npz``: numpy arrays
+        #: only; ``overlay.json``: metadata; never pickle), and starts from it when present.
+        self.checkpoint_dir = checkpoint_dir
+        #: Version of the checkpoint this overlay started from (0: a fresh start).
+        self.resumed_version = 0
+        self._load_checkpoint()
         self.on(Kind.DEVICE_ACTIVATIONS, self._on_activations)
         self.on(Kind.SERVER_ROUND, self._on_round)
         self.on(Kind.SERVER_DONE, self._on_done)
@@ -174,7 +183,82 @@ class OverlayNode(Node):
                 self.cache.purge_stale(r, self.config.emo.max_staleness)
                 await self._train(r)
                 self.trained_round = r
+                self._save_checkpoint()
                 continue
             if self.final_round is not None and self.trained_round >= self.final_round:
                 return
             await wait_event(self._work, 1.0)
+
+    # -- checkpoint (fault tolerance) ----------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        """Write model, optimiser state, version, trained round and the cache's entries."""
+        d = self.checkpoint_dir
+        if d is None:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {
+            f"model/{k}": v for k, v in state_to_numpy(self.model).items()
+        }
+        opt = self.optimizer.state_dict()
+        for index, per_param in opt["state"].items():
+            for name, value in per_param.items():
+                arrays[f"opt/{index}/{name}"] = (
+                    value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
+                    else np.asarray(value)
+                )
+        # The overlay tier, oldest insertion first (so eviction order survives a restart).
+        cache = self.cache
+        slots = np.array(sorted(cache._slot.values(), key=lambda s: int(cache._seq[s])),
+                         dtype=np.int64)
+        block = cache._extract(slots)
+        devices = sorted(set(block.device_ids.tolist()))
+        arrays["cache/device"] = np.array(
+            [devices.index(str(x)) for x in block.device_ids], dtype=np.int64)
+        arrays["cache/sample_ids"] = block.sample_ids
+        arrays["cache/acts"] = block.activations
+        arrays["cache/labels"] = block.labels
+        arrays["cache/rounds"] = block.rounds
+        with open(d / "overlay.npz.tmp", "wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
+        meta = {"format": 1, "run": self.run, "id": self.node_id, "version": self.version,
+                "trained_round": self.trained_round, "loss": self.last_loss,
+                "param_groups": opt["param_groups"], "cache_devices": devices}
+        (d / "overlay.json.tmp").write_text(json.dumps(meta, default=float))
+        (d / "overlay.npz.tmp").replace(d / "overlay.npz")
+        (d / "overlay.json.tmp").replace(d / "overlay.json")
+
+    def _load_checkpoint(self) -> None:
+        d = self.checkpoint_dir
+        if d is None or not (d / "overlay.json").exists() or not (d / "overlay.npz").exists():
+            return
+        meta = json.loads((d / "overlay.json").read_text())
+        if meta.get("run") != self.run or meta.get("id") != self.node_id:
+            log.warning("overlay %s: ignoring checkpoint of another run in %s", self.node_id, d)
+            return
+        with np.load(d / "overlay.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        self.model.load_state_dict({
+            k[len("model/"):]: torch.from_numpy(v.copy())
+            for k, v in arrays.items() if k.startswith("model/")
+        })
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in arrays.items():
+            if key.startswith("opt/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = torch.from_numpy(value.copy())
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        devices = meta["cache_devices"]
+        owner = arrays["cache/device"]
+        rounds = arrays["cache/rounds"]
+        # Re-insert by (device, round) groups in the order they were saved.
+        for i, device in enumerate(devices):
+            for r in np.unique(rounds[owner == i]):
+                pick = (owner == i) & (rounds == r)
+                self.cache.put(device, arrays["cache/sample_ids"][pick],
+                               arrays["cache/acts"][pick].reshape(-1, *self.cache.activation_shape),
+                               arrays["cache/labels"][pick], int(r))
+        self.version = self.resumed_version = int(meta["version"])
+        self.trained_round = int(meta["trained_round"])
+        self.last_loss = float(meta["loss"])
+        log.info("overlay %s: resumed from version %d (round %d, %d cached entries)",
+                 self.node_id, self.version, self.trained_round, len(self.cache))

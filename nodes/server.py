@@ -73,12 +73,20 @@ class ServerNode(Node):
         node_id: str = "server",
         out_dir: Path | None = None,
         start_timeout_s: float = 60.0,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         super().__init__(broker, config, run, node_id)
         self.algorithm = algorithm
         self.plan = plan
         self.out_dir = out_dir
         self.start_timeout_s = start_timeout_s
+        #: Fault tolerance: after each closed round the server writes its state here
+        #: (``server.npz``: numpy arrays only, ``server.json``: metadata; never pickle) and,
+        #: when started with a checkpoint present, resumes after its last closed round.
+        self.checkpoint_dir = checkpoint_dir
+        #: Round the server resumed after (0: a fresh start).
+        self.resumed_from = 0
+        self._prev_probe: np.ndarray | None = None
         seed_everything(config.run.seed)
         self.model = build_fl_model(config.fl.model)
         self.online: set[str] = set()
@@ -289,8 +297,12 @@ class ServerNode(Node):
         await self._wait_for_fleet()
         start = time.monotonic()
         probe = torch.tensor(self.plan.validation.x[: c.controller.probe_samples])
-        prev_probe: np.ndarray | None = None
-        for r in range(1, c.run.rounds + 1):
+        first = self._load_checkpoint() + 1
+        prev_probe = self._prev_probe
+        if first > 1:
+            # Wall times of a resumed run continue from the checkpointed ones.
+            start -= float(self.history[-1]["wall_s"]) if self.history else 0.0
+        for r in range(first, c.run.rounds + 1):
             self.round = r
             sampled = sample_clients(c.device_ids(), c.fleet.sample_fraction, c.run.seed, r)
             self._losses = []
@@ -309,6 +321,8 @@ class ServerNode(Node):
                 round=r, expected=sampled, min_updates=min(c.fleet.min_updates, len(sampled)),
                 deadline_s=c.fleet.round_deadline_s, started_at=time.monotonic(),
                 reference=self._device_side_state(),
+                # Bad input: an update farther than this from the global model is refused.
+                max_norm_ratio=c.fleet.max_update_norm_ratio or None,
             )
             await self.send(
                 Kind.SERVER_ROUND,
@@ -318,6 +332,7 @@ class ServerNode(Node):
                 retain=True,
             )
             result = await self._collect(self.collector)
+            received = self.collector.received
             self.collector = None
             round_losses = self.sfl_losses[sfl_batches:] if self.sfl else self._losses
             if round_losses:
@@ -339,17 +354,97 @@ class ServerNode(Node):
             scores = await compute(self._evaluate, False, self._ensemble())
             record = {
                 "round": r, "accuracy": scores["accuracy"], "fl_accuracy": scores["fl_accuracy"],
-                "updates": len(contributors), "missing": sorted(set(sampled) - set(contributors)),
+                "updates": len(contributors), "missing": sorted(set(sampled) - set(received)),
+                # Closed at the deadline below min_updates: nothing was averaged.
+                "aggregated": result is not None,
                 "wall_s": round(time.monotonic() - start, 3),
             }
             if "overlay_rounds" in scores:
                 record["overlay_rounds"] = scores["overlay_rounds"]
             self.history.append(record)
+            self._prev_probe = prev_probe
+            self._save_checkpoint(r)
             await self.publish_metrics(event="round", **record)
         await self._finish(start)
 
+    # -- checkpoint (fault tolerance) ----------------------------------------------------------
+    def _save_checkpoint(self, r: int) -> None:
+        """Write the state after closed round ``r``: arrays to npz, the rest to JSON.
+
+        What a resumed server needs to carry on as if nothing happened: the global model
+        (all of it, so SplitFed's server half too), the history, the controller decisions
+        and its observations, the last probe activations (EMO drift) and the last loss.
+        Written to temporary names and renamed, so a crash mid-write keeps the old one.
+        """
+        if self.checkpoint_dir is None:
+            return
+        d = self.checkpoint_dir
+        d.mkdir(parents=True, exist_ok=True)
+        arrays = {f"model/{k}": v for k, v in state_to_numpy(self.model).items()}
+        if self._prev_probe is not None:
+            arrays["prev_probe"] = self._prev_probe
+        with open(d / "server.npz.tmp", "wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
+        controller: dict[str, Any] = {}
+        if isinstance(self.controller, ConvergenceController):
+            # Plain dicts of floats keyed by round (and overlay): JSON as they are.
+            controller = {
+                "drift": self.controller._drift,
+                "fl_loss": self.controller._fl_loss,
+                "overlay": self.controller._overlay,
+            }
+        meta = {"format": 1, "run": self.run, "algorithm": self.algorithm, "round": r,
+                "history": self.history, "decisions": self.decisions,
+                "rejected_updates": self.rejected_updates, "last_loss": self.last_loss,
+                "controller": controller}
+        (d / "server.json.tmp").write_text(json.dumps(meta, default=float))
+        # The npz first: a JSON naming round r always has a model at least as new.
+        (d / "server.npz.tmp").replace(d / "server.npz")
+        (d / "server.json.tmp").replace(d / "server.json")
+
+    def _load_checkpoint(self) -> int:
+        """Restore the state of a checkpoint of this run; the round it was taken after."""
+        d = self.checkpoint_dir
+        if d is None or not (d / "server.json").exists() or not (d / "server.npz").exists():
+            return 0
+        meta = json.loads((d / "server.json").read_text())
+        if meta.get("run") != self.run or meta.get("algorithm") != self.algorithm:
+            log.warning("server: ignoring checkpoint of another run in %s", d)
+            return 0
+        with np.load(d / "server.npz", allow_pickle=False) as z:
+            state = {k[len("model/"):]: z[k] for k in z.files if k.startswith("model/")}
+            self._prev_probe = z["prev_probe"] if "prev_probe" in z.files else None
+        load_numpy_state(self.model, state)
+        self.history = list(meta["history"])
+        self.decisions = list(meta["decisions"])
+        self.rejected_updates = int(meta["rejected_updates"])
+        self.last_loss = float(meta["last_loss"])
+        ctl = meta.get("controller") or {}
+        if isinstance(self.controller, ConvergenceController) and ctl:
+            # JSON keys are strings; the controller keys rounds by int.
+            self.controller._drift = {int(k): float(v) for k, v in ctl["drift"].items()}
+            self.controller._fl_loss = {int(k): float(v) for k, v in ctl["fl_loss"].items()}
+            self.controller._overlay = {
+                o: {int(k): float(v) for k, v in losses.items()}
+                for o, losses in ctl["overlay"].items()
+            }
+        self.round = self.resumed_from = int(meta["round"])
+        log.info("server: resumed from the checkpoint of round %d in %s", self.round, d)
+        return self.round
+
     async def _collect(self, collector: RoundCollector) -> Any:
+        """Wait for the round's updates; None when it closes without enough of them.
+
+        Past the deadline with fewer than ``min_updates``, the round closes unaggregated
+        (the global model stays as it was) rather than waiting for devices that may never
+        come back: the run goes on and the record shows the missing devices.
+        """
         while not collector.ready(time.monotonic()):
+            if collector.failed(time.monotonic()):
+                log.warning("server: round %d closed at its deadline with %d of %d updates "
+                            "needed; the global model is unchanged", collector.round,
+                            len(collector.received), collector.min_updates)
+                return None
             await wait_event(self._update_event, 0.25)
         if not collector.received:
             log.warning("server: round %d closed with no update", collector.round)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emo_mqtt.broker.url import BrokerURL
 from emo_mqtt.config import ALGORITHMS, load_config
 from emo_mqtt.dataplan import plan_data
 from emo_mqtt.errors import ConfigError
@@ -17,7 +18,7 @@ from emo_mqtt.topics import validate_id
 
 async def run_standalone(
     role: str,
-    broker: str,
+    broker: str | BrokerURL,
     run: str,
     node_id: str,
     config_path: str,
@@ -38,11 +39,14 @@ async def run_standalone(
     node: Node
     # The same layout as `emo run`: DIR/<algorithm>/..., so `emo infer DIR` finds it.
     where = None if out is None else out / algorithm
+    # With --out, the server and overlays checkpoint there and resume after a restart.
     if role == "server":
-        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=where)
+        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=where,
+                          checkpoint_dir=None if where is None else where / "checkpoint" / "server")
     elif role == "overlay":
         node = OverlayNode(broker, config, run, node_id,
-                           spill_dir=None if where is None else where / "spill" / node_id)
+                           spill_dir=None if where is None else where / "spill" / node_id,
+                           checkpoint_dir=None if where is None else where / "checkpoint" / node_id)
     else:
         node = DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id))
     await node.run_node()

@@ -56,3 +56,29 @@ def test_both_scalings_train_and_ensemble(model: str, scaling: str) -> None:
     assert set(members) == expected
     assert 0.1 < summary["accuracy"] <= 1.0
     assert summary["bytes_by_kind"]["activations"] > 0
+
+
+def test_a_round_below_min_updates_closes_at_its_deadline_unaggregated() -> None:
+    """min_updates 3 with one device silent: rounds close at the deadline, model unchanged."""
+    config = from_dict({**SMALL, "fleet": {**SMALL["fleet"], "min_updates": 3}})
+    plan = plan_data(config)
+    broker = MemoryBroker()
+
+    async def scenario() -> tuple[list[dict[str, Any]], str]:
+        server, others = build_nodes(broker, config, "fl", plan, None)
+        server.start_timeout_s = 0.5
+        from emo_mqtt.models import state_to_numpy
+
+        before = state_to_numpy(server.model)
+        tasks = [asyncio.create_task(n.run_node()) for n in others if n.node_id != "dev02"]
+        await asyncio.wait_for(server.run_node(), timeout=60)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        after = state_to_numpy(server.model)
+        same = all(before[k].tobytes() == after[k].tobytes() for k in before)
+        return server.history, "unchanged" if same else "changed"
+
+    history, model = asyncio.run(scenario())
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(not h["aggregated"] and h["updates"] == 0 for h in history)
+    assert all(h["missing"] == ["dev02"] for h in history)
+    assert model == "unchanged"

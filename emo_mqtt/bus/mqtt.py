@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import ssl
@@ -219,6 +220,26 @@ class _Client(aiomqtt.Client):
                 ack.future.set_exception(_ConnectionLost())
 
 
+def tls_context_for(url: BrokerURL) -> ssl.SSLContext:
+    """The TLS context of an ``mqtts`` connection: verify the broker, present our cert.
+
+    The CA and the client certificate come from the URL's ``ca_file``/``cert_file``/
+    ``key_file`` (set from a node config), else from the environment variables
+    ``EMO_MQTT_CA``, ``EMO_MQTT_CERT`` and ``EMO_MQTT_KEY``; without a CA, the system's CAs.
+    The broker's host name (or IP address) is always checked against its certificate.
+    """
+    ca = url.ca_file or os.environ.get("EMO_MQTT_CA") or None
+    cert = url.cert_file or os.environ.get("EMO_MQTT_CERT") or None
+    key = url.key_file or os.environ.get("EMO_MQTT_KEY") or None
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise BusError(f"cannot load the TLS files for {url}: {exc}") from exc
+    return context
+
+
 class MqttBus(Bus):
     """A :class:`~emo_mqtt.bus.base.Bus` over an MQTT broker (Mosquitto, amqtt, ...)."""
 
@@ -249,7 +270,7 @@ class MqttBus(Bus):
         self.reconnect_max_s = reconnect_max_s
         self.connect_timeout_s = connect_timeout_s
         if tls_context is None and self.url.scheme == "mqtts":
-            tls_context = ssl.create_default_context()
+            tls_context = tls_context_for(self.url)
         self.tls_context = tls_context
         self.negotiated: str | None = None
         self._client: _Client | None = None
