@@ -428,6 +428,12 @@ class ReplayCache:
             self._rounds[slots].copy(),
         )
 
+    def snapshot(self) -> SpillBlock:
+        """Every entry held, oldest insertion first (so a restore keeps the eviction order)."""
+        slots = np.array(sorted(self._slot.values(), key=lambda s: int(self._seq[s])),
+                         dtype=np.int64)
+        return self._extract(slots)
+
     def purge_stale(self, current_round: int, max_staleness: int) -> int:
         """Drop (not spill: they are useless) entries older than ``max_staleness`` rounds."""
         stale = np.flatnonzero(self._valid & (current_round - self._rounds > max_staleness))

@@ -231,6 +231,21 @@ class ConvergenceController:
     _fl_loss: dict[int, float] = field(default_factory=dict, init=False)
     _overlay: dict[str, dict[int, float]] = field(default_factory=dict, init=False)
 
+    def state(self) -> dict[str, object]:
+        """The observations made so far, JSON-ready (for a server's checkpoint)."""
+        return {"drift": dict(self._drift), "fl_loss": dict(self._fl_loss),
+                "overlay": {o: dict(v) for o, v in self._overlay.items()}}
+
+    def restore(self, state: Mapping[str, object]) -> None:
+        """Take back observations from :meth:`state` (JSON turns round keys into strings)."""
+
+        def rounds(series: object) -> dict[int, float]:
+            return {int(k): float(v) for k, v in dict(series).items()}  # type: ignore[call-overload]
+
+        self._drift = rounds(state["drift"])
+        self._fl_loss = rounds(state["fl_loss"])
+        self._overlay = {str(o): rounds(s) for o, s in dict(state["overlay"]).items()}  # type: ignore[call-overload]
+
     def assign(self, device_id: str, overlay_id: str) -> None:
         """Record that ``overlay_id`` serves ``device_id``."""
         self.assignment[device_id] = overlay_id

@@ -11,7 +11,6 @@ replay steps on fresh-enough entries and publishes a new version of its model.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.data import derive_seed
 from emo_mqtt.models import build_fl_model, build_overlay_model, state_to_numpy
 from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.topics import Kind, ParsedTopic, topic
 from emo_mqtt.training import make_rng, train_overlay_steps
@@ -192,10 +192,8 @@ class OverlayNode(Node):
     # -- checkpoint (fault tolerance) ----------------------------------------------------------
     def _save_checkpoint(self) -> None:
         """Write model, optimiser state, version, trained round and the cache's entries."""
-        d = self.checkpoint_dir
-        if d is None:
+        if self.checkpoint_dir is None:
             return
-        d.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {
             f"model/{k}": v for k, v in state_to_numpy(self.model).items()
         }
@@ -206,11 +204,7 @@ class OverlayNode(Node):
                     value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
                     else np.asarray(value)
                 )
-        # The overlay tier, oldest insertion first (so eviction order survives a restart).
-        cache = self.cache
-        slots = np.array(sorted(cache._slot.values(), key=lambda s: int(cache._seq[s])),
-                         dtype=np.int64)
-        block = cache._extract(slots)
+        block = self.cache.snapshot()  # the overlay tier, oldest insertion first
         devices = sorted(set(block.device_ids.tolist()))
         arrays["cache/device"] = np.array(
             [devices.index(str(x)) for x in block.device_ids], dtype=np.int64)
@@ -218,25 +212,20 @@ class OverlayNode(Node):
         arrays["cache/acts"] = block.activations
         arrays["cache/labels"] = block.labels
         arrays["cache/rounds"] = block.rounds
-        with open(d / "overlay.npz.tmp", "wb") as f:
-            np.savez(f, allow_pickle=False, **arrays)
         meta = {"format": 1, "run": self.run, "id": self.node_id, "version": self.version,
                 "trained_round": self.trained_round, "loss": self.last_loss,
                 "param_groups": opt["param_groups"], "cache_devices": devices}
-        (d / "overlay.json.tmp").write_text(json.dumps(meta, default=float))
-        (d / "overlay.npz.tmp").replace(d / "overlay.npz")
-        (d / "overlay.json.tmp").replace(d / "overlay.json")
+        write_checkpoint(self.checkpoint_dir, "overlay", arrays, meta)
 
     def _load_checkpoint(self) -> None:
-        d = self.checkpoint_dir
-        if d is None or not (d / "overlay.json").exists() or not (d / "overlay.npz").exists():
+        found = read_checkpoint(self.checkpoint_dir, "overlay")
+        if found is None:
             return
-        meta = json.loads((d / "overlay.json").read_text())
+        arrays, meta = found
         if meta.get("run") != self.run or meta.get("id") != self.node_id:
-            log.warning("overlay %s: ignoring checkpoint of another run in %s", self.node_id, d)
+            log.warning("overlay %s: ignoring checkpoint of another run in %s", self.node_id,
+                        self.checkpoint_dir)
             return
-        with np.load(d / "overlay.npz", allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
         self.model.load_state_dict({
             k[len("model/"):]: torch.from_numpy(v.copy())
             for k, v in arrays.items() if k.startswith("model/")

@@ -41,6 +41,7 @@ from emo_mqtt.models import (
     state_to_numpy,
 )
 from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.topics import Kind, ParsedTopic, subscription
 from emo_mqtt.training import evaluate, seed_everything, sfl_server_step
@@ -378,42 +379,28 @@ class ServerNode(Node):
         """
         if self.checkpoint_dir is None:
             return
-        d = self.checkpoint_dir
-        d.mkdir(parents=True, exist_ok=True)
         arrays = {f"model/{k}": v for k, v in state_to_numpy(self.model).items()}
         if self._prev_probe is not None:
             arrays["prev_probe"] = self._prev_probe
-        with open(d / "server.npz.tmp", "wb") as f:
-            np.savez(f, allow_pickle=False, **arrays)
-        controller: dict[str, Any] = {}
-        if isinstance(self.controller, ConvergenceController):
-            # Plain dicts of floats keyed by round (and overlay): JSON as they are.
-            controller = {
-                "drift": self.controller._drift,
-                "fl_loss": self.controller._fl_loss,
-                "overlay": self.controller._overlay,
-            }
+        controller = (self.controller.state()
+                      if isinstance(self.controller, ConvergenceController) else {})
         meta = {"format": 1, "run": self.run, "algorithm": self.algorithm, "round": r,
                 "history": self.history, "decisions": self.decisions,
                 "rejected_updates": self.rejected_updates, "last_loss": self.last_loss,
                 "controller": controller}
-        (d / "server.json.tmp").write_text(json.dumps(meta, default=float))
-        # The npz first: a JSON naming round r always has a model at least as new.
-        (d / "server.npz.tmp").replace(d / "server.npz")
-        (d / "server.json.tmp").replace(d / "server.json")
+        write_checkpoint(self.checkpoint_dir, "server", arrays, meta)
 
     def _load_checkpoint(self) -> int:
         """Restore the state of a checkpoint of this run; the round it was taken after."""
-        d = self.checkpoint_dir
-        if d is None or not (d / "server.json").exists() or not (d / "server.npz").exists():
+        found = read_checkpoint(self.checkpoint_dir, "server")
+        if found is None:
             return 0
-        meta = json.loads((d / "server.json").read_text())
+        arrays, meta = found
         if meta.get("run") != self.run or meta.get("algorithm") != self.algorithm:
-            log.warning("server: ignoring checkpoint of another run in %s", d)
+            log.warning("server: ignoring checkpoint of another run in %s", self.checkpoint_dir)
             return 0
-        with np.load(d / "server.npz", allow_pickle=False) as z:
-            state = {k[len("model/"):]: z[k] for k in z.files if k.startswith("model/")}
-            self._prev_probe = z["prev_probe"] if "prev_probe" in z.files else None
+        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        self._prev_probe = arrays.get("prev_probe")
         load_numpy_state(self.model, state)
         self.history = list(meta["history"])
         self.decisions = list(meta["decisions"])
@@ -421,15 +408,10 @@ class ServerNode(Node):
         self.last_loss = float(meta["last_loss"])
         ctl = meta.get("controller") or {}
         if isinstance(self.controller, ConvergenceController) and ctl:
-            # JSON keys are strings; the controller keys rounds by int.
-            self.controller._drift = {int(k): float(v) for k, v in ctl["drift"].items()}
-            self.controller._fl_loss = {int(k): float(v) for k, v in ctl["fl_loss"].items()}
-            self.controller._overlay = {
-                o: {int(k): float(v) for k, v in losses.items()}
-                for o, losses in ctl["overlay"].items()
-            }
+            self.controller.restore(ctl)
         self.round = self.resumed_from = int(meta["round"])
-        log.info("server: resumed from the checkpoint of round %d in %s", self.round, d)
+        log.info("server: resumed from the checkpoint of round %d in %s", self.round,
+                 self.checkpoint_dir)
         return self.round
 
     async def _collect(self, collector: RoundCollector) -> Any:

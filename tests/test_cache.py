@@ -272,3 +272,15 @@ def test_cache_spills_evictions_and_refills(tmp_path: Path) -> None:
     assert got is not None and sorted(set(got[2].tolist())) == [1]
     assert c.stats.refilled == 4 and ("a", 0) in c and spill.stats.stale_discarded == 2
     assert spill.blocks == 0
+
+
+def test_snapshot_holds_every_entry_oldest_first() -> None:
+    cache = ReplayCache(10, (2,), dtype="float32")
+    cache.put("a", [1, 2], np.ones((2, 2), np.float32), [0, 1], round=1)
+    cache.put("b", [7], np.full((1, 2), 2.0, np.float32), [3], round=2)
+    cache.put("a", [1], np.full((1, 2), 3.0, np.float32), [0], round=3)  # replaces a/1
+    block = cache.snapshot()
+    assert len(block) == len(cache) == 3
+    keys = list(zip(block.device_ids.tolist(), block.sample_ids.tolist(), strict=True))
+    assert keys == [("a", 2), ("b", 7), ("a", 1)]
+    assert block.rounds.tolist() == [1, 2, 3]

@@ -178,3 +178,20 @@ def test_select_for_publish_rate() -> None:
     assert all(np.all(np.diff(p) > 0) and (p.size == 0 or p.max() < 32) for p in picked)
     full = select_for_publish(ControlDecision(1.0, "fp32", 1, ""), 0, 7, rng)
     assert full.tolist() == list(range(7))
+
+
+def test_state_survives_a_json_round_trip() -> None:
+    """A resumed server's controller decides exactly as the one it replaces would have."""
+    from emo_mqtt.controller import ConvergenceController
+
+    a = ConvergenceController()
+    a.assign("d0", "o0")
+    for r, (drift, loss) in enumerate([(None, 2.0), (0.3, 1.5), (0.1, 1.2), (0.04, 1.1)], 1):
+        a.observe_round(r, drift, loss)
+        a.observe_overlay("o0", r, 1.0 / r)
+    b = ConvergenceController()
+    b.assign("d0", "o0")
+    b.restore(json.loads(json.dumps(a.state())))
+    assert b.state() == a.state()
+    for r in range(1, 6):
+        assert b.decide("d0", r) == a.decide("d0", r)
