@@ -8,7 +8,7 @@ still there to read (``<tmp>/.../mosquitto/mosquitto.log``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +49,34 @@ def amqtt_broker(tmp_path: Path) -> Iterator[BrokerHandle]:
     """The embedded amqtt broker (MQTT 3.1.1 only, no persistence) on a free port."""
     with BrokerHandle(kind="amqtt", workdir=tmp_path / "amqtt") as broker:
         yield broker
+
+
+# ------------------------------------------------------------------ scenarios
+
+_TINY_SCENARIO = """
+[run]
+name = "{name}"
+rounds = 2
+[data]
+samples_per_device = 200
+validation_samples = 300
+eval_samples_per_round = 300
+[fleet]
+devices = 2
+overlays = 1
+round_deadline_s = 60
+[emo]
+overlay_steps_per_round = 10
+"""
+
+
+@pytest.fixture
+def tiny_scenario(tmp_path: Path) -> Callable[[str], Path]:
+    """Write a 2-device, 1-overlay, 2-round scenario file named ``<name>.toml``; its path."""
+
+    def write(name: str) -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(_TINY_SCENARIO.format(name=name))
+        return path
+
+    return write

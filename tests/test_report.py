@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,7 @@ from emo_mqtt.topics import Kind, subscription
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-TINY = """
-[run]
-name = "tiny"
-rounds = 2
-[data]
-samples_per_device = 200
-validation_samples = 300
-eval_samples_per_round = 300
-[fleet]
-devices = 2
-overlays = 1
-round_deadline_s = 60
-[emo]
-overlay_steps_per_round = 10
-"""
+
 
 
 def _synthetic_summary(with_bytes_per_round: bool = True) -> dict[str, Any]:
@@ -99,9 +86,10 @@ def test_old_summaries_without_bytes_per_round_still_plot(tmp_path: Path) -> Non
 
 
 @pytest.mark.broker
-def test_emo_run_jsonl_prints_events_and_writes_the_report(tmp_path: Path) -> None:
-    scenario = tmp_path / "tiny.toml"
-    scenario.write_text(TINY)
+def test_emo_run_jsonl_prints_events_and_writes_the_report(
+    tmp_path: Path, tiny_scenario: Callable[[str], Path]
+) -> None:
+    scenario = tiny_scenario("tiny")
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "emo_mqtt.cli", "run", str(scenario), "--rounds", "2",

@@ -13,7 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -192,26 +192,13 @@ def test_acl_denials_really_happen(fleet: Fleet) -> None:
     asyncio.run(main())
 
 
-SCENARIO = """
-[run]
-name = "secure"
-rounds = 2
-[data]
-samples_per_device = 200
-validation_samples = 300
-eval_samples_per_round = 300
-[fleet]
-devices = 2
-overlays = 1
-round_deadline_s = 60
-[emo]
-overlay_steps_per_round = 10
-"""
 
 
-def test_full_run_over_tls_with_provisioned_nodes(fleet: Fleet, tmp_path: Path) -> None:
-    scenario = tmp_path / "secure.toml"
-    scenario.write_text(SCENARIO)
+
+def test_full_run_over_tls_with_provisioned_nodes(
+    fleet: Fleet, tmp_path: Path, tiny_scenario: Callable[[str], Path]
+) -> None:
+    scenario = tiny_scenario("secure")
     nodes = fleet.dir / "nodes"
     procs: list[subprocess.Popen[str]] = []
     try:

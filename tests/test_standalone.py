@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,30 +15,17 @@ from emo_mqtt.infer import load_predictor
 
 pytestmark = pytest.mark.broker
 
-SCENARIO = """
-[run]
-name = "multi"
-rounds = 2
-[data]
-samples_per_device = 200
-validation_samples = 300
-eval_samples_per_round = 300
-[fleet]
-devices = 2
-overlays = 1
-round_deadline_s = 60
-[emo]
-overlay_steps_per_round = 10
-"""
+
 
 
 def _emo(*args: str) -> list[str]:
     return [sys.executable, "-m", "emo_mqtt.cli", *args]
 
 
-def test_separate_processes_complete_an_emo_run(mosquitto: BrokerHandle, tmp_path: Path) -> None:
-    scenario = tmp_path / "multi.toml"
-    scenario.write_text(SCENARIO)
+def test_separate_processes_complete_an_emo_run(
+    mosquitto: BrokerHandle, tmp_path: Path, tiny_scenario: Callable[[str], Path]
+) -> None:
+    scenario = tiny_scenario("multi")
     common = ["--broker", mosquitto.url, "--run", "multi-proc", "--config", str(scenario),
               "--algorithm", "emo"]
     out = tmp_path / "out"
@@ -62,9 +50,8 @@ def test_separate_processes_complete_an_emo_run(mosquitto: BrokerHandle, tmp_pat
     assert load_predictor(out, "emo").ensemble is not None
 
 
-def test_bad_node_arguments_are_refused(tmp_path: Path) -> None:
-    scenario = tmp_path / "multi.toml"
-    scenario.write_text(SCENARIO)
+def test_bad_node_arguments_are_refused(tiny_scenario: Callable[[str], Path]) -> None:
+    scenario = tiny_scenario("multi")
     result = subprocess.run(
         _emo("node", "device", "--broker", "mqtt://127.0.0.1:9", "--run", "x", "--id", "dev07",
              "--config", str(scenario)),
