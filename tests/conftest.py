@@ -80,3 +80,17 @@ def tiny_scenario(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+# ------------------------------------------------------------------ torch
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run a test with one torch thread (tiny models: faster, and steady on 2 busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

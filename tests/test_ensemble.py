@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,8 @@ from emo_mqtt.errors import ConfigError
 from emo_mqtt.models import build_fl_model, build_overlay_model
 from emo_mqtt.training import evaluate_proba
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread is faster, and immune to a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def complementary_members(n: int = 3000, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
