@@ -261,6 +261,42 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return run_dashboard(args.broker, args.host, args.port)
 
 
+def _positive_float(text: str) -> float:
+    """A finite number > 0 (a speed, a bucket width in seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def cmd_traffic_summary(args: argparse.Namespace) -> int:
+    from emo_mqtt.traffic import format_summary, read_log, summarize_log
+
+    summary = summarize_log(read_log(args.log), bucket_s=args.bucket_s)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_traffic_replay(args: argparse.Namespace) -> int:
+    from emo_mqtt.topics import validate_id
+    from emo_mqtt.traffic import read_log, replay_log
+
+    rows = read_log(args.log)  # a bad log fails before any broker is started
+    if args.run is not None:
+        validate_id(args.run, "run")
+    with broker_for(args.broker, _stderr) as url:
+        result = asyncio.run(replay_log(rows, url, run=args.run, speed=args.speed, say=_stderr))
+    notes = [f"{result[k]} {what}" for k, what in
+             (("skipped", "skipped"), ("unretained", "sent non-retained")) if result[k]]
+    print(f"replayed {result['messages']} messages, {result['bytes']} bytes in "
+          f"{result['wall_s']} s (speed {result['speed']:g}, worst lag {result['lag_s_max']} s)"
+          + "".join(f", {note}" for note in notes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emo",
@@ -368,6 +404,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_size, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench_codec)
+
+    traffic = sub.add_parser("traffic", help="message logs of emo run: summary, replay")
+    traffic_sub = traffic.add_subparsers(dest="traffic", metavar="WHAT", required=True)
+    p = traffic_sub.add_parser("summary", help="totals of a messages.csv, by sender, kind, time")
+    p.add_argument("log", help="a message log, e.g. runs/quickstart/emo/messages.csv")
+    p.add_argument("--bucket-s", type=_positive_float, default=1.0,
+                   help="width of the time buckets in seconds (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_traffic_summary)
+    p = traffic_sub.add_parser("replay", help="publish a messages.csv's traffic again "
+                               "(timing and sizes, random content)")
+    p.add_argument("log", help="a message log, e.g. runs/quickstart/emo/messages.csv")
+    _add_broker_option(p)
+    p.add_argument("--run", help="run id of the replayed topics (default <logged run>-replay)")
+    p.add_argument("--speed", type=_positive_float, default=1.0,
+                   help="time factor: 2 replays twice as fast (default 1)")
+    p.set_defaults(func=cmd_traffic_replay)
     return parser
 
 

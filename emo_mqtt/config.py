@@ -8,6 +8,7 @@ See ``scenarios/README.md`` for every key, its unit and its default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from emo_mqtt.controller import ControllerConfig
 from emo_mqtt.errors import ConfigError, TopicError
+from emo_mqtt.netscenario import NetworkConfig, parse_network
 from emo_mqtt.topics import validate_id
 
 ALGORITHMS = ("fl", "sfl", "sfl_v1", "emo", "emo_all")
@@ -68,6 +70,9 @@ class FleetSection:
     #: Updates whose distance to the round's global model exceeds this many times the
     #: global model's own L2 norm are refused (a diverged or forged update); 0 turns it off.
     max_update_norm_ratio: float = 10.0
+    #: Device training speed relative to this machine (0.5: a round's training takes twice
+    #: as long); per device in ``[network.nodes.<id>] compute_speed``.
+    device_compute_speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class RunConfig:
     sfl: SFLSection = field(default_factory=SFLSection)
     emo: EMOSection = field(default_factory=EMOSection)
     controller: ControllerSection = field(default_factory=ControllerSection)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     source: str = ""
 
     # -- derived ----------------------------------------------------------------------------
@@ -181,16 +187,21 @@ class RunConfig:
     def devices_of(self, overlay: str) -> list[str]:
         return [d for d in self.device_ids() if self.overlay_of(d) == overlay]
 
+    def compute_speed(self, device: str) -> float:
+        """``device``'s training speed relative to this machine."""
+        return self.network.device_compute_speed(device, self.fleet.device_compute_speed)
+
     def with_overrides(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some keys replaced, e.g. ``with_overrides(run={"rounds": 2})``."""
         raw = self._raw()
         for name, values in sections.items():
-            raw[name].update(values)
+            raw.setdefault(name, {}).update(values)
         return from_dict(raw, self.source)
 
     def _raw(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw.pop("source")
+        raw["network"] = copy.deepcopy(self.network.raw)
         controller = raw["controller"]
         controller.update(dict(controller.pop("policy_overrides")))
         return raw
@@ -211,6 +222,8 @@ _SECTIONS: dict[str, type] = {
     "emo": EMOSection,
     "controller": ControllerSection,
 }
+#: Sections parsed by their own module rather than as flat tables of keys.
+_OTHER_SECTIONS = ("network",)
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -245,10 +258,10 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
 
 def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
     """Validate a parsed TOML document into a :class:`RunConfig` (ConfigError names the key)."""
-    unknown = sorted(set(raw) - set(_SECTIONS))
+    unknown = sorted(set(raw) - set(_SECTIONS) - set(_OTHER_SECTIONS))
     if unknown:
         raise ConfigError(f"{source or 'config'}: unknown section(s) {unknown}; "
-                          f"known: {sorted(_SECTIONS)}")
+                          f"known: {sorted([*_SECTIONS, *_OTHER_SECTIONS])}")
     built: dict[str, Any] = {}
     for name, section_type in _SECTIONS.items():
         values = raw.get(name, {})
@@ -266,7 +279,11 @@ def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
         built[name] = section_type(**kwargs)
     config = RunConfig(**built, source=source)
     _check(config)
-    return config
+    # Trace files are named relative to the scenario file.
+    base_dir = Path(source).parent if source else Path.cwd()
+    network = parse_network(raw.get("network"), base_dir, config.device_ids(),
+                            config.overlay_ids())
+    return dataclasses.replace(config, network=network)
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -298,6 +315,7 @@ def _check(c: RunConfig) -> None:
     _require(c.fleet.max_update_norm_ratio >= 0, "fleet.max_update_norm_ratio",
              "must be >= 0 (0: no norm bound)")
     _require(c.fleet.parallel_training >= 1, "fleet.parallel_training", "must be at least 1")
+    _require(c.fleet.device_compute_speed > 0, "fleet.device_compute_speed", "must be > 0")
     _require(c.fl.local_epochs >= 1, "fl.local_epochs", "must be at least 1")
     _require(c.fl.batch_size >= 1, "fl.batch_size", "must be at least 1")
     _require(c.fl.lr > 0, "fl.lr", "must be > 0")

@@ -16,16 +16,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from emo_mqtt.bus import open_bus
+from emo_mqtt.bus import BusOptions, open_bus
 from emo_mqtt.config import RunConfig
+from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan, plan_data
-from emo_mqtt.errors import EmoError
+from emo_mqtt.errors import ConfigError, EmoError
+from emo_mqtt.models import build_fl_model
+from emo_mqtt.msglog import MessageLog
+from emo_mqtt.netscenario import MBPS
 from emo_mqtt.nodes import compute
 from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
+from emo_mqtt.replay import NetworkReplay
 from emo_mqtt.topics import Kind, parse, subscription, topic
+from emo_mqtt.training import make_generator, train_local
 
 log = logging.getLogger("emo_mqtt.fleet")
 
@@ -39,28 +45,49 @@ def run_id(config: RunConfig, algorithm: str) -> str:
     return f"{config.run.name}-{algorithm.replace('_', '-')}"
 
 
-def build_nodes(
-    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, out_dir: Path | None,
-    *, checkpoint_dir: Path | None = None,
-) -> tuple[ServerNode, list[Node]]:
-    """The server and the other nodes of one algorithm's fleet.
+def build_node(
+    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, node_id: str,
+    out_dir: Path | None, *, checkpoint_dir: Path | None = None,
+    bus_options: BusOptions | None = None,
+) -> Node:
+    """One node of an algorithm's fleet: ``server``, an overlay or a device id.
 
     With ``checkpoint_dir``, the server and the overlays checkpoint there
     (``<dir>/<algorithm>/server``, ``<dir>/<algorithm>/<overlay>``) and resume from it.
     """
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
-    server = ServerNode(broker, config, run, algorithm, plan,
-                        out_dir=None if out_dir is None else out_dir / algorithm,
-                        checkpoint_dir=None if ckpt is None else ckpt / "server")
-    others: list[Node] = []
-    if algorithm in ("emo", "emo_all"):
-        for overlay in config.overlay_ids():
-            spill = None if out_dir is None else out_dir / algorithm / "spill" / overlay
-            others.append(OverlayNode(broker, config, run, overlay, spill_dir=spill,
-                                      checkpoint_dir=None if ckpt is None else ckpt / overlay))
-    for device in config.device_ids():
-        others.append(DeviceNode(broker, config, run, device, algorithm, plan.device(device)))
+    if node_id == "server":
+        return ServerNode(broker, config, run, algorithm, plan,
+                          out_dir=None if out_dir is None else out_dir / algorithm,
+                          checkpoint_dir=None if ckpt is None else ckpt / "server",
+                          bus_options=bus_options)
+    if node_id in config.overlay_ids():
+        spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
+        return OverlayNode(broker, config, run, node_id, spill_dir=spill,
+                           checkpoint_dir=None if ckpt is None else ckpt / node_id,
+                           bus_options=bus_options)
+    return DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id),
+                      bus_options=bus_options)
+
+
+def fleet_node_ids(config: RunConfig, algorithm: str) -> dict[str, list[str]]:
+    """The node ids of one algorithm's fleet by link class (overlays only under EMO)."""
+    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    return {"server": ["server"], "overlay": overlays, "device": config.device_ids()}
+
+
+def build_nodes(
+    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, out_dir: Path | None,
+    *, checkpoint_dir: Path | None = None,
+) -> tuple[ServerNode, list[Node]]:
+    """The server and the other nodes of one algorithm's fleet (see :func:`build_node`)."""
+    ids = fleet_node_ids(config, algorithm)
+    server = build_node(broker, config, algorithm, plan, "server", out_dir,
+                        checkpoint_dir=checkpoint_dir)
+    assert isinstance(server, ServerNode)
+    others = [build_node(broker, config, algorithm, plan, n, out_dir,
+                         checkpoint_dir=checkpoint_dir) for n in ids["overlay"] + ids["device"]]
     return server, others
 
 
@@ -163,6 +190,27 @@ class Monitor:
         await self.bus.close()
 
 
+def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOptions:
+    """Bus deadlines sized to a shaped node's link and to the outages of the scenario.
+
+    The defaults assume a LAN: a publish fails after 10 s plus 1 s per MB, and a transfer
+    whose chunks stop arriving is dropped after 30 s. A node behind a slow link or down for
+    a minute must neither give up its own update nor drop a peer's half-received message.
+    """
+    rates = [c.up_mbps for c in [replay.conditions[node]] if c.up_mbps is not None]
+    rates += [e.conditions.up_mbps for e in replay.timeline if e.node == node
+              and e.conditions is not None and e.conditions.up_mbps is not None]
+    min_rate = 1_000_000.0 if not rates else min(1_000_000.0, min(rates) * MBPS / 2)
+    outage = max((replay.longest_outage_s(n) for n in replay.proxies), default=0.0)
+    return BusOptions(
+        publish_timeout_s=max(10.0, replay.longest_outage_s(node) + 20.0,
+                              config.fleet.round_deadline_s),
+        min_rate_bytes_s=min_rate,
+        reassembly_timeout_s=max(30.0, outage + 30.0),
+        first_connect_timeout_s=replay.horizon_s,
+    )
+
+
 async def run_algorithm(
     broker: Any,
     config: RunConfig,
@@ -173,39 +221,126 @@ async def run_algorithm(
     say: Say = print,
     on_event: OnEvent | None = None,
 ) -> dict[str, Any]:
-    """Run one algorithm's fleet to completion; its summary entry."""
+    """Run one algorithm's fleet to completion; its summary entry.
+
+    With a ``[network]`` section, every node reaches the broker through its own shaping
+    proxy (:class:`~emo_mqtt.replay.NetworkReplay`) and the scenario's timeline is replayed
+    from the moment the nodes start. With ``out_dir``, the message log is written to
+    ``<out_dir>/<algorithm>/messages.csv``.
+    """
     run = run_id(config, algorithm)
     await reset_run(broker, config, algorithm)
-    server, others = build_nodes(broker, config, algorithm, plan, out_dir)
-    monitor = Monitor(broker, run, algorithm, config.run.rounds, say, on_event)
-    await monitor.start()
-    start = time.monotonic()
-    tasks = [asyncio.create_task(n.run_node(), name=f"{n.role}:{n.node_id}") for n in others]
-    server_task = asyncio.create_task(server.run_node(), name="server")
     limit = config.run.rounds * config.fleet.round_deadline_s * 2 + 120
+    ids = fleet_node_ids(config, algorithm)
+    tasks: dict[str, asyncio.Task[None]] = {}
+    nodes: dict[str, Node] = {}
+    msglog = MessageLog(origin=time.monotonic())
+    replay: NetworkReplay | None = None
+    checkpoint_dir: Path | None = None
+
+    def make(node_id: str) -> Node:
+        node = build_node(
+            replay.url(node_id) if replay is not None else broker, config, algorithm, plan,
+            node_id, out_dir, checkpoint_dir=checkpoint_dir,
+            bus_options=None if replay is None else _bus_options(config, replay, node_id))
+        node.bus.on_published = msglog.recorder(node_id)
+        nodes[node_id] = node
+        return node
+
+    def launch(node: Node) -> None:
+        tasks[node.node_id] = asyncio.create_task(node.run_node(),
+                                                  name=f"{node.role}:{node.node_id}")
+
+    async def crash(node_id: str) -> None:
+        say(f"[{algorithm:>7}] network: {node_id} crashes")
+        task = tasks[node_id]
+        while not task.done():  # cancel again whatever goodbye its finally block attempts
+            task.cancel()
+            await asyncio.sleep(0.01)
+
+    async def restart(node_id: str) -> None:
+        say(f"[{algorithm:>7}] network: {node_id} restarts")
+        launch(make(node_id))
+
+    if config.network.enabled:
+        if not isinstance(broker, str):
+            raise ConfigError("[network] shapes real TCP connections: run it against an MQTT "
+                              "broker (emo run starts one), not the in-memory bus")
+        replay = NetworkReplay(config.network, broker, ids, seed=config.run.seed,
+                               horizon_s=limit, on_crash=crash, on_restart=restart)
+        if out_dir is not None and any(e.action == "restart" for e in replay.timeline):
+            checkpoint_dir = out_dir / "checkpoints"  # a restarted overlay resumes from it
+        await replay.start()
+    monitor = Monitor(broker, run, algorithm, config.run.rounds, say, on_event)
+    timeline: asyncio.Task[None] | None = None
     try:
+        server = make("server")
+        assert isinstance(server, ServerNode)
+        if replay is not None:
+            server.skip_start_wait = replay.down_at_start()
+        others = [make(n) for n in ids["overlay"] + ids["device"]]
+        await monitor.start()
+        start = msglog.origin = time.monotonic()
+        for node in others:
+            launch(node)
+        server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
+        if replay is not None:
+            timeline = asyncio.create_task(replay.run_timeline(start), name="network-timeline")
         await asyncio.wait_for(asyncio.shield(server_task), timeout=limit)
         wall = time.monotonic() - start
-        done, pending = await asyncio.wait(tasks, timeout=config.fleet.round_deadline_s)
+        if timeline is not None:
+            timeline.cancel()
+        if replay is not None:
+            replay.end(wall)
+        rest = [t for n, t in tasks.items() if n != "server"]
+        done, pending = await asyncio.wait(rest, timeout=config.fleet.round_deadline_s)
         for task in pending:
             log.warning("%s did not stop after the run; cancelling it", task.get_name())
             task.cancel()
         for task in done:
-            if task.exception() is not None:
+            if not task.cancelled() and task.exception() is not None:
                 raise EmoError(f"{task.get_name()} failed: {task.exception()!r}")
-        await monitor.wait_final(len(others) + 1, timeout_s=10)
+        alive = sum(1 for t in done if not t.cancelled())
+        await monitor.wait_final(alive + 1, timeout_s=10)
     finally:
-        for task in [*tasks, server_task]:
+        if timeline is not None:
+            timeline.cancel()
+        for task in tasks.values():
             task.cancel()
-        await asyncio.gather(*tasks, server_task, return_exceptions=True)
+        await asyncio.gather(*tasks.values(), *([timeline] if timeline else []),
+                             return_exceptions=True)
         await monitor.close()
-    return summarize(algorithm, config, monitor, server, wall)
+        if replay is not None:
+            await replay.close()
+        if out_dir is not None:
+            msglog.write_csv(out_dir / algorithm / "messages.csv")
+    # Round times count from round 1; the summary counts from the start of the run.
+    offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
+    entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
+    entry["logged_messages"] = len(msglog.rows)
+    entry["logged_bytes"] = msglog.total_bytes
+    if replay is not None:
+        links = replay.stats()
+        # What the proxies carried: MQTT framing, acknowledgements and retransmitted
+        # frames included, so a little more than ``bytes`` (payloads) each way.
+        entry["network"] = {
+            "events": replay.applied, "links": links,
+            "wire_bytes_up": sum(link["bytes_up"] for link in links.values()),
+            "wire_bytes_down": sum(link["bytes_down"] for link in links.values()),
+        }
+    return entry
 
 
 def summarize(
-    algorithm: str, config: RunConfig, monitor: Monitor, server: ServerNode, wall: float
+    algorithm: str, config: RunConfig, monitor: Monitor, server: ServerNode, wall: float,
+    *, offset_s: float = 0.0,
 ) -> dict[str, Any]:
-    """One algorithm's entry of summary.json, from what the nodes published."""
+    """One algorithm's entry of summary.json, from what the nodes published.
+
+    ``offset_s``: seconds from the start of the run to the start of round 1 (the server's
+    start wait), added to the server's round times so that every time in the entry counts
+    from the start of the run.
+    """
     if monitor.done is None:
         raise EmoError(f"{algorithm}: the server never reported the end of the run")
     by_kind: dict[str, int] = {}
@@ -220,27 +355,43 @@ def summarize(
     done = monitor.done
     target = config.run.target_accuracy
     reached = next((h for h in history if h["accuracy"] >= target), None)
+    times = [round(float(h["wall_s"]) + offset_s, 3) for h in history]
     return {
         "accuracy": done["accuracy"],
         "fl_accuracy": done["fl_accuracy"],
         "member_accuracy": done.get("member_accuracy"),
         "accuracy_per_round": [h["accuracy"] for h in history],
         "fl_accuracy_per_round": [h["fl_accuracy"] for h in history],
-        "wall_per_round_s": [h["wall_s"] for h in history],
+        # Seconds from the start of the run to the close of each round: real time, with the
+        # network shaped in real time when the scenario has a [network] section.
+        "time_per_round_s": times,
         # Bytes published by the run's nodes when each round closed, as the monitor saw them
         # in the nodes' latest metrics (a node's figure lags by at most one metrics message).
         "bytes_per_round": [monitor.bytes_at_round.get(int(h["round"])) for h in history],
         "bytes": sum(by_kind.values()),
         "bytes_by_kind": dict(sorted(by_kind.items())),
         "wall_s": round(wall, 3),
+        # Training time as the fleet experienced it, from the start of the run to the close
+        # of the last round: the proxies delay bytes in real time, so it is measured, not
+        # modelled. wall_s goes on to the end (overlays' final models, final evaluation).
+        "sim_time_s": times[-1] if times else round(wall, 3),
+        "network_shaped": config.network.enabled,
         "rounds": len(history),
         "target_accuracy": target,
-        "wall_to_target_s": None if reached is None else reached["wall_s"],
+        "time_to_target_s": None if reached is None else round(reached["wall_s"] + offset_s, 3),
         "nodes_reporting": len(monitor.final),
         "rejected": rejected,
         "fl_model_sha256": done["fl_model_sha256"],
         "controller_decisions": server.decisions if algorithm == "emo" else [],
     }
+
+
+def time_to(entry: dict[str, Any], accuracy: float) -> float | None:
+    """Seconds until the first round whose accuracy reached ``accuracy`` (None: never)."""
+    for acc, t in zip(entry["accuracy_per_round"], entry["time_per_round_s"], strict=True):
+        if acc >= accuracy:
+            return float(t)
+    return None
 
 
 def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -252,7 +403,17 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["fl_model_identical_with_overlays"] = fl["fl_model_sha256"] == emo["fl_model_sha256"]
     if sfl and emo:
         out["sfl_bytes_over_emo_bytes"] = round(sfl["bytes"] / emo["bytes"], 2)
-        out["sfl_wall_over_emo_wall"] = round(sfl["wall_s"] / emo["wall_s"], 2)
+        out["sfl_time_over_emo_time"] = round(sfl["sim_time_s"] / emo["sim_time_s"], 2)
+        s_t, e_t = sfl["time_to_target_s"], emo["time_to_target_s"]
+        out["sfl_time_to_target_over_emo"] = (
+            round(s_t / e_t, 2) if s_t is not None and e_t is not None and e_t > 0 else None)
+        # The same accuracy for both: the best per-round accuracy the weaker of the two reached.
+        common = min(max(sfl["accuracy_per_round"], default=0.0),
+                     max(emo["accuracy_per_round"], default=0.0))
+        s_c, e_c = time_to(sfl, common), time_to(emo, common)
+        out["common_accuracy"] = round(common, 4)
+        out["sfl_time_to_common_over_emo"] = (
+            round(s_c / e_c, 2) if s_c is not None and e_c is not None and e_c > 0 else None)
     if emo and full:
         act = emo["bytes_by_kind"].get("activations", 0)
         act_full = full["bytes_by_kind"].get("activations", 0)
@@ -266,15 +427,37 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def table(algorithms: dict[str, dict[str, Any]]) -> str:
     """The comparison table printed at the end of ``emo run``."""
+    target = next(iter(algorithms.values()))["target_accuracy"] if algorithms else 0.0
     lines = [f"{'algorithm':10} {'accuracy':>9} {'FL model':>9} {'MB sent':>9} "
-             f"{'activ. MB':>10} {'wall s':>8} {'rounds':>7}"]
+             f"{'activ. MB':>10} {'time s':>8} {f'to {target:g} s':>10} {'rounds':>7}"]
     for name, a in algorithms.items():
+        reach = a["time_to_target_s"]
         lines.append(
             f"{name:10} {a['accuracy']:9.4f} {a['fl_accuracy']:9.4f} {a['bytes'] / 1e6:9.2f} "
-            f"{a['bytes_by_kind'].get('activations', 0) / 1e6:10.2f} {a['wall_s']:8.1f} "
-            f"{a['rounds']:7d}"
+            f"{a['bytes_by_kind'].get('activations', 0) / 1e6:10.2f} {a['sim_time_s']:8.1f} "
+            f"{'never' if reach is None else f'{reach:.1f}':>10} {a['rounds']:7d}"
         )
     return "\n".join(lines)
+
+
+def _train_a_little(config: RunConfig, data: Split) -> None:
+    model = build_fl_model(config.fl.model)
+    train_local(model, data, epochs=1, batch_size=config.fl.batch_size, lr=config.fl.lr,
+                generator=make_generator(0, "warm-up"))
+
+
+async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
+    """Train a few batches once in every compute worker before the first algorithm.
+
+    torch's first training in a thread pays one-time costs (kernel selection, allocator
+    set-up) of about a second here: billed to the first algorithm's devices, and multiplied
+    by a slow ``compute_speed``, it would make that algorithm's first round seconds long.
+    """
+    first = plan.device(config.device_ids()[0])
+    n = min(len(first), 4 * config.fl.batch_size)
+    data = Split(first.x[:n], first.y[:n])
+    await asyncio.gather(*(compute.compute(_train_a_little, config, data)
+                           for _ in range(config.fleet.parallel_training)))
 
 
 async def run_scenario(
@@ -292,6 +475,7 @@ async def run_scenario(
     """
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
+    await _warm_up(config, plan)
     say(f"data: {len(plan.devices)} devices x ~{len(next(iter(plan.devices.values())))} samples "
         f"({config.data.partition}, alpha={config.data.alpha}), "
         f"{len(plan.validation)} validation, {len(plan.test)} test")
@@ -325,7 +509,9 @@ async def run_scenario(
             "summary": None if out_dir is None else str(out_dir / "summary.json"),
             "report": [str(p) for p in written],
             "algorithms": {name: {"accuracy": a["accuracy"], "fl_accuracy": a["fl_accuracy"],
-                                  "bytes": a["bytes"], "wall_s": a["wall_s"]}
+                                  "bytes": a["bytes"], "wall_s": a["wall_s"],
+                                  "sim_time_s": a["sim_time_s"],
+                                  "time_to_target_s": a["time_to_target_s"]}
                            for name, a in algorithms.items()},
             "comparisons": summary["comparisons"],
         })

@@ -9,9 +9,11 @@ keepalive, QoS 1 redelivery, reconnects and chunk timeouts behave as they would 
 How each effect is emulated, and why:
 
 * **Bandwidth** (``bandwidth_bps``, in *bytes* per second) is a token bucket whose burst is
-  one TCP read (:data:`READ_SIZE`). The relay waits for the bucket *before* reading the next
-  chunk, so a slow link pushes back on the sender through TCP flow control instead of
-  buffering without bound.
+  what the link carries in 10 ms (at least one 1500-byte packet, at most one TCP read,
+  :data:`READ_SIZE`): a real link has no allowance to spend, so a 24 kB model update over a
+  50 kbit/s link must take its 4 s, not leave at once in a 64 kB burst. The relay waits for
+  the bucket *before* reading the next chunk, so a slow link pushes back on the sender
+  through TCP flow control instead of buffering without bound.
 * **Latency and jitter**: each chunk gets a one-way delay of ``latency_s`` plus jitter
   (uniform in ``[-jitter_s, +jitter_s]`` or normal with standard deviation ``jitter_s``,
   clipped at zero), drawn from a seeded RNG. A TCP stream never reorders bytes, so a chunk's
@@ -104,10 +106,13 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = now
 
-    def set_rate(self, rate: float | None, now: float) -> None:
-        """Change the rate; tokens earned so far are kept at the old rate."""
+    def set_rate(self, rate: float | None, now: float, burst: float | None = None) -> None:
+        """Change the rate (and the burst); tokens earned so far are kept at the old rate."""
         self._refill(now)
         self.rate = rate
+        if burst is not None:
+            self.burst = float(burst)
+            self._tokens = min(self._tokens, self.burst)
 
     def _refill(self, now: float) -> None:
         if self.rate is None:
@@ -173,12 +178,19 @@ class ProxyStats:
     dropped_by_outage: int = 0
 
 
+def link_burst(rate: float | None) -> float:
+    """The token bucket's burst for a link of ``rate`` bytes/s: 10 ms of it, 1500..READ_SIZE."""
+    if rate is None:
+        return float(READ_SIZE)
+    return min(float(READ_SIZE), max(1500.0, rate * 0.01))
+
+
 class _Direction:
     """The shaping state of one direction of one connection."""
 
     def __init__(self, spec: LinkSpec, rng: random.Random, now: float) -> None:
         self.spec = spec
-        self.bucket = TokenBucket(spec.bandwidth_bps, READ_SIZE, now)
+        self.bucket = TokenBucket(spec.bandwidth_bps, link_burst(spec.bandwidth_bps), now)
         self.schedule = DelaySchedule(rng)
 
 
@@ -311,7 +323,7 @@ class ShapingProxy:
         for conn in self._conns:
             for d, spec in ((conn.up, self.uplink), (conn.down, self.downlink)):
                 d.spec = spec
-                d.bucket.set_rate(spec.bandwidth_bps, now)
+                d.bucket.set_rate(spec.bandwidth_bps, now, link_burst(spec.bandwidth_bps))
 
     # -- relaying ------------------------------------------------------------------------------
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:

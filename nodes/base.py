@@ -95,7 +95,10 @@ class Node:
 
     role = "node"
 
-    def __init__(self, broker: Any, config: RunConfig, run: str, node_id: str) -> None:
+    def __init__(
+        self, broker: Any, config: RunConfig, run: str, node_id: str,
+        bus_options: BusOptions | None = None,
+    ) -> None:
         self.config = config
         self.run = run
         self.node_id = node_id
@@ -106,8 +109,12 @@ class Node:
             f"{run}-{self.role}-{node_id}",
             will=will,
             clean_start=False,
-            options=BusOptions(),
+            # A shaped run sizes publish deadlines to the node's link and outages.
+            options=bus_options or BusOptions(),
         )
+        # The broker published our will ("offline") when the connection dropped: say we
+        # are back, or the server and dashboards would count us offline for good.
+        self.bus.on_reconnected = lambda: self.spawn(self.publish_status("online"))
         self.handlers: dict[Kind, Handler] = {}
         self.json_handlers: dict[Kind, JsonHandler] = {}
         self._seq = 0
@@ -138,11 +145,17 @@ class Node:
         node: str | None = None,
         retain: bool = False,
         qos: int = 1,
+        background: bool = False,
     ) -> None:
-        """Encode ``body`` in an envelope from this node and publish it on ``kind``'s topic."""
+        """Encode ``body`` in an envelope from this node and publish it on ``kind``'s topic.
+
+        ``background``: bulk data that yields to this node's other messages on its link
+        (:meth:`emo_mqtt.bus.Bus.publish`).
+        """
         self._seq += 1
         frame = codec.encode(body, kind=msg_kind, sender=self.node_id, run=self.run, seq=self._seq)
-        await self.bus.publish(topic(kind, self.run, node=node), frame, qos=qos, retain=retain)
+        await self.bus.publish(topic(kind, self.run, node=node), frame, qos=qos, retain=retain,
+                               background=background)
 
     async def publish_status(self, state: str) -> None:
         await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
+from emo_mqtt.bus import BusOptions
 from emo_mqtt.cache import ActivationBatch, DeviceOutbox
 from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
@@ -36,6 +39,8 @@ log = logging.getLogger("emo_mqtt.nodes.device")
 
 EMO_ALGORITHMS = ("emo", "emo_all")
 SFL_ALGORITHMS = ("sfl", "sfl_v1")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class DeviceNode(Node):
@@ -44,9 +49,15 @@ class DeviceNode(Node):
     role = "device"
 
     def __init__(
-        self, broker: Any, config: RunConfig, run: str, node_id: str, algorithm: str, data: Split
+        self, broker: Any, config: RunConfig, run: str, node_id: str, algorithm: str, data: Split,
+        *, bus_options: BusOptions | None = None,
     ) -> None:
-        super().__init__(broker, config, run, node_id)
+        super().__init__(broker, config, run, node_id, bus_options)
+        #: Training speed relative to this machine: slower devices wait out the difference.
+        self.compute_speed = config.compute_speed(node_id)
+        #: Seconds spent computing, and seconds waited to emulate a slower device.
+        self.compute_busy_s = 0.0
+        self.compute_wait_s = 0.0
         self.algorithm = algorithm
         self.data = data
         # The model of the round being trained. Each round trains a fresh instance: a round
@@ -63,6 +74,12 @@ class DeviceNode(Node):
         self.outbox: DeviceOutbox[ActivationBatch] = self._new_outbox()
         self.outbox_evicted = 0
         self._training: asyncio.Task[None] | None = None
+        #: Activations go up one round at a time, beside the rounds (see _queue_activations):
+        #: the round whose activations wait for the link, and the task sending them.
+        self._pending_activations: tuple[int, DeviceOutbox[ActivationBatch]] | None = None
+        self._activation_sender: asyncio.Task[None] | None = None
+        #: Rounds of activations dropped unsent because the uplink had not caught up.
+        self.activation_rounds_dropped = 0
         self._gradients: dict[tuple[int, int], asyncio.Future[torch.Tensor]] = {}
         self.activation_bytes = 0
         self.rounds_trained = 0
@@ -94,6 +111,10 @@ class DeviceNode(Node):
             outbox_evicted=self.outbox_evicted + self.outbox.stats.evicted,
             decision=self.decision.to_dict(),
             decision_round=self.decision_round,
+            activation_rounds_dropped=self.activation_rounds_dropped,
+            compute_speed=self.compute_speed,
+            compute_busy_s=round(self.compute_busy_s, 3),
+            compute_wait_s=round(self.compute_wait_s, 3),
         )
         return out
 
@@ -142,6 +163,34 @@ class DeviceNode(Node):
         await self.stopping.wait()
         if self._training is not None and not self._training.done():
             self._training.cancel()
+        if self._activation_sender is not None:  # the run is over: no overlay trains any more
+            self._activation_sender.cancel()
+
+    def _queue_activations(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
+        """Send round ``r``'s activations when the link is free; older unsent ones are dropped.
+
+        Activations go beside the rounds, not in them: the next round's announcement cancels
+        a round's task, and on a slow uplink it comes while the activations are still going
+        up. They go one round at a time: were every round's batch sent at once, a link that
+        cannot keep up would share itself between ever more transfers and finish none. The
+        device tier keeps only the freshest round waiting (IoT memory is small, and the
+        overlays value fresh activations most); a dropped round is counted.
+        """
+        if self._pending_activations is not None:
+            self.activation_rounds_dropped += 1
+        self._pending_activations = (r, outbox)
+        if self._activation_sender is None or self._activation_sender.done():
+            self._activation_sender = asyncio.create_task(self._send_activations())
+
+    async def _send_activations(self) -> None:
+        while self._pending_activations is not None:
+            r, outbox = self._pending_activations
+            self._pending_activations = None
+            try:
+                await self._flush_outbox(r, outbox)
+            except EmoError as exc:  # a publish timed out or the bus closed: try the next
+                log.warning("device %s: round %d activations not published: %s",
+                            self.node_id, r, exc)
 
     # -- training ---------------------------------------------------------------------------
     async def _train_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
@@ -165,6 +214,14 @@ class DeviceNode(Node):
         while self.decision_round < r and asyncio.get_running_loop().time() < deadline:
             await wait_event(self._decision_event, 0.2)
         return self.decision
+
+    async def _emulate_speed(self, busy_s: float) -> None:
+        """After ``busy_s`` seconds of computing, wait as long as a slower device would have."""
+        self.compute_busy_s += busy_s
+        if self.compute_speed < 1:
+            wait = busy_s * (1 / self.compute_speed - 1)
+            self.compute_wait_s += wait
+            await asyncio.sleep(wait)
 
     def _new_outbox(self) -> DeviceOutbox[ActivationBatch]:
         return DeviceOutbox(self.config.emo.outbox_kib * 1024)
@@ -191,7 +248,8 @@ class DeviceNode(Node):
                     outbox.push(ActivationBatch.quantize(
                         r, idx[chosen], acts.numpy()[chosen], labels[chosen], decision.precision))
 
-        report = await compute(
+        report, busy_s = await compute(
+            _timed,
             train_local,
             model,
             self.data,
@@ -202,13 +260,14 @@ class DeviceNode(Node):
             generator=make_generator(c.run.seed, "train", self.node_id, r),
             on_activations=capture,
         )
+        await self._emulate_speed(busy_s)
         self.last_loss = float(report.loss)
         update = {"round": r, "weights": state_to_numpy(model), "samples": report.samples,
                   "loss": report.loss}
         self._last_update = (r, update)
         await self.send(Kind.DEVICE_UPDATE, update, msg_kind="update", node=self.node_id)
         if capture is not None:
-            await self._flush_outbox(r, outbox)
+            self._queue_activations(r, outbox)
 
     async def _flush_outbox(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
         """Publish this round's activations in one message (chunked by the bus if large)."""
@@ -228,7 +287,10 @@ class DeviceNode(Node):
                 "last": True}
         self.activation_bytes += int(data.nbytes + ids.nbytes + labels.nbytes
                                      + (0 if scale is None else scale.nbytes))
-        await self.send(Kind.DEVICE_ACTIVATIONS, body, msg_kind="activations", node=self.node_id)
+        # In the background: on a slow uplink, the next round's FL update must not queue
+        # behind megabytes of activations (FL never waits for the overlays).
+        await self.send(Kind.DEVICE_ACTIVATIONS, body, msg_kind="activations", node=self.node_id,
+                        background=True)
 
     async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
         self.model = build_fl_model(self.config.fl.model)
@@ -247,7 +309,9 @@ class DeviceNode(Node):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, c.fl.batch_size):
                 idx = order[start : start + c.fl.batch_size]
+                began = time.perf_counter()
                 acts = trunk(x_all[idx])
+                await self._emulate_speed(time.perf_counter() - began)
                 future: asyncio.Future[torch.Tensor] = loop.create_future()
                 self._gradients[(r, batch)] = future
                 await self.send(
@@ -263,9 +327,18 @@ class DeviceNode(Node):
                     raise EmoError(f"no gradient for round {r} batch {batch}") from None
                 finally:
                     self._gradients.pop((r, batch), None)
+                began = time.perf_counter()
                 sfl_device_backward(acts, grad, optimizer)
+                await self._emulate_speed(time.perf_counter() - began)
                 batch += 1
         update = {"round": r, "weights": state_to_numpy(trunk), "samples": n * c.fl.local_epochs,
                   "loss": math.nan}
         self._last_update = (r, update)
         await self.send(Kind.DEVICE_UPDATE, update, msg_kind="update", node=self.node_id)
+
+
+def _timed(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> tuple[R, float]:
+    """``fn``'s result and the seconds it took (run in the compute pool: queueing excluded)."""
+    began = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - began

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from emo_mqtt import codec
+from emo_mqtt.bus import BusOptions
 from emo_mqtt.cache import ActivationBatch, ReplayCache, SpillTier
 from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
@@ -49,8 +50,9 @@ class OverlayNode(Node):
         *,
         spill_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
+        bus_options: BusOptions | None = None,
     ) -> None:
-        super().__init__(broker, config, run, node_id)
+        super().__init__(broker, config, run, node_id, bus_options)
         self.devices = config.devices_of(node_id)
         shape = build_fl_model(config.fl.model).activation_shape
         torch.manual_seed(derive_seed(config.run.seed, "overlay-init", node_id))
@@ -88,7 +90,8 @@ class OverlayNode(Node):
         out = super().metrics()
         s = self.cache.stats
         out.update(
-            version=self.version, trained_round=self.trained_round, loss=self.last_loss,
+            version=self.version, resumed_version=self.resumed_version,
+            trained_round=self.trained_round, loss=self.last_loss,
             cache=self.cache.occupancy(self.round),
             cache_stats={"offered": s.offered, "evicted": s.evicted, "purged": s.purged,
                          "refilled": s.refilled, "sampled_entries": s.sampled_entries,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emo_mqtt.bus import BusOptions
 from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
 from emo_mqtt.controller import (
@@ -75,8 +76,9 @@ class ServerNode(Node):
         out_dir: Path | None = None,
         start_timeout_s: float = 60.0,
         checkpoint_dir: Path | None = None,
+        bus_options: BusOptions | None = None,
     ) -> None:
-        super().__init__(broker, config, run, node_id)
+        super().__init__(broker, config, run, node_id, bus_options)
         self.algorithm = algorithm
         self.plan = plan
         self.out_dir = out_dir
@@ -91,6 +93,12 @@ class ServerNode(Node):
         seed_everything(config.run.seed)
         self.model = build_fl_model(config.fl.model)
         self.online: set[str] = set()
+        #: Nodes not waited for before round 1 (``emo run`` lists those whose scenario link
+        #: starts down: they join through the retained round announcement when it comes up).
+        self.skip_start_wait: set[str] = set()
+        #: ``time.monotonic()`` when round 1 started (after the start wait): round times count
+        #: from it.
+        self.rounds_started_at: float | None = None
         self._online_event = asyncio.Event()
         self.collector: RoundCollector | None = None
         self._update_event = asyncio.Event()
@@ -253,6 +261,7 @@ class ServerNode(Node):
         expected = set(self.config.device_ids())
         if self.emo:
             expected |= set(self.config.overlay_ids())
+        expected -= self.skip_start_wait
         deadline = time.monotonic() + self.start_timeout_s
         while not expected <= self.online:
             left = deadline - time.monotonic()
@@ -296,7 +305,7 @@ class ServerNode(Node):
     async def main(self) -> None:
         c = self.config
         await self._wait_for_fleet()
-        start = time.monotonic()
+        start = self.rounds_started_at = time.monotonic()
         probe = torch.tensor(self.plan.validation.x[: c.controller.probe_samples])
         first = self._load_checkpoint() + 1
         prev_probe = self._prev_probe

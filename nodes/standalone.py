@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from emo_mqtt.broker.url import BrokerURL
@@ -14,6 +15,8 @@ from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
 from emo_mqtt.topics import validate_id
+
+log = logging.getLogger("emo_mqtt.nodes.standalone")
 
 
 async def run_standalone(
@@ -34,6 +37,10 @@ async def run_standalone(
     if node_id not in known[role]:
         raise ConfigError(f"--id {node_id!r} is not a {role} of {config_path}: "
                           f"use one of {', '.join(known[role])}")
+    if config.network.enabled:
+        # The proxies live in `emo run`'s process; a standalone node uses its real network.
+        log.warning("%s: the [network] section is not applied by `emo node` (only `emo run` "
+                    "shapes links); this node uses the network it is on", config_path)
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     node: Node

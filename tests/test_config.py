@@ -85,3 +85,48 @@ def test_scenarios_readme_documents_every_key() -> None:
         for f in fields(cls):
             if f.name != "policy_overrides":
                 assert f"| `{f.name}` |" in text, f"{section}.{f.name} is not documented"
+
+
+def _known_keys(network: dict[str, object]) -> list[str]:
+    """The keys a part of ``[network]`` accepts, as its unknown-key error lists them."""
+    import ast
+
+    with pytest.raises(ConfigError) as err:
+        from_dict({"network": network})
+    message = str(err.value)
+    assert "known: " in message, message
+    return list(ast.literal_eval(message.split("known: ", 1)[1]))
+
+
+def test_scenarios_readme_documents_every_network_key() -> None:
+    from emo_mqtt.netscenario import ACTIONS, LINK_CLASSES, LINK_KEYS, TRACE_COLUMNS
+
+    text = (ROOT / "scenarios" / "README.md").read_text()
+    assert "## `[network]`" in text
+    network = text.split("## `[network]`", 1)[1]
+    top = _known_keys({"zzz": 1})
+    event = _known_keys({"events": [{"at_s": 0, "target": "dev00", "action": "up",
+                                     "zzz": 1}]})
+    duty = _known_keys({"duty_cycle": [{"zzz": 1}]})
+    availability = _known_keys({"availability": {"zzz": 1}})
+    node = _known_keys({"nodes": {"dev00": {"zzz": 1}}})
+    assert set(LINK_KEYS) < set(node) and set(LINK_CLASSES) < set(top)
+    for key in [*top, *duty, *availability, *node]:
+        if key in LINK_CLASSES:
+            assert f"`{key}`" in network, f"network.{key} is not documented"
+        else:
+            assert f"| `{key}` |" in network, f"network key {key} is not documented"
+    for key in event:
+        assert f"`{key}`" in network, f"network.events key {key} is not documented"
+    for column in TRACE_COLUMNS:
+        assert f"`{column}`" in network.split("### CSV trace", 1)[1], f"trace column {column}"
+    for action in ACTIONS:
+        assert f"`{action}`" in network, f"action {action}"
+    for section in ("### Link classes", "### Events", "### CSV trace", "### Duty cycles",
+                    "### FedScale availability", "### Compute speed"):
+        assert section in network, section
+    fleet = text.split("## `[fleet]`", 1)[1].split("\n## ", 1)[0]
+    assert "| `device_compute_speed` |" in fleet
+    assert "time_to_target_s" in text and "wall_to_target_s" not in text
+    for scenario in (ROOT / "scenarios").glob("*.toml"):
+        assert f"`{scenario.name}`" in text, f"{scenario.name} is not listed"

@@ -11,6 +11,7 @@ from emo_mqtt.bus import MemoryBroker
 from emo_mqtt.config import from_dict
 from emo_mqtt.dataplan import plan_data
 from emo_mqtt.fleet import build_nodes, run_algorithm
+from emo_mqtt.nodes.device import DeviceNode
 
 SMALL: dict[str, Any] = {
     "run": {"name": "mem", "rounds": 2},
@@ -82,3 +83,24 @@ def test_a_round_below_min_updates_closes_at_its_deadline_unaggregated() -> None
     assert all(not h["aggregated"] and h["updates"] == 0 for h in history)
     assert all(h["missing"] == ["dev02"] for h in history)
     assert model == "unchanged"
+
+
+def test_a_slower_device_waits_out_the_difference() -> None:
+    """compute_speed 0.25: after each training a device waits three times its compute time."""
+    config = from_dict({**SMALL, "fleet": {**SMALL["fleet"], "round_deadline_s": 30,
+                                           "min_updates": 3, "device_compute_speed": 0.25}})
+    plan = plan_data(config)
+    broker = MemoryBroker()
+
+    async def scenario() -> list[Any]:
+        server, others = build_nodes(broker, config, "fl", plan, None)
+        tasks = [asyncio.create_task(n.run_node()) for n in others]
+        await asyncio.wait_for(server.run_node(), timeout=60)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        return others
+
+    for device in asyncio.run(scenario()):
+        assert isinstance(device, DeviceNode)
+        assert device.compute_speed == 0.25
+        assert device.compute_busy_s > 0
+        assert device.compute_wait_s == pytest.approx(3 * device.compute_busy_s, rel=1e-6)

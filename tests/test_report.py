@@ -34,10 +34,11 @@ def _synthetic_summary(with_bytes_per_round: bool = True) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "accuracy": acc[-1], "fl_accuracy": acc[-1] - 0.01 * i,
             "accuracy_per_round": acc, "fl_accuracy_per_round": acc,
-            "wall_per_round_s": [1.5 * r * (1 + i) for r in range(1, 6)],
+            "time_per_round_s": [1.5 * r * (1 + i) for r in range(1, 6)],
             "bytes": 5_000_000 * (1 + i),
             "bytes_by_kind": {"weights": 4_000_000, "activations": 1_000_000 * i},
-            "wall_s": 7.5 * (1 + i), "rounds": 5, "wall_to_target_s": None,
+            "wall_s": 7.5 * (1 + i), "sim_time_s": 7.5 * (1 + i), "rounds": 5,
+            "time_to_target_s": None,
         }
         if with_bytes_per_round:
             entry["bytes_per_round"] = [1_000_000 * r * (1 + i) for r in range(1, 6)]

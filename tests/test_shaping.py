@@ -211,3 +211,38 @@ async def test_outage_reconnects_the_bus_and_loses_no_qos1_message(
         assert got == [b"before", b"during"]
         assert pub.stats.reconnects >= 1
         assert proxy.stats.outages == 1 and proxy.stats.connections >= 2
+
+
+async def _latency_behind_bulk(mosquitto: BrokerHandle, background: bool) -> tuple[float, float]:
+    """(seconds a 1 kB message took, seconds the 1.5 MB bulk message took) when the small
+    one is published 0.2 s into the bulk one, over a 500 kB/s uplink."""
+    proxy = ShapingProxy(mosquitto.host, mosquitto.port,
+                         uplink=LinkSpec(bandwidth_bps=500_000, latency_s=0.01))
+    tag = "bg" if background else "fg"
+    async with proxy, open_bus(proxy.url, f"bulk-{tag}", clean_start=True) as pub:
+        began = time.monotonic()
+        bulk = asyncio.create_task(pub.publish(f"shaping/{tag}/bulk", b"b" * 1_500_000,
+                                               background=background))
+        await asyncio.sleep(0.2)
+        small_began = time.monotonic()
+        await pub.publish(f"shaping/{tag}/small", b"s" * 1000)
+        small = time.monotonic() - small_began
+        await bulk
+        return small, time.monotonic() - began
+
+
+@pytest.mark.broker
+async def test_a_background_publish_lets_other_messages_through_first(
+    mosquitto: BrokerHandle,
+) -> None:
+    """EMO's activations go in the background so that FL updates do not queue behind them.
+
+    In the foreground, the 1.5 MB message's two 1 MB frames are on the wire at once and the
+    small message waits for them (~2.8 s at 500 kB/s); in the background, it waits behind
+    at most two 64 KiB frames (~0.26 s). The bulk message takes about as long either way.
+    """
+    fg_small, fg_bulk = await _latency_behind_bulk(mosquitto, background=False)
+    bg_small, bg_bulk = await _latency_behind_bulk(mosquitto, background=True)
+    assert fg_small > 2.0, fg_small
+    assert bg_small < 0.8, bg_small
+    assert bg_bulk < fg_bulk * 1.5, (bg_bulk, fg_bulk)

@@ -22,7 +22,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -99,6 +99,17 @@ class BusOptions:
     reassembly_max_transfers: int = 64
     reassembly_max_transfer_size: int = 2**30
     reassembly_timeout_s: float = 30.0
+    #: ``publish(..., background=True)``: bulk data that must yield to everything else on
+    #: the connection (EMO's activations vs FL's updates). It goes in frames of at most
+    #: this many bytes (or ``chunk_size``, if smaller) with at most ``background_window``
+    #: of them in flight, so a message published meanwhile waits behind two 64 KiB frames,
+    #: not behind the whole transfer (an MQTT connection is one FIFO stream: paho sends
+    #: frames in the order it got them).
+    background_chunk_size: int = 64 * 1024
+    background_window: int = 2
+    #: How long ``connect()`` waits for the first connection (None: the bus's own connect
+    #: timeout). A node whose link starts down in a network scenario waits for it to be up.
+    first_connect_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 64 <= self.chunk_size <= 1024 * 1024:
@@ -106,6 +117,10 @@ class BusOptions:
             raise ValueError("chunk_size must be between 64 bytes and 1 MiB (1048576)")
         if self.publish_window < 1 or self.inbox_max_frames < 2:
             raise ValueError("publish_window must be >= 1 and inbox_max_frames >= 2")
+        if self.background_chunk_size <= HEADER_SIZE:
+            raise ValueError("background_chunk_size must be above the chunk header size")
+        if self.background_window < 1:
+            raise ValueError("background_window must be >= 1")
 
 
 class Bus(ABC):
@@ -132,6 +147,13 @@ class Bus(ABC):
             when_full="evict_stalest",
         )
         self._last_expiry = time.monotonic()
+        #: Called after every whole message published, as ``(topic, payload bytes sent
+        #: (chunk headers included), qos, retain, started, finished)`` with
+        #: ``time.monotonic()`` times: how ``emo run`` writes its message log.
+        self.on_published: Callable[[str, int, int, bool, float, float], None] | None = None
+        #: Called (from the event loop) each time the bus is connected again after losing its
+        #: connection, once its subscriptions are renewed.
+        self.on_reconnected: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -186,19 +208,26 @@ class Bus(ABC):
         qos: int = 1,
         retain: bool = False,
         timeout: float | None = None,
+        background: bool = False,
     ) -> None:
         """Publish ``payload`` to ``topic``; chunked when larger than ``chunk_size``.
 
         Returns once the broker acknowledged every frame (QoS 1) or the frames were handed to
         the socket (QoS 0). Raises :class:`~emo_mqtt.errors.PublishTimeout` past the deadline
-        and :class:`~emo_mqtt.errors.BusError` when the bus is closed.
+        and :class:`~emo_mqtt.errors.BusError` when the bus is closed. ``background``: bulk
+        data that yields to other publishes (see ``BusOptions.background_chunk_size``);
+        ignored for a retained message, which cannot be chunked.
         """
         if self._closed:
             raise BusError(f"bus {self.client_id} is closed")
         size = len(payload)
         frame = b""
         chunks: list[bytearray] | None = None
-        if size <= self.options.chunk_size:
+        chunk_size, window = self.options.chunk_size, self.options.publish_window
+        if background and not retain:
+            chunk_size = min(chunk_size, self.options.background_chunk_size)
+            window = self.options.background_window
+        if size <= chunk_size:
             frame = payload if isinstance(payload, bytes) else bytes(payload)
         elif retain:
             # A retained message is one message: chunks would overwrite one another.
@@ -207,14 +236,15 @@ class Bus(ABC):
                 f"{self.options.chunk_size}"
             )
         else:
-            chunks = split(payload, chunk_size=self.options.chunk_size - HEADER_SIZE)
+            chunks = split(payload, chunk_size=chunk_size - HEADER_SIZE)
         deadline = self.publish_deadline(size) if timeout is None else timeout
+        started = time.monotonic()
         try:
             async with asyncio.timeout(deadline):
                 if chunks is None:
                     await self._publish_frame(topic, frame, qos, retain)
                 else:
-                    await self._publish_frames(topic, chunks, qos)
+                    await self._publish_frames(topic, chunks, qos, window)
         except TimeoutError as exc:
             raise PublishTimeout(
                 f"publish of {size} bytes to {topic} not acknowledged within {deadline:g} s"
@@ -224,11 +254,15 @@ class Bus(ABC):
         self.stats.published_frames += 1 if chunks is None else len(chunks)
         self.stats.published_bytes += nbytes
         self.stats.bytes_out_by_topic[topic] += nbytes
+        if self.on_published is not None:
+            self.on_published(topic, nbytes, qos, retain, started, time.monotonic())
 
-    async def _publish_frames(self, topic: str, chunks: list[bytearray], qos: int) -> None:
+    async def _publish_frames(
+        self, topic: str, chunks: list[bytearray], qos: int, in_flight: int
+    ) -> None:
         # Keep a window of frames in flight: one at a time would cost a broker round
         # trip per chunk; all at once would hold every chunk in paho's queue.
-        window = asyncio.Semaphore(self.options.publish_window)
+        window = asyncio.Semaphore(in_flight)
 
         async def one(chunk: bytearray) -> None:
             async with window:

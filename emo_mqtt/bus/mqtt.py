@@ -297,8 +297,9 @@ class MqttBus(Bus):
         # A local reference: a close() meanwhile sets self._supervisor to None.
         supervisor = asyncio.create_task(self._supervise(), name=f"bus:{self.client_id}")
         self._supervisor = supervisor
+        wait = self.options.first_connect_timeout_s or self.connect_timeout_s
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout(wait):
                 while not self.connected:
                     if self._fatal is not None:
                         raise self._fatal
@@ -308,7 +309,7 @@ class MqttBus(Bus):
         except TimeoutError:
             await self.close()
             raise BusError(
-                f"could not connect to {self.url} within {self.connect_timeout_s:g} s: "
+                f"could not connect to {self.url} within {wait:g} s: "
                 f"{self._last_error!r}"
             ) from None
         except BusError:
@@ -404,10 +405,12 @@ class MqttBus(Bus):
         try:
             if self._subscriptions:
                 await client.subscribe(list(self._subscriptions.items()))
+            self._up.set()
             if not first:
                 self.stats.reconnects += 1
                 log.info("%s: reconnected to %s", self.client_id, self.url)
-            self._up.set()
+                if self.on_reconnected is not None:
+                    self.on_reconnected()
             await asyncio.wait({client.lost})
             if not client.lost.cancelled() and client.lost.exception() is not None:
                 self._last_error = client.lost.exception()
