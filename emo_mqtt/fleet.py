@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -233,7 +234,6 @@ async def run_algorithm(
     limit = config.run.rounds * config.fleet.round_deadline_s * 2 + 120
     ids = fleet_node_ids(config, algorithm)
     tasks: dict[str, asyncio.Task[None]] = {}
-    nodes: dict[str, Node] = {}
     msglog = MessageLog(origin=time.monotonic())
     replay: NetworkReplay | None = None
     checkpoint_dir: Path | None = None
@@ -241,10 +241,11 @@ async def run_algorithm(
     def make(node_id: str) -> Node:
         node = build_node(
             replay.url(node_id) if replay is not None else broker, config, algorithm, plan,
-            node_id, out_dir, checkpoint_dir=checkpoint_dir,
+            node_id, out_dir,
+            # Only overlays need one: a restarted overlay resumes its model and cache.
+            checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
             bus_options=None if replay is None else _bus_options(config, replay, node_id))
         node.bus.on_published = msglog.recorder(node_id)
-        nodes[node_id] = node
         return node
 
     def launch(node: Node) -> None:
@@ -270,6 +271,8 @@ async def run_algorithm(
                                horizon_s=limit, on_crash=crash, on_restart=restart)
         if out_dir is not None and any(e.action == "restart" for e in replay.timeline):
             checkpoint_dir = out_dir / "checkpoints"  # a restarted overlay resumes from it
+            # ... from this run's checkpoint, never from one an earlier run left in --out.
+            shutil.rmtree(checkpoint_dir / algorithm, ignore_errors=True)
         await replay.start()
     monitor = Monitor(broker, run, algorithm, config.run.rounds, say, on_event)
     timeline: asyncio.Task[None] | None = None

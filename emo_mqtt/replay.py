@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 from emo_mqtt.broker.url import parse_broker_url
 from emo_mqtt.errors import ConfigError
@@ -87,7 +88,13 @@ class NetworkReplay:
     def url(self, node: str) -> str:
         """The broker URL ``node`` must use: its proxy's, with the real broker's scheme."""
         proxy = self.proxies[node]
-        return f"{self.broker.scheme}://{proxy.listen_host}:{proxy.port}"
+        login = ""
+        if self.broker.username is not None:  # the same credentials, through the proxy
+            login = quote(self.broker.username, safe="")
+            if self.broker.password is not None:
+                login += ":" + quote(self.broker.password, safe="")
+            login += "@"
+        return f"{self.broker.scheme}://{login}{proxy.listen_host}:{proxy.port}"
 
     def longest_outage_s(self, node: str) -> float:
         """The longest time ``node``'s link is down on the timeline (sizes its publish deadline)."""

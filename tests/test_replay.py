@@ -163,3 +163,21 @@ def test_an_overlay_crash_in_the_timeline_restarts_it_from_its_checkpoint(
     models = [r for r in rows if r["sender"] == "ovl0" and r["topic"].endswith("/model")]
     assert any(float(r["time_s"]) < restarted for r in models), "ovl0 trained before the crash"
     assert any(float(r["time_s"]) > restarted for r in models), "and again after it"
+
+
+def test_each_node_gets_its_proxy_with_the_broker_login() -> None:
+    """A node behind a proxy logs in as it would directly (the proxy only relays bytes)."""
+    from emo_mqtt.broker.url import parse_broker_url
+
+    config = _config({"device": {"up_mbps": 1.0}})
+
+    async def urls() -> list[str]:
+        replay = NetworkReplay(config.network, "mqtt://us%40er:p%3Ass@127.0.0.1:9",
+                               fleet_node_ids(config, "fl"), seed=1, horizon_s=10)
+        async with replay:
+            return [replay.url(n) for n in ("server", "dev00", "dev01")]
+
+    parsed = [parse_broker_url(u) for u in asyncio.run(urls())]
+    assert len({u.port for u in parsed}) == 3  # one proxy each
+    assert all((u.host, u.username, u.password) == ("127.0.0.1", "us@er", "p:ss")
+               for u in parsed)
