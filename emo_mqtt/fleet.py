@@ -198,16 +198,16 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
     whose chunks stop arriving is dropped after 30 s. A node behind a slow link or down for
     a minute must neither give up its own update nor drop a peer's half-received message.
     """
-    rates = [c.up_mbps for c in [replay.conditions[node]] if c.up_mbps is not None]
-    rates += [e.conditions.up_mbps for e in replay.timeline if e.node == node
-              and e.conditions is not None and e.conditions.up_mbps is not None]
+    links = [replay.conditions[node]]
+    links += [e.conditions for e in replay.timeline
+              if e.node == node and e.conditions is not None]
+    rates = [link.up_mbps for link in links if link.up_mbps is not None]
     min_rate = 1_000_000.0 if not rates else min(1_000_000.0, min(rates) * MBPS / 2)
-    outage = max((replay.longest_outage_s(n) for n in replay.proxies), default=0.0)
     return BusOptions(
         publish_timeout_s=max(10.0, replay.longest_outage_s(node) + 20.0,
                               config.fleet.round_deadline_s),
         min_rate_bytes_s=min_rate,
-        reassembly_timeout_s=max(30.0, outage + 30.0),
+        reassembly_timeout_s=max(30.0, replay.longest_outage_s() + 30.0),
         first_connect_timeout_s=replay.horizon_s,
     )
 

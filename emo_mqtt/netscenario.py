@@ -29,7 +29,6 @@ from emo_mqtt.errors import ConfigError
 from emo_mqtt.shaping import LinkSpec
 
 LINK_CLASSES = ("device", "overlay", "server")
-LinkClass = Literal["device", "overlay", "server"]
 ACTIONS = ("down", "up", "link", "crash", "restart")
 Action = Literal["down", "up", "link", "crash", "restart"]
 #: What ``for_s`` does when it runs out: the opposite action.
@@ -146,7 +145,8 @@ class NetworkConfig:
 
     raw: dict[str, Any] = field(default_factory=dict)
     classes: tuple[tuple[str, LinkConditions], ...] = ()
-    nodes: tuple[tuple[str, LinkConditions], ...] = ()
+    #: Per node, the link keys its own table gives (they override its class's, key by key).
+    nodes: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     compute_speed: tuple[tuple[str, float], ...] = ()
     events: tuple[NetEvent, ...] = ()
     duty_cycles: tuple[DutyCycle, ...] = ()
@@ -165,11 +165,7 @@ class NetworkConfig:
     def base_conditions(self, node: str, link_class: str) -> LinkConditions:
         """The node's conditions before any event: its class's, then its own table's."""
         base = dict(self.classes).get(link_class, LinkConditions())
-        own = dict(self.nodes).get(node)
-        if own is None:
-            return base
-        given = self.raw.get("nodes", {}).get(node, {})
-        return base.updated({k: getattr(own, k) for k in LINK_KEYS if k in given})
+        return base.updated(dict(dict(self.nodes).get(node, ())))
 
     def device_compute_speed(self, device: str, default: float) -> float:
         return dict(self.compute_speed).get(device, default)
@@ -481,7 +477,7 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
             classes.append((name, LinkConditions().updated(
                 _link_values(f"network.{name}", raw[name]))))
     node_ids = {"server", *devices, *overlays}
-    nodes: list[tuple[str, LinkConditions]] = []
+    nodes: list[tuple[str, tuple[tuple[str, float], ...]]] = []
     speeds: list[tuple[str, float]] = []
     tables = raw.get("nodes", {})
     if not isinstance(tables, dict):
@@ -494,7 +490,7 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
         if not isinstance(table, dict):
             raise ConfigError(f"[{where}] must be a table")
         values = _link_values(where, table, extra=("compute_speed",))
-        nodes.append((node, LinkConditions().updated(values)))
+        nodes.append((node, tuple(sorted(values.items()))))
         if "compute_speed" in table:
             if node not in devices:
                 raise ConfigError(f"{where}.compute_speed: only devices have a compute speed")

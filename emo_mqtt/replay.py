@@ -57,6 +57,7 @@ class NetworkReplay:
         self.timeline: list[NodeEvent] = network.timeline(
             nodes_by_class, seed=self.seed, horizon_s=horizon_s)
         self.horizon_s = horizon_s
+        self._outages = self._longest_outages()
         self.on_crash = on_crash
         self.on_restart = on_restart
         self.proxies: dict[str, ShapingProxy] = {}
@@ -96,16 +97,24 @@ class NetworkReplay:
             login += "@"
         return f"{self.broker.scheme}://{login}{proxy.listen_host}:{proxy.port}"
 
-    def longest_outage_s(self, node: str) -> float:
-        """The longest time ``node``'s link is down on the timeline (sizes its publish deadline)."""
-        longest, since = 0.0, None
+    def longest_outage_s(self, node: str | None = None) -> float:
+        """The longest time ``node``'s link (any node's, without one) is down on the timeline.
+
+        It sizes publish deadlines and reassembly timeouts.
+        """
+        if node is None:
+            return max(self._outages.values(), default=0.0)
+        return self._outages.get(node, 0.0)
+
+    def _longest_outages(self) -> dict[str, float]:
+        longest: dict[str, float] = {}
+        since: dict[str, float] = {}
         for ev in self.timeline:
-            if ev.node != node:
-                continue
-            if ev.action in ("down", "crash") and since is None:
-                since = ev.at_s
-            elif ev.action in ("up", "restart") and since is not None:
-                longest, since = max(longest, ev.at_s - since), None
+            if ev.action in ("down", "crash"):
+                since.setdefault(ev.node, ev.at_s)
+            elif ev.action in ("up", "restart") and ev.node in since:
+                gap = ev.at_s - since.pop(ev.node)
+                longest[ev.node] = max(longest.get(ev.node, 0.0), gap)
         return longest
 
     def down_at_start(self) -> set[str]:
