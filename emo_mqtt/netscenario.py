@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from emo_mqtt.errors import ConfigError
-from emo_mqtt.shaping import LinkSpec
+from emo_mqtt.linkmodel import LinkSpec
 
 LINK_CLASSES = ("device", "overlay", "server")
 ACTIONS = ("down", "up", "link", "crash", "restart")

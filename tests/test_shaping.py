@@ -16,7 +16,8 @@ import pytest
 from emo_mqtt.broker.launch import BrokerHandle
 from emo_mqtt.bus import open_bus
 from emo_mqtt.errors import ConfigError
-from emo_mqtt.shaping import DelaySchedule, LinkSpec, ShapingProxy, TokenBucket
+from emo_mqtt.linkmodel import DelaySchedule, LinkSpec, TokenBucket
+from emo_mqtt.shaping import ShapingProxy
 
 MB = 1_000_000
 
