@@ -18,6 +18,35 @@ from emo_mqtt.broker.launch import BrokerHandle, find_mosquitto
 # ------------------------------------------------------------------ brokers
 
 MOSQUITTO_MISSING = "install mosquitto: apt-get install -y mosquitto"
+#: Fixtures that start a broker: a test using one is a ``broker`` test.
+BROKER_FIXTURES = frozenset({"mosquitto", "fresh_mosquitto", "amqtt_broker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a broker fixture ``broker``, so ``-m "not broker"`` (the fast
+    lane, ``scripts/test.sh --fast``) leaves it out without each test having to say so."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(autouse=True)
+def _brokers_only_in_broker_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail a test that starts a broker of its own without the ``broker`` marker.
+
+    The fast lane relies on the marker; an unmarked broker test would make it slow (and need
+    Mosquitto) without anyone noticing.
+    """
+    if request.node.get_closest_marker("broker") is not None:
+        return
+
+    def refuse(self: BrokerHandle) -> None:
+        pytest.fail(f"{request.node.nodeid} starts a broker: mark it @pytest.mark.broker",
+                    pytrace=False)
+
+    monkeypatch.setattr(BrokerHandle, "start", refuse)
 
 
 def _mosquitto(workdir: Path) -> BrokerHandle:
