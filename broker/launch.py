@@ -172,7 +172,7 @@ def _log_tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
-def _port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.25):
             return True
@@ -280,7 +280,7 @@ class _MosquittoBackend:
                 tail = _log_tail(log_path, offset)
                 cls = _PortInUse if "address already in use" in tail.lower() else BrokerError
                 raise cls(f"mosquitto exited with code {rc} during start-up; log:\n{tail}")
-            if _port_open(host, port) and self.proc.poll() is None:
+            if port_open(host, port) and self.proc.poll() is None:
                 return
             time.sleep(0.02)
         self.stop(signal.SIGKILL)
@@ -353,7 +353,7 @@ class _AmqttBackend:
         self.thread.start()
         _RUNNING.add(self)
         ok = self._ready.wait(START_TIMEOUT_S) and self._error is None
-        ok = ok and _wait_until(lambda: _port_open(host, port), START_TIMEOUT_S)
+        ok = ok and wait_until(lambda: port_open(host, port), START_TIMEOUT_S)
         if not ok:
             error = self._error
             self.stop()
@@ -409,7 +409,7 @@ class _AmqttBackend:
         )
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() >= deadline:

@@ -304,17 +304,17 @@ def test_port_in_use_raises_with_log_tail() -> None:
         for kind in ("mosquitto", "amqtt"):
             with (
                 pytest.raises(BrokerError, match="Address already in use"),
-                BrokerHandle(kind=kind, port=port),  # type: ignore[arg-type]
+                BrokerHandle(kind=kind, port=port),
             ):
                 pass
 
 
 def test_run_foreground_forwards_sigterm() -> None:
     port = find_free_port()
-    code = f"import sys; from emo_mqtt.broker import run_foreground as r; sys.exit(r({port}))"
+    code = f"import sys; from emo_mqtt.broker.launch import run_foreground as r; sys.exit(r({port}))"
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     try:
-        assert launch._wait_until(lambda: launch._port_open("127.0.0.1", port), 10)
+        assert launch.wait_until(lambda: launch.port_open("127.0.0.1", port), 10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0  # Mosquitto exits 0 on SIGTERM, and we return its code
     finally:
@@ -322,7 +322,7 @@ def test_run_foreground_forwards_sigterm() -> None:
             proc.kill()
             proc.wait()
     assert proc.stderr is not None and b"terminating" in proc.stderr.read()
-    assert not launch._port_open("127.0.0.1", port)
+    assert not launch.port_open("127.0.0.1", port)
 
 
 def test_run_foreground_without_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,7 +363,7 @@ def test_amqtt_stop_and_restart(amqtt_broker: BrokerHandle) -> None:
     port = amqtt_broker.port
     amqtt_broker.restart()
     assert amqtt_broker.is_running() and amqtt_broker.port == port
-    assert launch._port_open("127.0.0.1", port)
+    assert launch.port_open("127.0.0.1", port)
     amqtt_broker.stop()
-    assert not amqtt_broker.is_running() and not launch._port_open("127.0.0.1", port)
+    assert not amqtt_broker.is_running() and not launch.port_open("127.0.0.1", port)
     assert not any(t.name == f"emo-amqtt-{port}" for t in threading.enumerate())

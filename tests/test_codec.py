@@ -79,7 +79,8 @@ def make_np(dtype: Any, shape: tuple[int, ...], seed: int = 0) -> np.ndarray[Any
     if dtype is np.bool_:
         raw = raw % 2
     # Random bit patterns: for floats this includes NaNs with payloads, infs, -0.0.
-    return raw.view(dtype).reshape(shape)
+    out: np.ndarray[Any, Any] = raw.view(dtype).reshape(shape)
+    return out
 
 
 # --------------------------------------------------------------------------- round trips
@@ -179,7 +180,7 @@ def test_tensor_bytes_travel_after_the_msgpack_map() -> None:
 
 
 def test_nested_structures_and_scalars() -> None:
-    msg = {
+    msg: dict[str, Any] = {
         "none": None,
         "flags": [True, False],
         "ints": [0, -1, 2**63 - 1, -(2**63), 2**64 - 1],

@@ -6,6 +6,7 @@ Budgeted for CI on every push: the whole file runs in well under 20 s.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -39,7 +40,7 @@ NUMERIC_DTYPES = st.sampled_from(
 
 
 @st.composite
-def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
+def mutated(draw: st.DrawFn, seeds: Sequence[bytes | bytearray]) -> bytes:
     """A valid frame with a few random bit flips, truncations, insertions or overwrites."""
     data = bytearray(draw(st.sampled_from(seeds)))
     for _ in range(draw(st.integers(1, 4))):

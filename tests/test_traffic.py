@@ -20,8 +20,8 @@ from emo_mqtt.bus import BusOptions, open_bus
 from emo_mqtt.chunking import HEADER_SIZE, split
 from emo_mqtt.cli import main
 from emo_mqtt.errors import ConfigError, TopicError
+from emo_mqtt.msglog import COLUMNS
 from emo_mqtt.traffic import (
-    COLUMNS,
     LogRow,
     byte_kind,
     format_summary,
