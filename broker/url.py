@@ -21,6 +21,8 @@ Scheme = Literal["mqtt", "mqtts"]
 
 #: IANA ports for MQTT over plain TCP and over TLS.
 DEFAULT_PORTS: dict[str, int] = {"mqtt": 1883, "mqtts": 8883}
+#: Other spellings of the two schemes, as Grafana, paho and mosquitto_sub users write them.
+SCHEME_ALIASES: dict[str, Scheme] = {"tcp": "mqtt", "ssl": "mqtts", "tls": "mqtts"}
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -105,7 +107,9 @@ def parse_broker_url(url: str) -> BrokerURL:
 
     Accepted: ``mqtt://host:port``, ``mqtt://host`` (port 1883), ``mqtts://host[:port]``
     (port 8883), ``mqtt://user:pass@host:port`` (percent-encoded user and password are
-    decoded) and IPv6 literals in brackets, ``mqtt://[::1]:1884``. Paths, queries and
+    decoded) and IPv6 literals in brackets, ``mqtt://[::1]:1884``. ``tcp://`` means
+    ``mqtt://`` and ``ssl://`` or ``tls://`` mean ``mqtts://`` (paho's and Grafana's
+    spellings); a bare ``host:port`` or ``host`` is plain ``mqtt``. Paths, queries and
     fragments are rejected rather than ignored: they usually mean a mistyped URL.
     """
     if not isinstance(url, str):
@@ -117,15 +121,20 @@ def parse_broker_url(url: str) -> BrokerURL:
         # urlsplit silently deletes tabs and newlines; a URL containing them is a paste error.
         raise _bad(url, "contains whitespace or control characters")
     if "://" not in text:
-        raise _bad(url, "missing scheme")
+        if "/" in text:
+            raise _bad(url, "missing scheme")
+        if text.isdigit():
+            raise _bad(url, f"a port alone; did you mean 127.0.0.1:{text}?")
+        text = f"mqtt://{text}"  # host[:port], as mosquitto_sub -h/-p users think of it
     try:
         parts = urlsplit(text)
     except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed bracket
         raise _bad(url, str(exc)) from None
 
     scheme = parts.scheme.lower()
+    scheme = SCHEME_ALIASES.get(scheme, scheme)
     if scheme not in DEFAULT_PORTS:
-        raise _bad(url, f"unsupported scheme {parts.scheme!r}, use mqtt or mqtts")
+        raise _bad(url, f"unsupported scheme {parts.scheme!r}, use mqtt (tcp) or mqtts (ssl)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise _bad(url, "unexpected path, query or fragment")
     # Host and port are split by hand: urlsplit lower-cases the host, accepts port 0 and

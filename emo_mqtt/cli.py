@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from emo_mqtt import __version__
 from emo_mqtt.errors import EmoError
@@ -57,8 +58,9 @@ def _add_broker_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker",
         metavar="URL",
-        help="broker to use, mqtt://host:port or mqtts://host:port; "
-        "without it, emo starts its own (Mosquitto if installed, else embedded amqtt)",
+        help="broker to use: mqtt://host:port (or tcp://host:port, or host:port) or "
+        "mqtts://host:port; without it, emo starts its own (Mosquitto if installed, else "
+        "embedded amqtt)",
     )
 
 
@@ -70,8 +72,9 @@ def broker_for(
     if url is not None:
         from emo_mqtt.broker.url import parse_broker_url
 
-        parse_broker_url(url)  # a bad URL fails here, with a clear message
-        yield url
+        parsed = parse_broker_url(url)  # a bad URL fails here, with a clear message
+        _check_reachable(parsed.host, parsed.port, url)
+        yield str(parsed) if parsed.password is None else url
         return
     from emo_mqtt.broker.launch import DEFAULT_MAX_PACKET_SIZE, BrokerHandle
 
@@ -79,6 +82,24 @@ def broker_for(
     with BrokerHandle(kind="auto", max_packet_size=cap) as handle:
         say(f"broker: {handle.describe()}")
         yield handle.url
+
+
+def _check_reachable(host: str, port: int, url: str, timeout_s: float = 3.0) -> None:
+    """Fail now, in one line, if nothing listens at the broker's address.
+
+    Otherwise an unreachable broker shows only after the data is loaded and the bus has
+    spent its connect retries.
+    """
+    import socket
+
+    from emo_mqtt.errors import BrokerError
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise BrokerError(f"cannot reach the broker at {url}: {reason}") from exc
 
 
 def _stderr(line: str) -> None:
@@ -175,7 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.rounds is not None:
         overrides.setdefault("run", {})["rounds"] = args.rounds
     if args.algorithms is not None:
-        overrides.setdefault("run", {})["algorithms"] = args.algorithms.split(",")
+        # "fl, emo" (with the space a shell user types) means fl and emo.
+        overrides.setdefault("run", {})["algorithms"] = [
+            name.strip() for name in args.algorithms.split(",") if name.strip()]
     if args.data_dir is not None:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
     if overrides:
@@ -230,6 +253,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         node_id = node.node_id
     if broker is None or run is None:
         raise ConfigError("emo node needs --broker and --run (or a --node-config with them)")
+    if node_id is None and args.role != "server":
+        raise ConfigError(f"emo node {args.role} needs --id (which {args.role} of the scenario "
+                          f"this is, e.g. {'dev00' if args.role == 'device' else 'ovl0'})")
     asyncio.run(run_standalone(args.role, broker, run, node_id or "server", args.config,
                                args.algorithm, Path(args.out) if args.out else None))
     return 0
@@ -259,6 +285,17 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     parse_broker_url(args.broker)  # a bad URL fails here, with a clear message
     return run_dashboard(args.broker, args.host, args.port)
+
+
+def _non_negative(text: str) -> int:
+    """An int >= 0 (0: no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more: {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -297,6 +334,25 @@ def cmd_traffic_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SubcommandsWithVerbose:
+    """Adds the shared ``-v`` option to every parser made by ``add_parser``, nested ones too."""
+
+    def __init__(self, actions: Any, verbose: argparse.ArgumentParser) -> None:
+        self._actions = actions
+        self._verbose = verbose
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._actions.add_parser(
+            name, parents=[self._verbose], **kwargs)
+        original = parser.add_subparsers
+
+        def add_subparsers(**sub_kwargs: Any) -> _SubcommandsWithVerbose:
+            return _SubcommandsWithVerbose(original(**sub_kwargs), self._verbose)
+
+        parser.add_subparsers = add_subparsers  # type: ignore[method-assign,assignment]
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emo",
@@ -304,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"emo-mqtt {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # -v also after the subcommand (`emo run x.toml -v`): every subparser takes it too.
+    # SUPPRESS keeps a subcommand without -v from resetting a count given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="more logging (-vv: debug)")
+    sub = _SubcommandsWithVerbose(commands, verbose)
 
     p = sub.add_parser("broker", help="run Mosquitto in the foreground with the project's config")
     p.add_argument("--port", type=int, default=1884, help="port to listen on (default 1884)")
@@ -369,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="an `emo run` output directory")
     p.add_argument("--algorithm", default="emo", help="which algorithm's models (default emo)")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N test images")
+    p.add_argument("--limit", type=_non_negative, default=0,
+                   help="evaluate on the first N test images (default 0: all of them)")
     _add_broker_option(p)
     p.add_argument("--serve", action="store_true",
                    help="serve MQTT inference requests on --broker until interrupted")

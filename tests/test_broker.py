@@ -77,6 +77,13 @@ def process_gone(pid: int) -> bool:
         ("mqtt://user:p%40ss@10.0.0.2:1883", BrokerURL("mqtt", "10.0.0.2", 1883, "user", "p@ss")),
         ("mqtt://[::1]:1884", BrokerURL("mqtt", "::1", 1884)),
         ("MQTT://Broker/", BrokerURL("mqtt", "Broker", 1883)),
+        # Other spellings users bring from paho, Grafana and mosquitto_sub.
+        ("tcp://broker:1884", BrokerURL("mqtt", "broker", 1884)),
+        ("ssl://broker", BrokerURL("mqtts", "broker", 8883)),
+        ("tls://broker:8884", BrokerURL("mqtts", "broker", 8884)),
+        ("localhost:1883", BrokerURL("mqtt", "localhost", 1883)),
+        ("broker", BrokerURL("mqtt", "broker", 1883)),
+        ("[::1]:1884", BrokerURL("mqtt", "::1", 1884)),
     ],
 )
 def test_parse_good_urls(url: str, expected: BrokerURL) -> None:
@@ -89,7 +96,8 @@ def test_parse_good_urls(url: str, expected: BrokerURL) -> None:
     ("url", "why"),
     [
         ("", "empty"),
-        ("broker:1883", "missing scheme"),
+        ("broker/x:1883", "missing scheme"),
+        ("1884", "a port alone"),
         ("http://broker", "unsupported scheme"),
         ("ws://broker:9001", "unsupported scheme"),
         ("mqtt://", "empty host"),

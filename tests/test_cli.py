@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,11 +206,71 @@ def test_bad_broker_url_exits_2_with_a_clear_error() -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == (
-        "emo: error: invalid broker URL 'ftp://x': unsupported scheme 'ftp', use mqtt or mqtts "
-        "(expected mqtt://[user[:password]@]host[:port] or mqtts://...)"
+        "emo: error: invalid broker URL 'ftp://x': unsupported scheme 'ftp', "
+        "use mqtt (tcp) or mqtts (ssl) (expected mqtt://[user[:password]@]host[:port] or mqtts://...)"
     )
 
 
 def test_bad_broker_url_for_bench_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "bus", "--broker", "mqtt://host:99999", "--json"]) == 2
     assert "port 99999 out of range" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- small things users hit
+
+
+def test_an_unreachable_broker_is_one_line_before_any_data_is_loaded(
+    capsys: pytest.CaptureFixture[str], tiny_scenario: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import emo_mqtt.fleet
+
+    def no_data(*args: object) -> None:
+        raise AssertionError("the data was loaded before the broker was found unreachable")
+
+    monkeypatch.setattr(emo_mqtt.fleet, "plan_data", no_data)
+    with socket.socket() as closed:  # a port nobody listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        code = main(["run", str(tiny_scenario("unreach")), "--broker", f"tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"emo: error: cannot reach the broker at tcp://127.0.0.1:{port}: " \
+        "Connection refused"
+
+
+def test_algorithms_may_be_written_with_spaces(
+    capsys: pytest.CaptureFixture[str], tiny_scenario: Callable[[str], Path]
+) -> None:
+    # An unknown name is reported by the config check, before any broker is needed: the
+    # message lists what was parsed, which shows that "fl, emo" became ["fl", "emo"].
+    assert main(["run", str(tiny_scenario("spaces")), "--algorithms", "fl, emo, nope",
+                 "--broker", "mqtt://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown 'nope'" in err and "' emo'" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [(["topics"], 0), (["-v", "topics"], 1), (["topics", "-v"], 1),
+     (["topics", "-vv"], 2), (["bench", "bus", "-v"], 1), (["-v", "topics", "-vv"], 2)],
+)
+def test_verbose_goes_before_or_after_the_subcommand(argv: list[str], level: int) -> None:
+    from emo_mqtt.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose == level
+
+
+def test_infer_refuses_a_negative_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "somewhere", "--limit", "-5"])
+    assert info.value.code == 2
+    assert "--limit: must be 0 (no limit) or more: '-5'" in capsys.readouterr().err
+
+
+def test_a_device_node_needs_its_id(
+    capsys: pytest.CaptureFixture[str], tiny_scenario: Callable[[str], Path]
+) -> None:
+    assert main(["node", "device", "--broker", "mqtt://127.0.0.1:9", "--run", "t1",
+                 "--config", str(tiny_scenario("noid"))]) == 2
+    assert "emo node device needs --id" in capsys.readouterr().err
