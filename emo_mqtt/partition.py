@@ -223,9 +223,16 @@ def partition_shards(
     # A random order sorted stably by label: labels contiguous, random within each label.
     shuffled = rng.permutation(n)
     sorted_idx = shuffled[np.argsort(y[shuffled], kind="stable")]
-    shards = np.array_split(sorted_idx, n_shards)
+    # Shard s holds sorted_idx[bounds[s]:bounds[s + 1]] (np.array_split's sizes); device d
+    # gets the shards in row d of a random permutation.
     dealt = rng.permutation(n_shards).reshape(n_devices, shards_per_device)
-    return [np.sort(np.concatenate([shards[s] for s in row])) for row in dealt]
+    shard_owner = np.empty(n_shards, dtype=np.int64)
+    shard_owner[dealt.ravel()] = np.repeat(np.arange(n_devices), shards_per_device)
+    shard_sizes = np.full(n_shards, n // n_shards)
+    shard_sizes[: n % n_shards] += 1
+    owner = np.empty(n, dtype=np.int64)
+    owner[sorted_idx] = np.repeat(shard_owner, shard_sizes)
+    return _parts_of(owner, n_devices)
 
 
 def draw_sizes(
