@@ -160,7 +160,7 @@ def rebalance(
     minimum), each giving up a uniform random subset of its samples, which keeps its label
     mix. The freed samples are sorted by label and dealt in contiguous runs to the deficient
     devices, ordered by the label each already holds most of: a receiver mostly gets more of
-    its own dominant label, one or two labels in all, so the label skew survives.
+    its own dominant label, usually one or two labels in all, so the label skew survives.
     """
     y = np.asarray(labels, dtype=np.int64)
     owner = np.array(owner, dtype=np.int64, copy=True)
