@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from emo_mqtt.controller import ControllerConfig
+from emo_mqtt.data import DATASETS, split_model_name
 from emo_mqtt.errors import ConfigError, TopicError
 from emo_mqtt.netscenario import NetworkConfig, parse_network
 from emo_mqtt.topics import validate_id
@@ -40,12 +41,24 @@ class RunSection:
 class DataSection:
     """``[data]``: the dataset and how it is split across devices."""
 
-    dataset: Literal["fashion-mnist"] = "fashion-mnist"
-    #: Directory with the IDX files; empty: $EMO_DATA_DIR or /usr/share/datasets/fashion-mnist.
+    dataset: Literal["fashion-mnist", "cifar10"] = "fashion-mnist"
+    #: Directory with the dataset's files; empty: $EMO_DATA_DIR or
+    #: /usr/share/datasets/fashion-mnist for Fashion-MNIST, $EMO_CIFAR10_DIR for CIFAR-10.
     data_dir: str = ""
-    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = 0.3
-    #: Training samples per device (0: the device's whole partition).
+    #: Label shards per device for ``partition = "shards"`` (FedAvg's pathological non-IID).
+    shards_per_device: int = 2
+    #: Fewest training samples any device may hold (a Dirichlet draw is rebalanced to it).
+    min_samples_per_device: int = 10
+    #: Per-device sample counts: equal-ish ("none") or drawn from a skewed distribution.
+    size_skew: Literal["none", "lognormal", "powerlaw"] = "none"
+    #: Sigma of the log-normal weights of ``size_skew = "lognormal"``.
+    size_sigma: float = 1.0
+    #: Pareto shape of ``size_skew = "powerlaw"`` (smaller: heavier tail).
+    size_exponent: float = 1.5
+    #: Training samples per device (0: the device's whole partition); the mean count per
+    #: device under a size skew.
     samples_per_device: int = 1000
     #: Training samples held back by the server to fit ensemble weights.
     validation_samples: int = 2000
@@ -302,10 +315,7 @@ def _check(c: RunConfig) -> None:
         _require(algo in ALGORITHMS, "run.algorithms", f"unknown {algo!r}; known: {ALGORITHMS}")
     _require(len(set(c.run.algorithms)) == len(c.run.algorithms), "run.algorithms", "duplicates")
     _require(0 < c.run.target_accuracy <= 1, "run.target_accuracy", "must be in (0, 1]")
-    _require(c.data.alpha > 0, "data.alpha", "must be > 0")
-    _require(c.data.samples_per_device >= 0, "data.samples_per_device", "must be >= 0")
-    _require(c.data.validation_samples >= 100, "data.validation_samples", "must be >= 100")
-    _require(c.data.eval_samples_per_round >= 100, "data.eval_samples_per_round", "must be >= 100")
+    _check_data(c)
     _require(1 <= c.fleet.devices <= 1000, "fleet.devices", "must be 1..1000")
     _require(c.fleet.overlays >= 1, "fleet.overlays", "must be at least 1")
     _require(c.fleet.overlays <= c.fleet.devices, "fleet.overlays", "cannot exceed fleet.devices")
@@ -326,6 +336,56 @@ def _check(c: RunConfig) -> None:
     _require(c.emo.max_staleness >= 0, "emo.max_staleness", "must be >= 0")
     _require(c.emo.overlay_steps_per_round >= 0, "emo.overlay_steps_per_round", "must be >= 0")
     _require(c.controller.probe_samples >= 1, "controller.probe_samples", "must be at least 1")
+
+
+def _check_data(c: RunConfig) -> None:
+    d = c.data
+    _require(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    _require(d.shards_per_device >= 1, "data.shards_per_device",
+             f"must be at least 1, got {d.shards_per_device}")
+    _require(d.min_samples_per_device >= 1, "data.min_samples_per_device",
+             f"must be at least 1, got {d.min_samples_per_device}")
+    _require(d.size_sigma > 0, "data.size_sigma", f"must be > 0, got {d.size_sigma}")
+    _require(d.size_exponent > 0, "data.size_exponent", f"must be > 0, got {d.size_exponent}")
+    _require(d.samples_per_device >= 0, "data.samples_per_device",
+             f"must be >= 0, got {d.samples_per_device}")
+    _require(d.samples_per_device == 0 or d.samples_per_device >= d.min_samples_per_device,
+             "data.samples_per_device", f"{d.samples_per_device} is below "
+             f"data.min_samples_per_device {d.min_samples_per_device} (0: no cap)")
+    _require(d.validation_samples >= 100, "data.validation_samples",
+             f"must be >= 100, got {d.validation_samples}")
+    _require(d.eval_samples_per_round >= 100, "data.eval_samples_per_round",
+             f"must be >= 100, got {d.eval_samples_per_round}")
+    info = DATASETS[d.dataset]
+    try:
+        model, shape = split_model_name(c.fl.model)
+    except ConfigError as exc:
+        raise ConfigError(f"fl.model: {exc}") from exc
+    if shape != info.input_shape:
+        want = "x".join(map(str, info.input_shape))
+        fix = model if info.input_shape == split_model_name(model)[1] else f"{model}@{want}"
+        raise ConfigError(
+            f"fl.model {c.fl.model!r} takes {'x'.join(map(str, shape))} images but "
+            f"data.dataset {d.dataset!r} has {want}: use fl.model = \"{fix}\""
+        )
+    # The standard release's size: a fleet that cannot fit even there is refused now, before
+    # any file is read (the data plan checks the copy actually read again).
+    pool = info.train_samples - d.validation_samples
+    _require(pool > 0, "data.validation_samples",
+             f"{d.validation_samples} leaves no training data ({d.dataset} holds "
+             f"{info.train_samples} training samples)")
+    devices, minimum = c.fleet.devices, d.min_samples_per_device
+    _require(pool >= devices * minimum, "fleet.devices",
+             f"fleet too large for the data: {devices} devices x data.min_samples_per_device "
+             f"{minimum} needs {devices * minimum} training samples, but {d.dataset} has "
+             f"{pool} ({info.train_samples} minus data.validation_samples "
+             f"{d.validation_samples}); use fewer devices or a lower minimum")
+    if d.partition == "shards" and devices >= 1:
+        shard = pool // (devices * d.shards_per_device)
+        _require(shard * d.shards_per_device >= minimum, "data.shards_per_device",
+                 f"{devices} devices x {d.shards_per_device} shards of {pool} training samples "
+                 f"give shards of {shard} samples, a device {shard * d.shards_per_device}: "
+                 f"below data.min_samples_per_device {minimum}")
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -1,15 +1,16 @@
-"""Fashion-MNIST loading, device partitions and deterministic seed derivation.
+"""The datasets a run can use, the labelled image split, and Fashion-MNIST loading.
 
 Pure numpy and file reads: no torch, no network. The IDX files are those of the Debian package
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), a directory given by the
-user, or a torchvision download (``<dir>/FashionMNIST/raw``); gzipped or not.
+user, or a torchvision download (``<dir>/FashionMNIST/raw``); gzipped or not. CIFAR-10 is read
+by :mod:`emo_mqtt.cifar`; device partitions live in :mod:`emo_mqtt.partition` and seeds in
+:mod:`emo_mqtt.seeds` (both re-exported here, where callers have always found them).
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,12 +19,21 @@ from pathlib import Path
 import numpy as np
 
 from emo_mqtt.errors import ConfigError
+from emo_mqtt.partition import (
+    label_histogram,
+    partition_dirichlet,
+    partition_iid,
+    subsample_parts,
+)
+from emo_mqtt.seeds import derive_seed
 
 __all__ = [
+    "DATASETS",
     "DEFAULT_DATA_DIR",
     "FMNIST_MEAN",
     "FMNIST_STD",
     "NUM_CLASSES",
+    "DatasetInfo",
     "Split",
     "derive_seed",
     "find_data_dir",
@@ -31,6 +41,7 @@ __all__ = [
     "load_fashion_mnist",
     "partition_dirichlet",
     "partition_iid",
+    "split_model_name",
     "subsample_parts",
 ]
 
@@ -50,20 +61,47 @@ _FILES = {
 _IDX_UBYTE = 0x08
 
 
-def derive_seed(seed: int, *keys: object) -> int:
-    """A 63-bit seed derived from ``seed`` and ``keys`` (device id, round, purpose...).
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a scenario can know of a dataset before reading it (to refuse bad fleets early)."""
 
-    Hashing (rather than ``seed + round``) keeps the streams of different purposes independent:
-    the activation sampler of device 3 in round 7 never shares a stream with training.
+    name: str
+    #: Per-sample image shape (channels, height, width), as the models take it.
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    #: Sizes of the standard release; a user's copy may differ, which the data plan checks.
+    train_samples: int
+    test_samples: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), 10, 60_000, 10_000),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, 50_000, 10_000),
+}
+
+
+def split_model_name(name: str) -> tuple[str, tuple[int, int, int]]:
+    """``"cnn-small@3x32x32"`` -> ``("cnn-small", (3, 32, 32))``; no suffix: 1x28x28.
+
+    A model name may carry the input shape it is built for, so that every node that builds a
+    model from ``fl.model`` builds it for the scenario's images (Fashion-MNIST's 1x28x28 is
+    the default, and then the name is the registry name as it always was).
     """
-    text = repr((int(seed), *(str(k) for k in keys))).encode()
-    digest = hashlib.blake2b(text, digest_size=8).digest()
-    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+    base, sep, shape = name.partition("@")
+    if not sep:
+        return name, DATASETS["fashion-mnist"].input_shape
+    dims = shape.lower().split("x")
+    if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ConfigError(f"model {name!r}: the input shape after '@' must be CxHxW, e.g. 3x32x32")
+    return base, (int(dims[0]), int(dims[1]), int(dims[2]))
 
 
 @dataclass(frozen=True)
 class Split:
-    """A labelled image set: ``x`` float32 (N, 1, 28, 28) normalised, ``y`` int64 (N,)."""
+    """A labelled image set: ``x`` float32 (N, C, H, W) normalised, ``y`` int64 (N,).
+
+    (N, 1, 28, 28) for Fashion-MNIST, (N, 3, 32, 32) for CIFAR-10.
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -183,89 +221,3 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[Split, Split
     """
     directory = find_data_dir(data_dir)
     return _load_cached(str(directory.resolve()))
-
-
-def partition_iid(labels: np.ndarray, n_devices: int, seed: int) -> list[np.ndarray]:
-    """Split sample indices uniformly at random into ``n_devices`` parts of near-equal size."""
-    n = int(np.asarray(labels).shape[0])
-    if n_devices < 1 or n_devices > n:
-        raise ConfigError(f"n_devices must be in 1..{n}, got {n_devices}")
-    rng = np.random.default_rng(derive_seed(seed, "partition-iid"))
-    perm = rng.permutation(n)
-    return [np.sort(part) for part in np.array_split(perm, n_devices)]
-
-
-def partition_dirichlet(
-    labels: np.ndarray,
-    n_devices: int,
-    alpha: float,
-    seed: int,
-    min_size: int = 10,
-    max_tries: int = 1000,
-) -> list[np.ndarray]:
-    """Non-IID label-skewed partition: per class, Dirichlet(alpha) shares over devices.
-
-    The standard scheme (Yurochkin et al. 2019, Hsu et al. 2019): for each class the indices are
-    shuffled and cut by proportions drawn from Dir(alpha); a device that already holds more
-    than N / n_devices samples gets no more (keeps sizes bounded). Draws are repeated until
-    every device holds at least ``min_size`` samples. Small alpha means strong skew.
-    Deterministic for a given ``seed``.
-    """
-    y = np.asarray(labels)
-    n = int(y.shape[0])
-    if n_devices < 1:
-        raise ConfigError(f"n_devices must be >= 1, got {n_devices}")
-    if not alpha > 0:
-        raise ConfigError(f"alpha must be > 0, got {alpha}")
-    if min_size * n_devices > n:
-        raise ConfigError(f"cannot give {n_devices} devices {min_size} samples each from {n}")
-    rng = np.random.default_rng(derive_seed(seed, "partition-dirichlet", alpha))
-    classes = np.unique(y)
-    for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
-        sizes = np.zeros(n_devices, dtype=np.int64)
-        for c in classes:
-            idx = np.flatnonzero(y == c)
-            rng.shuffle(idx)
-            shares = rng.dirichlet(np.full(n_devices, alpha))
-            shares = shares * (sizes < n / n_devices)
-            total = shares.sum()
-            shares = shares / total if total > 0 else np.full(n_devices, 1.0 / n_devices)
-            cuts = (np.cumsum(shares) * idx.size).astype(np.int64)[:-1]
-            for dev, chunk in enumerate(np.split(idx, cuts)):
-                parts[dev].append(chunk)
-                sizes[dev] += chunk.size
-        if sizes.min() >= min_size:
-            return [np.sort(np.concatenate(p)) for p in parts]
-    raise ConfigError(
-        f"no Dirichlet(alpha={alpha}) partition gave all {n_devices} devices >= {min_size} "
-        f"samples in {max_tries} tries; raise alpha or lower min_size"
-    )
-
-
-def subsample_parts(
-    parts: Sequence[np.ndarray], max_per_device: int, seed: int
-) -> list[np.ndarray]:
-    """Cap every part at ``max_per_device`` samples (uniform draw, keeps each device's skew).
-
-    Lets a small fleet use a slice of the data per device while keeping the label skew that the
-    partition over the full training set produced.
-    """
-    if max_per_device < 1:
-        raise ConfigError(f"max_per_device must be >= 1, got {max_per_device}")
-    out = []
-    for dev, part in enumerate(parts):
-        if part.size <= max_per_device:
-            out.append(np.sort(part))
-            continue
-        rng = np.random.default_rng(derive_seed(seed, "subsample", dev))
-        out.append(np.sort(rng.choice(part, size=max_per_device, replace=False)))
-    return out
-
-
-def label_histogram(
-    labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int = NUM_CLASSES
-) -> np.ndarray:
-    """int64 (n_parts, num_classes): how many samples of each class every part holds."""
-    y = np.asarray(labels)
-    return np.stack([np.bincount(y[p], minlength=num_classes) for p in parts]).astype(np.int64)

@@ -1,6 +1,9 @@
 """The FL model (trunk + head, split at the cut layer) and the larger overlay models.
 
-Sizes (10 classes, 28x28 inputs; ``python -m emo_mqtt.models`` prints them):
+Sizes (10 classes, 1x28x28 inputs; ``python -m emo_mqtt.models`` prints them). Every FL model
+also takes other image shapes, named after its registry name: ``cnn-small@3x32x32`` is
+``cnn-small`` for CIFAR-10 (conv(3->8,5) first, a cut layer of 8x14x14, linear(400->10)); the
+overlays follow from the cut layer they are given.
 
 - ``cnn-small`` FL model, 5,994 parameters: conv(1->8,5)-relu-pool | conv(8->16,5)-relu-pool-
   linear(256->10). The cut is after the first conv block: the trunk (208 parameters) is what
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emo_mqtt.data import split_model_name
 from emo_mqtt.errors import ConfigError, StateError
 
 __all__ = [
@@ -69,6 +73,8 @@ class FLModel(nn.Module):
         self.activation_shape = tuple(activation_shape)
         self.name = name
         self.num_classes = num_classes
+        #: Per-sample input shape (C, H, W).
+        self.input_shape: tuple[int, int, int] = (1, 28, 28)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.head(self.trunk(x))
@@ -94,38 +100,56 @@ class OverlayModel(nn.Module):
         return out
 
 
-def _cnn_small_late(num_classes: int) -> FLModel:
+Shape = tuple[int, int, int]
+
+
+def _conv_out(size: int, name: str, shape: Shape, blocks: int) -> int:
+    """The side of the map after ``blocks`` conv(5)-pool(2) blocks; ConfigError if it vanishes."""
+    for _ in range(blocks):
+        size = (size - 4) // 2
+        if size < 1:
+            raise ConfigError(f"{name}: input {shape} is too small for its 5x5 convolutions")
+    return size
+
+
+def _cnn_small_late(num_classes: int, shape: Shape) -> FLModel:
+    channels, height, width = shape
+    h, w = (_conv_out(d, "cnn-small-late", shape, 2) for d in (height, width))
     trunk = nn.Sequential(
-        nn.Conv2d(1, 8, 5),
+        nn.Conv2d(channels, 8, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
     )
-    head = nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, num_classes))
-    return FLModel(trunk, head, (16, 4, 4), "cnn-small-late", num_classes)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(16 * h * w, num_classes))
+    return FLModel(trunk, head, (16, h, w), "cnn-small-late", num_classes)
 
 
-def _cnn_small(num_classes: int) -> FLModel:
-    trunk = nn.Sequential(nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2))
+def _cnn_small(num_classes: int, shape: Shape) -> FLModel:
+    channels, height, width = shape
+    h1, w1 = (_conv_out(d, "cnn-small", shape, 1) for d in (height, width))
+    h2, w2 = (_conv_out(d, "cnn-small", shape, 2) for d in (height, width))
+    trunk = nn.Sequential(nn.Conv2d(channels, 8, 5), nn.ReLU(), nn.MaxPool2d(2))
     head = nn.Sequential(
         nn.Conv2d(8, 16, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * 4 * 4, num_classes),
+        nn.Linear(16 * h2 * w2, num_classes),
     )
-    return FLModel(trunk, head, (8, 12, 12), "cnn-small", num_classes)
+    return FLModel(trunk, head, (8, h1, w1), "cnn-small", num_classes)
 
 
-def _mlp_small(num_classes: int) -> FLModel:
-    trunk = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 64), nn.ReLU())
+def _mlp_small(num_classes: int, shape: Shape) -> FLModel:
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 64), nn.ReLU())
     head = nn.Linear(64, num_classes)
     return FLModel(trunk, head, (64,), "mlp-small", num_classes)
 
 
-FL_MODELS: dict[str, Callable[[int], FLModel]] = {
+#: Builders by registry name, from (num_classes, input shape (C, H, W)).
+FL_MODELS: dict[str, Callable[[int, Shape], FLModel]] = {
     "cnn-small": _cnn_small,
     "cnn-small-late": _cnn_small_late,
     "mlp-small": _mlp_small,
@@ -133,12 +157,23 @@ FL_MODELS: dict[str, Callable[[int], FLModel]] = {
 
 
 def build_fl_model(name: str = "cnn-small", num_classes: int = 10) -> FLModel:
-    """A fresh FL model from the registry; initialised from torch's global RNG (seed first)."""
-    if name not in FL_MODELS:
-        raise ConfigError(f"unknown FL model {name!r}; known: {', '.join(sorted(FL_MODELS))}")
+    """A fresh FL model from the registry; initialised from torch's global RNG (seed first).
+
+    ``name`` is a registry name, optionally with the input shape it is built for:
+    ``"cnn-small"`` takes Fashion-MNIST's 1x28x28 images, ``"cnn-small@3x32x32"`` CIFAR-10's
+    (see :func:`emo_mqtt.data.split_model_name`). For 1x28x28 the layers, and so the
+    initial weights for a seed, are those the registry has always built. The model keeps the
+    full name, so that a saved model is rebuilt for the same input.
+    """
+    base, shape = split_model_name(name)
+    if base not in FL_MODELS:
+        raise ConfigError(f"unknown FL model {base!r}; known: {', '.join(sorted(FL_MODELS))}")
     if num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-    return FL_MODELS[name](num_classes)
+    model = FL_MODELS[base](num_classes, shape)
+    model.name = name
+    model.input_shape = shape
+    return model
 
 
 def _overlay_mlp(shape: tuple[int, ...], num_classes: int) -> nn.Module:
