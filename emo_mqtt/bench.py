@@ -157,9 +157,9 @@ async def bench_bus(
         if baseline:
             bare.append(await bare_run(url, size, count, frame_size=frame))
         if progress is not None:
-            line = f"repeat {i + 1}/{repeats}: emo {ours[-1].mb_per_s:.0f} MB/s"
+            line = f"repeat {i + 1}/{repeats}: emo {_rates(ours[-1])}"
             if baseline:
-                line += f", bare aiomqtt {bare[-1].mb_per_s:.0f} MB/s"
+                line += f", bare aiomqtt {_rates(bare[-1])}"
             progress(line)
     median = statistics.median(r.mb_per_s for r in ours)
     result: dict[str, Any] = {
@@ -189,6 +189,10 @@ async def bench_bus(
         # The same payloads and counts on both sides: one ratio for MB/s and messages/s.
         result["ratio_vs_bare"] = round(median / bare_median, 3)
     return result
+
+
+def _rates(run: BusRun) -> str:
+    return f"{run.mb_per_s:.1f} MB/s ({run.msgs_per_s:.0f} messages/s)"
 
 
 def _rate(fn: Callable[[], object], nbytes: int, repeat: int = 15) -> float:
