@@ -37,6 +37,15 @@ pytestmark = pytest.mark.broker
 TIMEOUT_S = 30.0  # generous: a deadline here only turns a hang into a failure
 
 
+@pytest.fixture(autouse=True, params=["fast", "plain"])
+def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the bus's fast client and with its fallback on aiomqtt's
+    public API (emo_mqtt/bus/fastpath.py), unless it picks one itself."""
+    monkeypatch.setenv("EMO_MQTT_PLAIN", "1" if request.param == "plain" else "0")
+    kind: str = request.param
+    return kind
+
+
 async def _take(bus: MqttBus, n: int, within_s: float = TIMEOUT_S) -> list[Message]:
     """The next ``n`` whole messages of ``bus``."""
     out: list[Message] = []
