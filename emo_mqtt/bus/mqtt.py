@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -196,10 +197,12 @@ class _PlainLink:
         """Nothing to close through the public API: the socket goes with the client."""
 
 
+@functools.cache
 def fast_paths_problems() -> list[str]:
     """Why the fast client cannot be used with the installed aiomqtt/paho (empty: it can).
 
-    Needs a running event loop (aiomqtt's client takes it when built).
+    Checked once per process, from within a running event loop (aiomqtt's client takes
+    it when built). Do not modify the list returned.
     """
     return fastpath.problems(aiomqtt.Client("localhost"), _AIOMQTT_VERSION)
 
