@@ -173,12 +173,19 @@ async def bench_bus(
         "client": "plain" if plain else "fast",
         "repeats": repeats,
         "runs_mb_per_s": [round(r.mb_per_s, 1) for r in ours],
+        "runs_msgs_per_s": [round(r.msgs_per_s, 1) for r in ours],
     }
     if baseline:
         bare_median = statistics.median(r.mb_per_s for r in bare)
         result["baseline_bare_aiomqtt_mb_per_s"] = round(bare_median, 1)
         result["baseline_msgs_per_s"] = round(statistics.median(r.msgs_per_s for r in bare), 1)
         result["baseline_runs_mb_per_s"] = [round(r.mb_per_s, 1) for r in bare]
+        result["baseline_runs_msgs_per_s"] = [round(r.msgs_per_s, 1) for r in bare]
+        # Each repeat's emo run and bare run are neighbours in time: their ratio is the
+        # figure least disturbed by a machine whose load changes from one repeat to the next.
+        result["paired_ratios"] = [
+            round(o.mb_per_s / b.mb_per_s, 3) for o, b in zip(ours, bare, strict=True)
+        ]
         result["baseline_frame_bytes"] = size if frame is None else frame
         result["baseline_note"] = (
             "bare aiomqtt publishes each payload whole"

@@ -12,10 +12,9 @@ What it adds to a bare aiomqtt client:
   again on the next connection (at-least-once; receivers de-duplicate by envelope sequence
   and chunk transfer id).
 * **Backpressure.** Incoming messages (chunk frames reassembled as they arrive) go to the
-  bounded inbox of :class:`~emo_mqtt.bus.base.Bus`; when it fills, the socket reader is
-  removed from the event loop, so TCP flow control pushes back and the broker keeps the
-  messages. aiomqtt's own queue would discard
-  messages when full; we never use it.
+  bounded inbox of :class:`~emo_mqtt.bus.base.Bus`; when it fills, the fast client
+  removes its socket reader from the event loop, so TCP flow control pushes back and the
+  broker keeps the messages (the public-API fallback can only hold them in memory).
 * **A last will** published (retained) by the broker when the node dies.
 * **Fewer copies and wake-ups than paho and aiomqtt**, and no delayed-ACK stalls against
   a broker that leaves Nagle's algorithm on (a stock Mosquitto): the fast client of
