@@ -144,16 +144,21 @@ def cmd_bench_bus(args: argparse.Namespace) -> int:
                 chunk_size=args.chunk_size,
                 baseline=not args.no_baseline,
                 progress=say,
+                plain=args.plain,
             )
         )
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['messages']} x {result['size']} bytes: {result['mb_per_s']} MB/s")
+        print(
+            f"{result['messages']} x {result['size']} bytes ({result['client']} client): "
+            f"{result['mb_per_s']} MB/s, {result['msgs_per_s']} messages/s"
+        )
         if "baseline_bare_aiomqtt_mb_per_s" in result:
             print(
                 f"bare aiomqtt, same broker and run: {result['baseline_bare_aiomqtt_mb_per_s']}"
-                f" MB/s; ratio {result['ratio_vs_bare']}"
+                f" MB/s, {result['baseline_msgs_per_s']} messages/s; ratio "
+                f"{result['ratio_vs_bare']} ({result['baseline_note']})"
             )
     return 0
 
@@ -459,8 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_count, default=20, help="tensors per repeat (default 20)")
     p.add_argument("--repeats", type=_count, default=3, help="alternating repeats (default 3)")
     p.add_argument("--chunk-size", type=_chunk_size, default=None,
-                   help="largest MQTT payload before chunking (default 1MB)")
+                   help="largest MQTT payload before chunking (default 1MiB)")
     p.add_argument("--no-baseline", action="store_true", help="skip the bare aiomqtt reference")
+    p.add_argument("--plain", action="store_true",
+                   help="measure the bus's fallback on aiomqtt's public API only "
+                   "(what EMO_MQTT_PLAIN=1 selects) instead of its fast client")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_bus)
     p = bench.add_parser("codec", help="encode/decode speed vs pickle")

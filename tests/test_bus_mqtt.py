@@ -27,14 +27,23 @@ from emo_mqtt.bench import bare_run, emo_bus_run
 from emo_mqtt.broker.launch import BrokerHandle, find_free_port
 from emo_mqtt.broker.url import parse_broker_url
 from emo_mqtt.bus import BusOptions, Message
+from emo_mqtt.bus.fastpath import ZERO_COPY_MIN
 from emo_mqtt.bus.mqtt import MqttBus
-from emo_mqtt.bus.paho_fast import ZERO_COPY_MIN
 from emo_mqtt.chunking import HEADER_SIZE, split
 from emo_mqtt.errors import BusError, CodecError, PublishTimeout
 
 pytestmark = pytest.mark.broker
 
 TIMEOUT_S = 30.0  # generous: a deadline here only turns a hang into a failure
+
+
+@pytest.fixture(autouse=True, params=["fast", "plain"])
+def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the bus's fast client and with its fallback on aiomqtt's
+    public API (emo_mqtt/bus/fastpath.py), unless it picks one itself."""
+    monkeypatch.setenv("EMO_MQTT_PLAIN", "1" if request.param == "plain" else "0")
+    kind: str = request.param
+    return kind
 
 
 async def _take(bus: MqttBus, n: int, within_s: float = TIMEOUT_S) -> list[Message]:
@@ -62,9 +71,9 @@ async def _until(condition: Callable[[], bool], what: str, within_s: float = TIM
 
 def _sever(bus: MqttBus) -> None:
     """Cut the bus's TCP connection as a crash or a network failure would: no DISCONNECT."""
-    client = bus._client
-    assert client is not None and bus.connected
-    client._client.socket().shutdown(socket.SHUT_RDWR)
+    link = bus._client
+    assert link is not None and bus.connected
+    link.client._client.socket().shutdown(socket.SHUT_RDWR)  # aiomqtt's paho client
 
 
 def _start(broker: BrokerHandle) -> None:
@@ -105,7 +114,7 @@ async def test_small_and_chunked_messages_arrive_bit_exact(mosquitto: BrokerHand
     assert np.array_equal(envelope.body["tensor"], tensor)
 
     chunks = math.ceil(len(big) / (pub.options.chunk_size - HEADER_SIZE))
-    assert chunks == 6
+    assert chunks == 5  # 1 MiB frames
     frames = 1 + chunks
     wire = len(b"hello") + len(big) + chunks * HEADER_SIZE
     assert pub.stats.published_messages == 2  # the refused retained publish counts nothing
@@ -127,11 +136,11 @@ async def test_fast_paths_carry_every_kind_of_publish(mosquitto: BrokerHandle) -
     # The paho replacements (a large payload sent without a copy, a received one handed
     # over in place) serve both ends, and every shape of PUBLISH goes through them intact.
     big = os.urandom(3 * ZERO_COPY_MIN)  # unchunked, yet past the zero-copy threshold
-    pub = MqttBus(mosquitto.url, "fast-pub", clean_start=True)
-    sub = MqttBus(mosquitto.url, "fast-sub", clean_start=True)
+    pub = MqttBus(mosquitto.url, "fast-pub", clean_start=True, plain=False)
+    sub = MqttBus(mosquitto.url, "fast-sub", clean_start=True, plain=False)
     async with pub, sub:
         assert pub._client is not None and sub._client is not None
-        assert pub._client.emo_fast and sub._client.emo_fast
+        assert not pub.plain and not sub.plain
         await sub.subscribe("emo/fast/#", qos=1)
         await pub.publish("emo/fast/q0-small", b"tiny", qos=0)
         await pub.publish("emo/fast/q0-big", big, qos=0)
@@ -186,7 +195,8 @@ async def test_amqtt_falls_back_to_311_and_carries_chunks(amqtt_broker: BrokerHa
         await pub.close()
         await sub.close()
     assert [m.payload for m in got] == [big, b"after"]
-    assert pub.stats.published_frames == 1 + math.ceil(len(big) / (1_000_000 - HEADER_SIZE))
+    chunk = BusOptions().chunk_size - HEADER_SIZE
+    assert pub.stats.published_frames == 1 + math.ceil(len(big) / chunk)
     assert not sub.stats.rejected
 
 

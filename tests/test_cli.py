@@ -89,6 +89,22 @@ def test_bench_bus_json(mosquitto: BrokerHandle, capsys: pytest.CaptureFixture[s
     assert result["repeats"] == 1 and len(result["runs_mb_per_s"]) == 1
     assert result["wire_bytes"] > 300_000
     assert result["baseline_bare_aiomqtt_mb_per_s"] > 0
+    assert result["client"] == "fast" and len(result["paired_ratios"]) == 1
+    assert result["msgs_per_s"] > 0 and len(result["baseline_runs_msgs_per_s"]) == 1
+    assert result["baseline_frame_bytes"] == 100_000  # the session broker takes it whole
+
+
+@pytest.mark.broker
+def test_bench_bus_plain_on_a_capped_broker(
+    mosquitto: BrokerHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The session broker caps packets at 2 MiB + 64 KiB: the bare reference goes in frames.
+    argv = ["bench", "bus", "--broker", mosquitto.url, "--size", "3MB", "--count", "1"]
+    assert main([*argv, "--repeats", "1", "--plain", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["client"] == "plain"
+    assert result["baseline_frame_bytes"] == 1_048_576
+    assert "3 consecutive frames of at most 1048576 bytes" in result["baseline_note"]
 
 
 @pytest.mark.broker

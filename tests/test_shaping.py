@@ -238,12 +238,14 @@ async def test_a_background_publish_lets_other_messages_through_first(
 ) -> None:
     """EMO's activations go in the background so that FL updates do not queue behind them.
 
-    In the foreground, the 1.5 MB message's two 1 MB frames are on the wire at once and the
-    small message waits for them (~2.8 s at 500 kB/s); in the background, it waits behind
-    at most two 64 KiB frames (~0.26 s). The bulk message takes about as long either way.
+    In the foreground, the 1.5 MB message goes as two 0.75 MB frames and the small message
+    waits behind the first (~1.5 s at 500 kB/s; the last frame of a message waits for the
+    others' acknowledgements, see MqttBus._publish_frames, so it does not wait for both);
+    in the background, it waits behind at most two 64 KiB frames (~0.26 s). The bulk
+    message takes about as long either way.
     """
     fg_small, fg_bulk = await _latency_behind_bulk(mosquitto, background=False)
     bg_small, bg_bulk = await _latency_behind_bulk(mosquitto, background=True)
-    assert fg_small > 2.0, fg_small
+    assert fg_small > 1.0, fg_small
     assert bg_small < 0.8, bg_small
     assert bg_bulk < fg_bulk * 1.5, (bg_bulk, fg_bulk)

@@ -86,10 +86,11 @@ class BusOptions:
     10 MB model over a slow uplink is not failed by a timeout sized for a 1 kB message.
     """
 
-    #: Largest MQTT payload the bus sends, chunk header included: 1 MB, so brokers that cap
-    #: packets at 2 MB take every frame. 1 MB frames were also the fastest we measured
-    #: (docs/performance.md): smaller ones cost a broker round trip each.
-    chunk_size: int = 1_000_000
+    #: Largest MQTT payload the bus sends, chunk header included: 1 MiB, so brokers that cap
+    #: packets at 2 MB take every frame, and a 1 MB tensor with its codec envelope still
+    #: goes as one frame (two would cost a broker round trip and, on a stock Mosquitto, a
+    #: delayed-ACK stall: docs/performance.md). Smaller frames cost a round trip each.
+    chunk_size: int = 1024 * 1024
     publish_window: int = 16
     publish_timeout_s: float = 10.0
     min_rate_bytes_s: float = 1_000_000.0
