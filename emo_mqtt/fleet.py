@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.bus import BusOptions, open_bus
 from emo_mqtt.config import RunConfig
 from emo_mqtt.data import Split
@@ -26,7 +27,7 @@ from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
 from emo_mqtt.netscenario import MBPS
 from emo_mqtt.nodes import compute
-from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
@@ -59,22 +60,22 @@ def build_node(
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     if node_id == "server":
-        return ServerNode(broker, config, run, algorithm, plan,
+        return ServerNode(node_bus(broker, run, ServerNode.role, node_id, bus_options),
+                          config, run, algorithm, plan,
                           out_dir=None if out_dir is None else out_dir / algorithm,
-                          checkpoint_dir=None if ckpt is None else ckpt / "server",
-                          bus_options=bus_options)
+                          checkpoint_dir=None if ckpt is None else ckpt / "server")
     if node_id in config.overlay_ids():
         spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
-        return OverlayNode(broker, config, run, node_id, spill_dir=spill,
-                           checkpoint_dir=None if ckpt is None else ckpt / node_id,
-                           bus_options=bus_options)
-    return DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id),
-                      bus_options=bus_options)
+        return OverlayNode(node_bus(broker, run, OverlayNode.role, node_id, bus_options),
+                           config, run, node_id, spill_dir=spill,
+                           checkpoint_dir=None if ckpt is None else ckpt / node_id)
+    return DeviceNode(node_bus(broker, run, DeviceNode.role, node_id, bus_options),
+                      config, run, node_id, algorithm, plan.device(node_id))
 
 
 def fleet_node_ids(config: RunConfig, algorithm: str) -> dict[str, list[str]]:
     """The node ids of one algorithm's fleet by link class (overlays only under EMO)."""
-    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    overlays = config.overlay_ids() if Algorithm.parse(algorithm).uses_overlays else []
     return {"server": ["server"], "overlay": overlays, "device": config.device_ids()}
 
 
@@ -102,7 +103,7 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
     """
     run = run_id(config, algorithm)
     server, others = ["server"], config.device_ids()
-    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    overlays = config.overlay_ids() if Algorithm.parse(algorithm).uses_overlays else []
     clients = [f"{run}-server-server"] + [f"{run}-device-{d}" for d in others]
     clients += [f"{run}-overlay-{o}" for o in overlays]
     for client in clients:
@@ -385,7 +386,7 @@ def summarize(
         "nodes_reporting": len(monitor.final),
         "rejected": rejected,
         "fl_model_sha256": done["fl_model_sha256"],
-        "controller_decisions": server.decisions if algorithm == "emo" else [],
+        "controller_decisions": server.decisions if Algorithm.parse(algorithm).controlled else [],
     }
 
 
@@ -484,8 +485,9 @@ async def run_scenario(
         f"{len(plan.validation)} validation, {len(plan.test)} test")
     algorithms: dict[str, dict[str, Any]] = {}
     for algorithm in config.run.algorithms:
+        overlays = Algorithm.parse(algorithm).uses_overlays
         say(f"== {algorithm}: {config.fleet.devices} devices"
-            + (f", {config.fleet.overlays} overlays" if algorithm.startswith("emo") else ""))
+            + (f", {config.fleet.overlays} overlays" if overlays else ""))
         algorithms[algorithm] = await run_algorithm(
             broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event)
     summary = {
