@@ -213,6 +213,33 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
     )
 
 
+def _failed(tasks: dict[str, asyncio.Task[None]]) -> None:
+    """Raise if a node's task ended with an error (a crash the scenario made is a cancel)."""
+    for name, task in tasks.items():
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            raise EmoError(f"{name} failed: {exc!r}") from exc
+
+
+async def _supervise(server_task: asyncio.Task[None], tasks: dict[str, asyncio.Task[None]],
+                     limit_s: float) -> None:
+    """Wait for the server to finish the run; fail as soon as any node fails.
+
+    A device or overlay whose loop died would otherwise leave the run to limp on, its rounds
+    closing at their deadlines, and end with exit status 0.
+    """
+    deadline = time.monotonic() + limit_s
+    while not server_task.done():
+        _failed(tasks)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the run did not end within {limit_s:g} s")
+        await asyncio.wait([server_task, *(t for t in tasks.values() if not t.done())],
+                           timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+    server_task.result()  # the server's own error, if any
+    _failed(tasks)
+
+
 async def run_algorithm(
     broker: Any,
     config: RunConfig,
@@ -290,7 +317,7 @@ async def run_algorithm(
         server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
         if replay is not None:
             timeline = asyncio.create_task(replay.run_timeline(start), name="network-timeline")
-        await asyncio.wait_for(asyncio.shield(server_task), timeout=limit)
+        await _supervise(server_task, tasks, limit)
         wall = time.monotonic() - start
         if timeline is not None:
             timeline.cancel()
@@ -317,7 +344,7 @@ async def run_algorithm(
         if replay is not None:
             await replay.close()
         if out_dir is not None:
-            msglog.write_csv(out_dir / algorithm / "messages.csv")
+            await asyncio.to_thread(msglog.write_csv, out_dir / algorithm / "messages.csv")
     # Round times count from round 1; the summary counts from the start of the run.
     offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
     entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
@@ -385,6 +412,8 @@ def summarize(
         "time_to_target_s": None if reached is None else round(reached["wall_s"] + offset_s, 3),
         "nodes_reporting": len(monitor.final),
         "rejected": rejected,
+        # Overlays whose models were refused as poisoned (non-finite), by times refused.
+        "poisoned_overlays": done.get("poisoned_overlays") or {},
         "fl_model_sha256": done["fl_model_sha256"],
         "controller_decisions": server.decisions if Algorithm.parse(algorithm).controlled else [],
     }
@@ -464,6 +493,19 @@ async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
                            for _ in range(config.fleet.parallel_training)))
 
 
+def _write_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write summary.json, then report.md and its plots; the report's paths."""
+    from emo_mqtt.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        return write_report(summary, out_dir)
+    except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
+        log.warning("no plots or report.md: %s (pip install matplotlib)", exc)
+        return []
+
+
 async def run_scenario(
     broker: Any,
     config: RunConfig,
@@ -498,15 +540,9 @@ async def run_scenario(
     }
     written: list[Path] = []
     if out_dir is not None:
-        from emo_mqtt.report import write_report
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        try:
-            written = write_report(summary, out_dir)
-        except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
-            log.warning("no plots or report.md: %s (pip install matplotlib)", exc)
-        else:
+        # Files and plots from a worker thread: the event loop never waits on the disk.
+        written = await asyncio.to_thread(_write_outputs, summary, out_dir)
+        if written:
             say(f"report: {out_dir / 'report.md'} and {len(written) - 1} plots")
     if on_event is not None:
         on_event({
