@@ -278,12 +278,16 @@ class Node:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if kind not in self._handler_failures:
-                self._handler_failures.add(kind)
-                log.exception("%s %s: handler of %s failed on a message on %s (further "
-                              "failures are counted as %s:handler_error)", self.role,
-                              self.node_id, kind, where, kind)
+            self._log_failure(kind, where)
             self.bus.reject(f"{kind}:handler_error", where, f"{type(exc).__name__}: {exc}")
+
+    def _log_failure(self, kind: str, where: str) -> None:
+        """Log the exception being handled with its traceback, once per message kind."""
+        if kind not in self._handler_failures:
+            self._handler_failures.add(kind)
+            log.exception("%s %s: a message of kind %s on %s raised (further ones are "
+                          "counted in the metrics' rejected)", self.role, self.node_id, kind,
+                          where)
 
     def _duplicate(self, envelope: codec.Envelope) -> bool:
         key = (envelope.sender, envelope.seq, envelope.time)
@@ -343,6 +347,10 @@ class Node:
         except MessageError as exc:
             self.reject_message(expected, exc.reason, message.topic, exc.detail)
             self.on_invalid(where, envelope, exc)
+            return
+        except Exception as exc:  # a validator's own bug: still never the loop's end
+            self._log_failure(expected, message.topic)
+            self.reject_message(expected, "validation_error", message.topic, repr(exc))
             return
         await self._run_handler(expected, message.topic, handler(where, envelope, typed))
 

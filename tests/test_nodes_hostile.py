@@ -195,3 +195,50 @@ def test_poisoned_overlay_and_activations(
             assert bool(value.isfinite().all())
     saved = json.loads((tmp_path / "emo" / "server.json").read_text())
     assert saved["final"]["poisoned_overlays"] == {"ovl0": 1}
+
+
+def test_a_failing_handler_is_counted_and_a_dead_loop_fails_the_node(
+    config: RunConfig, plan: DataPlan
+) -> None:
+    """A handler's exception is counted and the loop goes on; a loop that dies anyway makes
+    the node (and so ``emo run``) fail loudly instead of ending quietly."""
+    from emo_mqtt.fleet import build_nodes
+    from emo_mqtt.nodes.base import NodeFailed
+    from emo_mqtt.nodes.device import DeviceNode
+
+    broker = MemoryBroker()
+
+    async def scenario() -> tuple[dict[str, int], BaseException | None]:
+        server, others = build_nodes(broker, config, "fl", plan, None)
+        server.start_timeout_s = 0.1
+        devices = [n for n in others if isinstance(n, DeviceNode)]
+        flaky, doomed = devices[0], devices[1]
+
+        raised = asyncio.Event()
+
+        async def broken(*_: Any) -> None:
+            raised.set()  # the node counts the error in the same step, before we wake
+            raise RuntimeError("a bug")
+
+        parse, _ = flaky.handlers[Kind.SERVER_ROUND]
+        flaky.handlers[Kind.SERVER_ROUND] = (parse, broken)
+
+        async def dies(_: Any) -> None:
+            raise RuntimeError("the loop itself")
+
+        doomed.dispatch = dies  # type: ignore[method-assign]
+        tasks = [asyncio.create_task(n.run_node()) for n in (server, flaky, doomed)]
+        try:
+            done, _ = await asyncio.wait([tasks[2]], timeout=30)
+            assert done, "the doomed device never failed"
+            err = tasks[2].exception()
+            await asyncio.wait_for(raised.wait(), 30)
+            return dict(flaky.bus.stats.rejected), err
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    rejected, err = asyncio.run(scenario())
+    assert rejected.get("round:handler_error", 0) >= 1
+    assert isinstance(err, NodeFailed)
