@@ -131,6 +131,10 @@ class OverlayNode(Node):
         if device not in self.devices or env.sender != device:
             self.bus.reject("foreign_device", f"device/{device}/activations", env.sender)
             return
+        if self.strategy.too_far_ahead(msg):
+            self.reject_message(msg.KIND, "ahead", f"device/{device}/activations",
+                                f"round {msg.round} while at {self.round}")
+            return
         async with self.cache_lock:
             await asyncio.to_thread(self.strategy.store, device, msg)
         if self.strategy.stored(device, msg):

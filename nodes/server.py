@@ -179,7 +179,9 @@ class ServerNode(Node):
         overlay = where.node or ""
         refused = self.strategy.on_overlay_model(overlay, msg)
         if refused is not None:
-            self.bus.reject("unknown_overlay", f"overlay/{overlay}/model", refused)
+            reason = "stale_overlay_model" if overlay in self.config.overlay_ids() else (
+                "unknown_overlay")
+            self.bus.reject(reason, f"overlay/{overlay}/model", refused)
             return
         self._overlay_event.set()
 

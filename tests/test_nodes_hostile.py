@@ -180,11 +180,15 @@ def test_poisoned_overlay_and_activations(
         (acts, frame({**good, "round": 2**63}, "activations", "dev00", "emo", config, 40_001)),
         (acts, frame({**good, "round": 1, "labels": np.full(n, 1000)}, "activations",
                      "dev00", "emo", config, 40_002)),
+        # A valid round far in the future would never go stale in the cache.
+        (acts, frame({**good, "round": 2**31 - 1}, "activations", "dev00", "emo", config,
+                     40_003)),
     ]
     entry = hostile_run(config, "emo", plan, attacks, out=tmp_path)
     rejected = entry["rejected"]
     assert rejected.get("overlay.model:non_finite", 0) == 1, rejected
     assert rejected.get("activations:out_of_range", 0) == 2, rejected
+    assert rejected.get("activations:ahead", 0) == 1, rejected
     assert entry["poisoned_overlays"] == {"ovl0": 1}
     assert entry["rounds"] == 2
     assert entry["fl_model_sha256"] == clean["emo"]["fl_model_sha256"]

@@ -61,6 +61,14 @@ class OverlayStrategy:
         self.round_started[msg.round] = now
         return True
 
+    def too_far_ahead(self, msg: Activations) -> bool:
+        """Activations of a round far beyond the last one announced or trained: refused, or
+        a forged far-future round would sit in the cache forever (never stale). The margin
+        (``max_staleness + 1`` rounds) covers a restarted overlay that gets its queued
+        activations before the round announcement."""
+        known = max(self.round, self.trained_round)
+        return msg.round > known + 1 + self.config.emo.max_staleness
+
     def store(self, device: str, msg: Activations) -> None:
         """Cache a device's activations (may spill to disk: run off the event loop)."""
         batch = ActivationBatch(msg.round, msg.sample_ids, msg.labels, msg.data, msg.scale)

@@ -333,6 +333,9 @@ class ServerStrategy:
         """An overlay's new model (already checked finite); why it was refused, or None."""
         if self.overlays is None or overlay not in self.config.overlay_ids():
             return overlay
+        held = self.overlays.models.get(overlay)
+        if held is not None and msg.version < held["version"]:
+            return f"{overlay}: version {msg.version} after {held['version']}"
         self.overlays.accept(overlay, msg)
         self.controller.observe_overlay(overlay, msg.round, msg.loss)
         return None
