@@ -1,9 +1,11 @@
 """What every node shares: its bus, status and metrics, and a message loop that never crashes.
 
-A node talks to the rest of the fleet only through its bus. Incoming messages are parsed
-by the topic grammar and decoded by the codec; anything malformed, from another run, on
-an unknown topic, or a duplicate (QoS 1 redelivery) is rejected, counted by reason and
-logged once, and the loop carries on.
+A node talks to the rest of the fleet only through its bus, which it is given
+(:func:`node_bus` builds one). Incoming messages are parsed by the topic grammar, decoded by
+the codec and validated into typed messages (:mod:`emo_mqtt.messages`); anything malformed,
+from another run, on an unknown topic, of the wrong kind, or a duplicate (QoS 1
+redelivery) is rejected, counted by kind and reason and logged once, and the loop carries
+on. The loop is supervised: should it die anyway, the node fails (:class:`NodeFailed`).
 """
 
 from __future__ import annotations
