@@ -15,14 +15,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.controller import ControllerConfig
 from emo_mqtt.data import DATASETS, split_model_name
 from emo_mqtt.errors import ConfigError, TopicError
 from emo_mqtt.netscenario import NetworkConfig, parse_network
 from emo_mqtt.topics import validate_id
 
-ALGORITHMS = ("fl", "sfl", "sfl_v1", "emo", "emo_all")
-Algorithm = Literal["fl", "sfl", "sfl_v1", "emo", "emo_all"]
+#: Every algorithm's name, in the order the docs list them.
+ALGORITHMS = tuple(a.value for a in Algorithm)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.bus import BusOptions, open_bus
 from emo_mqtt.config import RunConfig
 from emo_mqtt.data import Split
@@ -26,7 +27,7 @@ from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
 from emo_mqtt.netscenario import MBPS
 from emo_mqtt.nodes import compute
-from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
@@ -59,22 +60,22 @@ def build_node(
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     if node_id == "server":
-        return ServerNode(broker, config, run, algorithm, plan,
+        return ServerNode(node_bus(broker, run, ServerNode.role, node_id, bus_options),
+                          config, run, algorithm, plan,
                           out_dir=None if out_dir is None else out_dir / algorithm,
-                          checkpoint_dir=None if ckpt is None else ckpt / "server",
-                          bus_options=bus_options)
+                          checkpoint_dir=None if ckpt is None else ckpt / "server")
     if node_id in config.overlay_ids():
         spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
-        return OverlayNode(broker, config, run, node_id, spill_dir=spill,
-                           checkpoint_dir=None if ckpt is None else ckpt / node_id,
-                           bus_options=bus_options)
-    return DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id),
-                      bus_options=bus_options)
+        return OverlayNode(node_bus(broker, run, OverlayNode.role, node_id, bus_options),
+                           config, run, node_id, spill_dir=spill,
+                           checkpoint_dir=None if ckpt is None else ckpt / node_id)
+    return DeviceNode(node_bus(broker, run, DeviceNode.role, node_id, bus_options),
+                      config, run, node_id, algorithm, plan.device(node_id))
 
 
 def fleet_node_ids(config: RunConfig, algorithm: str) -> dict[str, list[str]]:
     """The node ids of one algorithm's fleet by link class (overlays only under EMO)."""
-    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    overlays = config.overlay_ids() if Algorithm.parse(algorithm).uses_overlays else []
     return {"server": ["server"], "overlay": overlays, "device": config.device_ids()}
 
 
@@ -102,7 +103,7 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
     """
     run = run_id(config, algorithm)
     server, others = ["server"], config.device_ids()
-    overlays = config.overlay_ids() if algorithm in ("emo", "emo_all") else []
+    overlays = config.overlay_ids() if Algorithm.parse(algorithm).uses_overlays else []
     clients = [f"{run}-server-server"] + [f"{run}-device-{d}" for d in others]
     clients += [f"{run}-overlay-{o}" for o in overlays]
     for client in clients:
@@ -212,6 +213,33 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
     )
 
 
+def _failed(tasks: dict[str, asyncio.Task[None]]) -> None:
+    """Raise if a node's task ended with an error (a crash the scenario made is a cancel)."""
+    for name, task in tasks.items():
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            raise EmoError(f"{name} failed: {exc!r}") from exc
+
+
+async def _supervise(server_task: asyncio.Task[None], tasks: dict[str, asyncio.Task[None]],
+                     limit_s: float) -> None:
+    """Wait for the server to finish the run; fail as soon as any node fails.
+
+    A device or overlay whose loop died would otherwise leave the run to limp on, its rounds
+    closing at their deadlines, and end with exit status 0.
+    """
+    deadline = time.monotonic() + limit_s
+    while not server_task.done():
+        _failed(tasks)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the run did not end within {limit_s:g} s")
+        await asyncio.wait([server_task, *(t for t in tasks.values() if not t.done())],
+                           timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+    server_task.result()  # the server's own error, if any
+    _failed(tasks)
+
+
 async def run_algorithm(
     broker: Any,
     config: RunConfig,
@@ -289,7 +317,7 @@ async def run_algorithm(
         server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
         if replay is not None:
             timeline = asyncio.create_task(replay.run_timeline(start), name="network-timeline")
-        await asyncio.wait_for(asyncio.shield(server_task), timeout=limit)
+        await _supervise(server_task, tasks, limit)
         wall = time.monotonic() - start
         if timeline is not None:
             timeline.cancel()
@@ -316,7 +344,7 @@ async def run_algorithm(
         if replay is not None:
             await replay.close()
         if out_dir is not None:
-            msglog.write_csv(out_dir / algorithm / "messages.csv")
+            await asyncio.to_thread(msglog.write_csv, out_dir / algorithm / "messages.csv")
     # Round times count from round 1; the summary counts from the start of the run.
     offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
     entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
@@ -384,8 +412,10 @@ def summarize(
         "time_to_target_s": None if reached is None else round(reached["wall_s"] + offset_s, 3),
         "nodes_reporting": len(monitor.final),
         "rejected": rejected,
+        # Overlays whose models were refused as poisoned (non-finite), by times refused.
+        "poisoned_overlays": done.get("poisoned_overlays") or {},
         "fl_model_sha256": done["fl_model_sha256"],
-        "controller_decisions": server.decisions if algorithm == "emo" else [],
+        "controller_decisions": server.decisions if Algorithm.parse(algorithm).controlled else [],
     }
 
 
@@ -463,6 +493,19 @@ async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
                            for _ in range(config.fleet.parallel_training)))
 
 
+def _write_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write summary.json, then report.md and its plots; the report's paths."""
+    from emo_mqtt.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        return write_report(summary, out_dir)
+    except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
+        log.warning("no plots or report.md: %s (pip install matplotlib)", exc)
+        return []
+
+
 async def run_scenario(
     broker: Any,
     config: RunConfig,
@@ -484,8 +527,9 @@ async def run_scenario(
         f"{len(plan.validation)} validation, {len(plan.test)} test")
     algorithms: dict[str, dict[str, Any]] = {}
     for algorithm in config.run.algorithms:
+        overlays = Algorithm.parse(algorithm).uses_overlays
         say(f"== {algorithm}: {config.fleet.devices} devices"
-            + (f", {config.fleet.overlays} overlays" if algorithm.startswith("emo") else ""))
+            + (f", {config.fleet.overlays} overlays" if overlays else ""))
         algorithms[algorithm] = await run_algorithm(
             broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event)
     summary = {
@@ -496,15 +540,9 @@ async def run_scenario(
     }
     written: list[Path] = []
     if out_dir is not None:
-        from emo_mqtt.report import write_report
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        try:
-            written = write_report(summary, out_dir)
-        except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
-            log.warning("no plots or report.md: %s (pip install matplotlib)", exc)
-        else:
+        # Files and plots from a worker thread: the event loop never waits on the disk.
+        written = await asyncio.to_thread(_write_outputs, summary, out_dir)
+        if written:
             say(f"report: {out_dir / 'report.md'} and {len(written) - 1} plots")
     if on_event is not None:
         on_event({

@@ -28,6 +28,7 @@ from emo_mqtt.bus import open_bus
 from emo_mqtt.data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
 from emo_mqtt.ensemble import Ensemble
 from emo_mqtt.errors import CodecError, ConfigError, EmoError
+from emo_mqtt.messages import InferRequest, InferResponse, Limits, MessageError, check_kind
 from emo_mqtt.models import FLModel, build_fl_model, load_numpy_state
 from emo_mqtt.topics import Kind, parse, subscription, topic
 from emo_mqtt.training import predict_proba
@@ -108,6 +109,7 @@ async def serve_inference(
 ) -> None:
     """Answer inference requests for ``predictor.run`` until ``stop`` is set."""
     run = predictor.run
+    limits = Limits(max_images=MAX_IMAGES_PER_REQUEST)
     bus = open_bus(broker, f"{run}-infer-service", clean_start=True)
     stop = stop or asyncio.Event()
     async with bus:
@@ -129,17 +131,20 @@ async def serve_inference(
             try:
                 client = parse(message.topic).node or ""
                 env = codec.decode(message.payload)
+                check_kind(env.kind, InferRequest.KIND)
                 request_id = str(env.body["request_id"])
             except (EmoError, KeyError) as exc:
                 bus.reject("bad_request", message.topic, str(exc))
                 continue
             try:
-                images = normalise_images(env.body["images"])
-                body: dict[str, Any] = {"request_id": request_id,
-                                        "probs": predictor.predict_proba(images).astype(np.float32)}
-            except (ConfigError, KeyError) as exc:
+                request = InferRequest.from_body(env.body, limits=limits)
+                images = normalise_images(request.images)
+                answer = InferResponse(request_id,
+                                       predictor.predict_proba(images).astype(np.float32))
+            except (ConfigError, MessageError) as exc:
                 bus.reject("bad_request", message.topic, str(exc))
-                body = {"request_id": request_id, "error": str(exc)}
+                answer = InferResponse(request_id, None, str(exc))
+            body = answer.to_body()
             # Not awaited in the loop: see Node.spawn on why handlers never await publishes.
             reply = asyncio.create_task(bus.publish(
                 topic(Kind.INFER_RESPONSE, run, node=client),
@@ -159,20 +164,23 @@ async def request_inference(
         await bus.subscribe(topic(Kind.INFER_RESPONSE, run, node=client))
         await bus.publish(
             topic(Kind.INFER_REQUEST, run, node=client),
-            codec.encode({"request_id": request_id, "images": np.asarray(images)},
-                         kind="infer.request", sender=client, run=run),
+            codec.encode(InferRequest(request_id, np.asarray(images)).to_body(),
+                         kind=InferRequest.KIND, sender=client, run=run),
         )
         async with asyncio.timeout(timeout):
             async for message in bus.messages():
                 try:
-                    body = codec.decode(message.payload).body
-                except CodecError:
+                    response = InferResponse.from_body(codec.decode(message.payload).body,
+                                                       limits=Limits())
+                except (CodecError, MessageError):
                     continue
-                if body.get("request_id") != request_id:
+                if response.request_id != request_id:
                     continue
-                if "error" in body:
-                    raise ConfigError(f"inference service refused the request: {body['error']}")
-                return np.asarray(body["probs"])
+                if response.error is not None:
+                    raise ConfigError(f"inference service refused the request: "
+                                      f"{response.error}")
+                assert response.probs is not None
+                return np.asarray(response.probs)
     raise EmoError("bus closed before the inference response arrived")
 
 

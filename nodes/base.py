@@ -1,9 +1,11 @@
 """What every node shares: its bus, status and metrics, and a message loop that never crashes.
 
-A node talks to the rest of the fleet only through its bus. Incoming messages are parsed
-by the topic grammar and decoded by the codec; anything malformed, from another run, on
-an unknown topic, or a duplicate (QoS 1 redelivery) is rejected, counted by reason and
-logged once, and the loop carries on.
+A node talks to the rest of the fleet only through its bus, which it is given
+(:func:`node_bus` builds one). Incoming messages are parsed by the topic grammar, decoded by
+the codec and validated into typed messages (:mod:`emo_mqtt.messages`); anything malformed,
+from another run, on an unknown topic, of the wrong kind, or a duplicate (QoS 1
+redelivery) is rejected, counted by kind and reason and logged once, and the loop carries
+on. The loop is supervised: should it die anyway, the node fails (:class:`NodeFailed`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from emo_mqtt import __version__, codec
 from emo_mqtt.bus import Bus, BusOptions, Message, open_bus
 from emo_mqtt.config import RunConfig
 from emo_mqtt.errors import CodecError, EmoError, TopicError
+from emo_mqtt.messages import TOPIC_MESSAGES, MessageError, check_kind
 from emo_mqtt.topics import Kind, ParsedTopic, parse, topic
 
 log = logging.getLogger("emo_mqtt.nodes")
 
-Handler = Callable[[ParsedTopic, codec.Envelope], Awaitable[None]]
+Handler = Callable[[ParsedTopic, codec.Envelope, Any], Awaitable[None]]
+#: Turns a received body into a typed message (raises MessageError); gets the topic too.
+Parser = Callable[[Mapping[str, Any], ParsedTopic], Any]
 JsonHandler = Callable[[ParsedTopic, dict[str, Any]], Awaitable[None]]
 #: Topics whose payloads are JSON (readable by any MQTT tool), not codec frames.
 JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS})
@@ -90,33 +95,54 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def status_payload(state: str, role: str, node_id: str, run: str, round: int = 0) -> bytes:
+    """The retained status JSON of a node (its last will says ``offline``)."""
+    return json.dumps(
+        {"state": state, "role": role, "id": node_id, "run": run,
+         "version": __version__, "round": round, "time": time.time()}
+    ).encode()
+
+
+def node_bus(
+    broker: Any, run: str, role: str, node_id: str, options: BusOptions | None = None
+) -> Bus:
+    """The bus a node of ``run`` connects with: its client id, its last will, its session.
+
+    ``broker`` is an ``mqtt://`` URL or a :class:`~emo_mqtt.bus.MemoryBroker`. Nodes are
+    given their bus (``ServerNode(node_bus(...), ...)``): tests and tools can hand them any
+    :class:`Bus`.
+    """
+    status = topic(Kind.STATUS, run, node=node_id, role=role)
+    will = Message(status, status_payload("offline", role, node_id, run), 1, True)
+    # A persistent session (clean_start False): QoS 1 messages queued while we are away wait
+    # for us. A shaped run sizes publish deadlines to the node's link and outages (options).
+    return open_bus(broker, f"{run}-{role}-{node_id}", will=will, clean_start=False,
+                    options=options or BusOptions())
+
+
+class NodeFailed(EmoError):
+    """A node's message loop or its main task died: the node stops and says so."""
+
+
 class Node:
     """Base class of the server, overlay and device nodes."""
 
     role = "node"
 
-    def __init__(
-        self, broker: Any, config: RunConfig, run: str, node_id: str,
-        bus_options: BusOptions | None = None,
-    ) -> None:
+    def __init__(self, bus: Bus, config: RunConfig, run: str, node_id: str) -> None:
+        """``bus``: this node's own connection, not yet connected (see :func:`node_bus`)."""
         self.config = config
         self.run = run
         self.node_id = node_id
         self.status_topic = topic(Kind.STATUS, run, node=node_id, role=self.role)
-        will = Message(self.status_topic, self._status_payload("offline"), 1, True)
-        self.bus: Bus = open_bus(
-            broker,
-            f"{run}-{self.role}-{node_id}",
-            will=will,
-            clean_start=False,
-            # A shaped run sizes publish deadlines to the node's link and outages.
-            options=bus_options or BusOptions(),
-        )
+        self.bus = bus
         # The broker published our will ("offline") when the connection dropped: say we
         # are back, or the server and dashboards would count us offline for good.
         self.bus.on_reconnected = lambda: self.spawn(self.publish_status("online"))
-        self.handlers: dict[Kind, Handler] = {}
+        self.handlers: dict[Kind, tuple[Parser, Handler]] = {}
         self.json_handlers: dict[Kind, JsonHandler] = {}
+        #: Message kinds whose handler failed once (logged with a traceback once each).
+        self._handler_failures: set[str] = set()
         self._seq = 0
         self._seen: OrderedDict[tuple[str, int, float], None] = OrderedDict()
         self.round = 0
@@ -131,10 +157,7 @@ class Node:
 
     # -- outgoing ---------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
-        return json.dumps(
-            {"state": state, "role": self.role, "id": self.node_id, "run": self.run,
-             "version": __version__, "round": getattr(self, "round", 0), "time": time.time()}
-        ).encode()
+        return status_payload(state, self.role, self.node_id, self.run, self.round)
 
     async def send(
         self,
@@ -218,11 +241,18 @@ class Node:
                         task.exception())
 
     # -- incoming ---------------------------------------------------------------------------
-    def on(self, kind: Kind, handler: Handler) -> None:
-        self.handlers[kind] = handler
+    def on(self, kind: Kind, parse_body: Parser, handler: Handler) -> None:
+        """Handle frames on ``kind``'s topics: ``parse_body(body, where)`` validates the body
+        into a typed message (or raises :class:`MessageError`), then
+        ``handler(where, envelope, message)`` runs."""
+        self.handlers[kind] = (parse_body, handler)
 
     def on_json(self, kind: Kind, handler: JsonHandler) -> None:
         self.json_handlers[kind] = handler
+
+    def reject_message(self, kind: str, reason: str, where: str, detail: str) -> None:
+        """Count a refused message as ``<kind>:<reason>`` (the metrics' ``rejected``)."""
+        self.bus.reject(f"{kind}:{reason}", where, detail)
 
     async def _dispatch_json(self, where: ParsedTopic, message: Message) -> None:
         handler = self.json_handlers.get(where.kind)
@@ -233,10 +263,33 @@ class Node:
             body = json.loads(bytes(message.payload))
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            self.bus.reject("bad_json", message.topic, str(exc))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: JSON nested thousands deep (json.loads recurses).
+            self.bus.reject("bad_json", message.topic, f"{type(exc).__name__}: {exc}")
             return
-        await handler(where, body)
+        await self._run_handler(where.kind, message.topic, handler(where, body))
+
+    async def _run_handler(self, kind: str, where: str, work: Awaitable[None]) -> None:
+        """Await a handler; an exception it raises is logged and counted, never propagated.
+
+        Messages are validated before their handler runs, so this is a safety net for what
+        validation could not foresee: one message must never end the node's loop.
+        """
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log_failure(kind, where)
+            self.bus.reject(f"{kind}:handler_error", where, f"{type(exc).__name__}: {exc}")
+
+    def _log_failure(self, kind: str, where: str) -> None:
+        """Log the exception being handled with its traceback, once per message kind."""
+        if kind not in self._handler_failures:
+            self._handler_failures.add(kind)
+            log.exception("%s %s: a message of kind %s on %s raised (further ones are "
+                          "counted in the metrics' rejected)", self.role, self.node_id, kind,
+                          where)
 
     def _duplicate(self, envelope: codec.Envelope) -> bool:
         key = (envelope.sender, envelope.seq, envelope.time)
@@ -251,7 +304,12 @@ class Node:
         self.bytes_in_by_kind[kind] = self.bytes_in_by_kind.get(kind, 0) + len(message.payload)
 
     async def dispatch(self, message: Message) -> None:
-        """Route one message to its handler; bad input is counted, never raised."""
+        """Route one message to its handler; bad input is counted, never raised.
+
+        Order: topic grammar, run, codec frame, the frame's kind against the topic's, the
+        envelope's run, duplicates, then the body's validation into a typed message
+        (:mod:`emo_mqtt.messages`): a handler only ever sees a valid message.
+        """
         if not message.payload:
             return  # an empty retained payload: MQTT's way of clearing a retained message
         try:
@@ -264,14 +322,21 @@ class Node:
         if where.kind in JSON_KINDS:
             await self._dispatch_json(where, message)
             return
-        handler = self.handlers.get(where.kind)
-        if handler is None or where.run != self.run:
+        entry = self.handlers.get(where.kind)
+        if entry is None or where.run != self.run:
             self.bus.reject("unexpected_topic", message.topic, "no handler for this topic")
             return
+        parse_body, handler = entry
         try:
             envelope = codec.decode(message.payload)
         except CodecError as exc:
             self.bus.reject("bad_payload", message.topic, str(exc))
+            return
+        expected = TOPIC_MESSAGES[where.kind].KIND
+        try:
+            check_kind(envelope.kind, expected)
+        except MessageError as exc:
+            self.reject_message(expected, exc.reason, message.topic, exc.detail)
             return
         if envelope.run != self.run:
             self.bus.reject("wrong_run", message.topic, f"envelope run {envelope.run!r}")
@@ -280,10 +345,20 @@ class Node:
             self.bus.reject("duplicate", message.topic, "already processed (QoS 1 redelivery)")
             return
         try:
-            await handler(where, envelope)
-        except (EmoError, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            # A well-formed frame whose body does not fit the message kind.
-            self.bus.reject("bad_message", message.topic, f"{type(exc).__name__}: {exc}")
+            typed = parse_body(envelope.body, where)
+        except MessageError as exc:
+            self.reject_message(expected, exc.reason, message.topic, exc.detail)
+            self.on_invalid(where, envelope, exc)
+            return
+        except Exception as exc:  # a validator's own bug: still never the loop's end
+            self._log_failure(expected, message.topic)
+            self.reject_message(expected, "validation_error", message.topic, repr(exc))
+            return
+        await self._run_handler(expected, message.topic, handler(where, envelope, typed))
+
+    def on_invalid(self, where: ParsedTopic, envelope: codec.Envelope, error: MessageError) -> None:
+        """Hook: a frame on ``where`` failed validation (already counted). Subclasses may
+        flag the sender (the server flags poisoned overlays)."""
 
     async def serve(self) -> None:
         """The message loop: dispatch until :meth:`stop`."""
@@ -304,17 +379,36 @@ class Node:
         self.stopping.set()
 
     async def run_node(self) -> None:
-        """Connect, announce, run until done, say goodbye (no will on a clean exit)."""
+        """Connect, announce, run until done, say goodbye (no will on a clean exit).
+
+        Supervised: when the message loop ends before :meth:`main` (an exception, or the bus
+        closed under it) the node logs it, stops its main task and raises
+        :class:`NodeFailed`, so that whoever runs it (``emo run``, ``emo node``) fails
+        loudly instead of waiting for rounds that can no longer be served.
+        """
         async with self.bus:
             for topic_filter in await self.subscriptions():
                 await self.bus.subscribe(topic_filter)
             await self.publish_status("online")
-            server = asyncio.create_task(self.serve(), name=f"{self.role}:{self.node_id}:serve")
+            name = f"{self.role}:{self.node_id}"
+            loop = asyncio.create_task(self.serve(), name=f"{name}:serve")
+            work = asyncio.create_task(self.main(), name=f"{name}:main")
             try:
-                await self.main()
+                await asyncio.wait({loop, work}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    if loop.cancelled() or loop.exception() is None:
+                        if not self.stopping.is_set():
+                            raise NodeFailed(f"{name}: the message loop ended (bus closed)")
+                    else:
+                        exc = loop.exception()
+                        log.error("%s: the message loop died: %r", name, exc, exc_info=exc)
+                        raise NodeFailed(f"{name}: the message loop died: {exc!r}") from exc
+                await work  # re-raises what main raised
             finally:
                 self.stop()
-                server.cancel()
+                for task in (loop, work):
+                    task.cancel()
+                await asyncio.gather(loop, work, return_exceptions=True)
                 try:
                     await self.publish_metrics(final=True)
                     await self.publish_status("offline")

@@ -1,62 +1,51 @@
-"""The server node: FedAvg rounds, the SplitFed server half, the controller, and evaluation.
+"""The server node: a driver around :class:`~emo_mqtt.strategies.server.ServerStrategy`.
 
-Each round the server samples devices, publishes the round (with the global model) on
-``server/round``, collects updates until every sampled device answered or the deadline
-passed with at least ``min_updates`` (one silent device never stalls a round), averages
-them, and evaluates on the test data it holds. Under EMO it also measures convergence
-(trunk drift on probe data, the FL loss trend, the overlays' losses), publishes each
-device's activation rate on its control topic, and evaluates the ensemble of the FL model
-and the latest overlay models. Under SplitFed it runs the server-side half of the model.
+Each round the strategy samples devices and says what to publish (EMO's control decisions,
+then the round with the global model on ``server/round``); the driver publishes it, feeds
+the strategy the validated updates (and SplitFed batches, and overlay models) as they
+arrive, waits until every sampled device answered or the deadline passed with at least
+``min_updates`` (one silent device never stalls a round), closes the round, evaluates in the
+compute pool and checkpoints from a worker thread. The algorithm itself lives in the
+strategy; this module is about time, the bus and files.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from emo_mqtt.bus import BusOptions
+from emo_mqtt.algorithms import Algorithm
+from emo_mqtt.bus import Bus
 from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
-from emo_mqtt.controller import (
-    ConvergenceController,
-    SendEverything,
-    activation_drift,
-)
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
-from emo_mqtt.fedavg import RoundCollector, fedavg, sample_clients
-from emo_mqtt.models import (
-    OverlayModel,
-    build_fl_model,
-    build_overlay_model,
-    load_numpy_state,
-    state_to_numpy,
+from emo_mqtt.fedavg import RoundCollector, RoundResult
+from emo_mqtt.messages import (
+    Limits,
+    MessageError,
+    OverlayModelMsg,
+    SflActivations,
+    Update,
 )
+from emo_mqtt.models import FLModel
 from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
+from emo_mqtt.nodes.limits import limits_for
+from emo_mqtt.strategies.base import Outgoing
+from emo_mqtt.strategies.server import ServerStrategy, evaluate, model_digest
 from emo_mqtt.topics import Kind, ParsedTopic, subscription
-from emo_mqtt.training import evaluate, seed_everything, sfl_server_step
 
 log = logging.getLogger("emo_mqtt.nodes.server")
 
-
-def model_digest(state: dict[str, np.ndarray]) -> str:
-    """SHA-256 over a state dict's names and bytes: equal digests, bit-identical models."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(state[name]).tobytes())
-    return h.hexdigest()
+__all__ = ["ServerNode", "model_digest"]
 
 
 class ServerNode(Node):
@@ -66,7 +55,7 @@ class ServerNode(Node):
 
     def __init__(
         self,
-        broker: Any,
+        bus: Bus,
         config: RunConfig,
         run: str,
         algorithm: str,
@@ -76,10 +65,9 @@ class ServerNode(Node):
         out_dir: Path | None = None,
         start_timeout_s: float = 60.0,
         checkpoint_dir: Path | None = None,
-        bus_options: BusOptions | None = None,
     ) -> None:
-        super().__init__(broker, config, run, node_id, bus_options)
-        self.algorithm = algorithm
+        super().__init__(bus, config, run, node_id)
+        self.algorithm = Algorithm.parse(algorithm)
         self.plan = plan
         self.out_dir = out_dir
         self.start_timeout_s = start_timeout_s
@@ -89,9 +77,8 @@ class ServerNode(Node):
         self.checkpoint_dir = checkpoint_dir
         #: Round the server resumed after (0: a fresh start).
         self.resumed_from = 0
-        self._prev_probe: np.ndarray | None = None
-        seed_everything(config.run.seed)
-        self.model = build_fl_model(config.fl.model)
+        self.strategy = ServerStrategy(config, self.algorithm, plan)
+        self.limits: Limits = limits_for(config, self.algorithm, plan)
         self.online: set[str] = set()
         #: Nodes not waited for before round 1 (``emo run`` lists those whose scenario link
         #: starts down: they join through the retained round announcement when it comes up).
@@ -100,64 +87,71 @@ class ServerNode(Node):
         #: from it.
         self.rounds_started_at: float | None = None
         self._online_event = asyncio.Event()
-        self.collector: RoundCollector | None = None
         self._update_event = asyncio.Event()
-        self.history: list[dict[str, Any]] = []
-        self.rejected_updates = 0
-        self.overlays: dict[str, dict[str, Any]] = {}
         self._overlay_event = asyncio.Event()
-        emo = algorithm in ("emo", "emo_all")
-        self.emo = emo
-        if algorithm == "emo" and config.controller.enabled:
-            self.controller: ConvergenceController | SendEverything = ConvergenceController(
-                config.controller.policy()
-            )
-            for device in config.device_ids():
-                self.controller.assign(device, config.overlay_of(device))
-        else:
-            self.controller = SendEverything()
-        self.decisions: list[dict[str, Any]] = []
-        #: Mean training loss the devices reported with their updates in the last closed
-        #: round (FedAvg); SplitFed: mean server-side loss of the round's batches.
-        self.last_loss = math.nan
-        # SplitFed: the server-side half. V2 shares one head; V1 keeps a copy per device.
-        self.sfl = algorithm in ("sfl", "sfl_v1")
-        self.heads: dict[str, torch.nn.Module] = {}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.sfl_losses: list[float] = []
-        self._sampled: set[str] = set()
-        self._samples: dict[str, int] = {}
-        self._losses: list[float] = []
-        self.on_json(Kind.STATUS, self._on_status)
-        self.on(Kind.DEVICE_UPDATE, self._on_update)
-        self.on(Kind.OVERLAY_MODEL, self._on_overlay_model)
-        self.on(Kind.DEVICE_SFL_ACTIVATIONS, self._on_sfl_activations)
         self.final: dict[str, Any] = {}
-        self._overlay_rounds: dict[str, int] = {}
+        self.on_json(Kind.STATUS, self._on_status)
+        self.on(Kind.DEVICE_UPDATE,
+                lambda body, where: Update.from_body(body, limits=self.limits, sender=where.node),
+                self._on_update)
+        self.on(Kind.OVERLAY_MODEL,
+                lambda body, _: OverlayModelMsg.from_body(body, limits=self.limits),
+                self._on_overlay_model)
+        self.on(Kind.DEVICE_SFL_ACTIVATIONS,
+                lambda body, _: SflActivations.from_body(body, limits=self.limits),
+                self._on_sfl_activations)
+
+    # -- what the strategy holds, as the node's attributes (tests, fleet, dashboards) --------
+    @property
+    def model(self) -> FLModel:
+        return self.strategy.model
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.strategy.history
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return self.strategy.decisions
+
+    @property
+    def rejected_updates(self) -> int:
+        return self.strategy.rejected_updates
+
+    @property
+    def collector(self) -> RoundCollector | None:
+        return self.strategy.collector
+
+    @property
+    def overlays(self) -> dict[str, dict[str, Any]]:
+        pool = self.strategy.overlays
+        return {} if pool is None else pool.models
 
     async def subscriptions(self) -> list[str]:
         subs = [
             subscription(Kind.STATUS, self.run),
             subscription(Kind.DEVICE_UPDATE, self.run),
         ]
-        if self.emo:
+        if self.algorithm.uses_overlays:
             subs.append(subscription(Kind.OVERLAY_MODEL, self.run))
-        if self.sfl:
+        if self.algorithm.is_split:
             subs.append(subscription(Kind.DEVICE_SFL_ACTIVATIONS, self.run))
         return subs
 
     def metrics(self) -> dict[str, Any]:
         out = super().metrics()
-        out.update(algorithm=self.algorithm, rejected_updates=self.rejected_updates,
-                   online=sorted(self.online), loss=self.last_loss)
-        if self.history:
-            last = self.history[-1]
+        s = self.strategy
+        out.update(algorithm=self.algorithm.value, rejected_updates=s.rejected_updates,
+                   online=sorted(self.online), loss=s.last_loss,
+                   poisoned_overlays=s.poisoned_overlays)
+        if s.history:
+            last = s.history[-1]
             out["last_round"] = last
             out["accuracy"] = last["accuracy"]
             out["fl_accuracy"] = last["fl_accuracy"]
         # The controller's latest decision for each device (EMO only; empty otherwise).
         latest: dict[str, dict[str, Any]] = {}
-        for decision in self.decisions:
+        for decision in s.decisions:
             latest[decision["device"]] = decision
         out["controller_decisions"] = dict(sorted(latest.items()))
         return out
@@ -172,94 +166,53 @@ class ServerNode(Node):
             self.online.discard(where.node)
         self._online_event.set()
 
-    async def _on_update(self, where: ParsedTopic, env: Envelope) -> None:
-        collector = self.collector
+    async def _on_update(self, where: ParsedTopic, env: Envelope, msg: Update) -> None:
         device = where.node or ""
-        if collector is None or int(env.body["round"]) != self.round or device != env.sender:
-            self.bus.reject("late_update", f"device/{device}/update",
-                            f"update for round {env.body.get('round')} outside round {self.round}")
+        refused = self.strategy.on_update(device, env.sender, msg, time.monotonic())
+        if refused is not None:
+            self.bus.reject(refused[0], f"device/{device}/update", refused[1])
             return
-        state = {k: np.asarray(v) for k, v in env.body["weights"].items()}
-        samples = int(env.body["samples"])
-        if not collector.add(device, state, samples, time.monotonic()):
-            reason = collector.rejected.pop(device, None)
-            if reason is not None:
-                # Non-finite, mis-shaped or otherwise invalid: never enters the average.
-                self.rejected_updates += 1
-                self.bus.reject("bad_update", f"device/{device}/update", reason)
-            else:
-                self.bus.reject("duplicate_update", f"device/{device}/update",
-                                "not sampled this round, or already received")
-            return
-        self._samples[device] = samples
-        loss = env.body.get("loss")
-        if isinstance(loss, float) and math.isfinite(loss):
-            self._losses.append(loss)
         self._update_event.set()
 
-    async def _on_overlay_model(self, where: ParsedTopic, env: Envelope) -> None:
+    async def _on_overlay_model(self, where: ParsedTopic, env: Envelope,
+                                msg: OverlayModelMsg) -> None:
         overlay = where.node or ""
-        if overlay not in self.config.overlay_ids():
-            self.bus.reject("unknown_overlay", f"overlay/{overlay}/model", overlay)
+        refused = self.strategy.on_overlay_model(overlay, msg)
+        if refused is not None:
+            reason = "stale_overlay_model" if overlay in self.config.overlay_ids() else (
+                "unknown_overlay")
+            self.bus.reject(reason, f"overlay/{overlay}/model", refused)
             return
-        model = build_overlay_model(self.config.emo.overlay_model, self.model.activation_shape)
-        # fp16 on the wire, decoded back to float32; integer buffers (batch norm) as sent.
-        load_numpy_state(model, {k: np.asarray(v) for k, v in env.body["weights"].items()})
-        r = int(env.body["round"])
-        loss = float(env.body["loss"])
-        self.overlays[overlay] = {"model": model, "round": r, "version": int(env.body["version"]),
-                                  "loss": loss}
-        self.controller.observe_overlay(overlay, r, loss)
         self._overlay_event.set()
 
-    async def _on_sfl_activations(self, where: ParsedTopic, env: Envelope) -> None:
+    def on_invalid(self, where: ParsedTopic, envelope: Envelope, error: MessageError) -> None:
+        # A model with NaN/inf weights or loss is poisoned: out of the ensemble, flagged.
+        if (where.kind is Kind.OVERLAY_MODEL and error.reason == "non_finite"
+                and where.node in self.config.overlay_ids()):
+            log.warning("server: overlay %s sent a poisoned model (%s); it leaves the ensemble",
+                        where.node, error.detail)
+            self.strategy.poison(where.node)
+
+    async def _on_sfl_activations(self, where: ParsedTopic, env: Envelope,
+                                  msg: SflActivations) -> None:
         device = where.node or ""
-        r = int(env.body["round"])
-        if r != self.round or device not in self._sampled:
-            self.bus.reject("late_activations", f"device/{device}/sfl/activations",
-                            f"round {r} while at {self.round}")
+        out = self.strategy.on_sfl_activations(device, msg)
+        if isinstance(out, str):
+            self.bus.reject("late_activations", f"device/{device}/sfl/activations", out)
             return
-        key = device if self.algorithm == "sfl_v1" else "shared"
-        acts = torch.as_tensor(np.asarray(env.body["activations"]))
-        labels = torch.as_tensor(np.asarray(env.body["labels"]))
-        loss, grad = sfl_server_step(self.heads[key], self.optimizers[key], acts, labels)
-        self.sfl_losses.append(loss)
-        self.spawn(self.send(
-            Kind.SERVER_SFL_GRADIENTS,
-            {"round": r, "batch": int(env.body["batch"]), "gradient": grad},
-            msg_kind="sfl.gradients",
-            node=device,
-        ))
+        for item in out:
+            self.spawn(self.publish(item))
 
-    # -- helpers ----------------------------------------------------------------------------
-    def _device_side_state(self) -> dict[str, np.ndarray]:
-        return state_to_numpy(self.model.trunk if self.sfl else self.model)
+    async def publish(self, item: Outgoing) -> None:
+        """Publish one message a strategy returned."""
+        await self.send(item.kind, item.message.to_body(), msg_kind=item.message.KIND,
+                        node=item.node, retain=item.retain, qos=item.qos,
+                        background=item.background)
 
-    def _load_device_side(self, state: dict[str, np.ndarray]) -> None:
-        load_numpy_state(self.model.trunk if self.sfl else self.model, state)
-
-    def _start_sfl_round(self, sampled: list[str]) -> None:
-        head_state = state_to_numpy(self.model.head)
-        keys = sampled if self.algorithm == "sfl_v1" else ["shared"]
-        self.heads.clear()
-        self.optimizers.clear()
-        for key in keys:
-            head = build_fl_model(self.config.fl.model).head
-            load_numpy_state(head, head_state)
-            self.heads[key] = head
-            self.optimizers[key] = torch.optim.SGD(head.parameters(), lr=self.config.sfl.lr)
-
-    def _finish_sfl_round(self, contributors: dict[str, int]) -> None:
-        if self.algorithm == "sfl_v1":
-            updates = [(d, state_to_numpy(self.heads[d]), n) for d, n in contributors.items()]
-            if updates:
-                load_numpy_state(self.model.head, fedavg(updates))
-        else:
-            load_numpy_state(self.model.head, state_to_numpy(self.heads["shared"]))
-
+    # -- the run ----------------------------------------------------------------------------
     async def _wait_for_fleet(self) -> None:
         expected = set(self.config.device_ids())
-        if self.emo:
+        if self.algorithm.uses_overlays:
             expected |= set(self.config.overlay_ids())
         expected -= self.skip_start_wait
         deadline = time.monotonic() + self.start_timeout_s
@@ -270,160 +223,34 @@ class ServerNode(Node):
                 return
             await wait_event(self._online_event, min(left, 1.0))
 
-    def _ensemble(self) -> Ensemble | None:
-        """A snapshot of the FL model and the latest overlay models (event loop side)."""
-        self._overlay_rounds = {k: v["round"] for k, v in sorted(self.overlays.items())}
-        if not self.emo or not self.overlays:
-            return None
-        overlays: dict[str, OverlayModel] = {
-            k: v["model"] for k, v in sorted(self.overlays.items())
-        }
-        return Ensemble(self.model, overlays, scaling=self.config.emo.scaling)
+    async def _evaluate(self, final: bool) -> dict[str, Any]:
+        s = self.strategy
+        return await compute(evaluate, s.model, self.plan, final, s.ensemble(),
+                             s.overlay_rounds())
 
-    def _evaluate(self, final: bool, ensemble: Ensemble | None) -> dict[str, Any]:
-        """Runs in a worker thread: touches only ``ensemble`` (a snapshot) and the FL model."""
-        split = self.plan.test if final else self.plan.eval_subset
-        fl = evaluate(self.model, split)
-        out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss,
-                               "accuracy": fl.accuracy}
-        if ensemble is not None:
-            ensemble.fit(self.plan.validation)
-            report = ensemble.evaluate(split)
-            out["accuracy"] = report.accuracy
-            out["ensemble_loss"] = report.loss
-            out["overlay_rounds"] = self._overlay_rounds
-            if final:
-                probs = ensemble.member_proba(split.x)
-                out["member_accuracy"] = {
-                    name: float(np.mean(p.argmax(1) == split.y))
-                    for name, p in zip(ensemble.members, probs, strict=True)
-                }
-                out["ensemble"] = ensemble
-        return out
-
-    # -- the run ----------------------------------------------------------------------------
     async def main(self) -> None:
         c = self.config
         await self._wait_for_fleet()
         start = self.rounds_started_at = time.monotonic()
-        probe = torch.tensor(self.plan.validation.x[: c.controller.probe_samples])
-        first = self._load_checkpoint() + 1
-        prev_probe = self._prev_probe
+        first = await self._load_checkpoint() + 1
         if first > 1:
             # Wall times of a resumed run continue from the checkpointed ones.
             start -= float(self.history[-1]["wall_s"]) if self.history else 0.0
         for r in range(first, c.run.rounds + 1):
             self.round = r
-            sampled = sample_clients(c.device_ids(), c.fleet.sample_fraction, c.run.seed, r)
-            self._losses = []
-            self._sampled = set(sampled)
-            self._samples = {}
-            sfl_batches = len(self.sfl_losses)
-            if self.sfl:
-                self._start_sfl_round(sampled)
-            if self.emo:
-                for device in sampled:
-                    decision = self.controller.decide(device, r)
-                    self.decisions.append({"round": r, "device": device, **decision.to_dict()})
-                    await self.send(Kind.CONTROL, {"round": r, "decision": decision.to_dict()},
-                                    msg_kind="control", node=device, retain=True)
-            self.collector = RoundCollector(
-                round=r, expected=sampled, min_updates=min(c.fleet.min_updates, len(sampled)),
-                deadline_s=c.fleet.round_deadline_s, started_at=time.monotonic(),
-                reference=self._device_side_state(),
-                # Bad input: an update farther than this from the global model is refused.
-                max_norm_ratio=c.fleet.max_update_norm_ratio or None,
-            )
-            await self.send(
-                Kind.SERVER_ROUND,
-                {"round": r, "algorithm": self.algorithm, "sampled": sampled,
-                 "deadline_s": c.fleet.round_deadline_s, "weights": self._device_side_state()},
-                msg_kind="round",
-                retain=True,
-            )
-            result = await self._collect(self.collector)
-            received = self.collector.received
-            self.collector = None
-            round_losses = self.sfl_losses[sfl_batches:] if self.sfl else self._losses
-            if round_losses:
-                self.last_loss = float(np.mean(round_losses))
-            contributors: dict[str, int] = {}
-            if result is not None:
-                self._load_device_side(result.state)
-                contributors = {d: self._samples[d] for d in result.contributors}
-            if self.sfl:
-                self._finish_sfl_round(contributors)
-            if self.emo:
-                with torch.no_grad():
-                    self.model.trunk.eval()
-                    cur = self.model.trunk(probe).numpy()
-                drift = None if prev_probe is None else activation_drift(prev_probe, cur)
-                prev_probe = cur
-                mean_loss = float(np.mean(self._losses)) if self._losses else None
-                self.controller.observe_round(r, drift, mean_loss)
-            scores = await compute(self._evaluate, False, self._ensemble())
-            record = {
-                "round": r, "accuracy": scores["accuracy"], "fl_accuracy": scores["fl_accuracy"],
-                "updates": len(contributors), "missing": sorted(set(sampled) - set(received)),
-                # Closed at the deadline below min_updates: nothing was averaged.
-                "aggregated": result is not None,
-                "wall_s": round(time.monotonic() - start, 3),
-            }
-            if "overlay_rounds" in scores:
-                record["overlay_rounds"] = scores["overlay_rounds"]
-            self.history.append(record)
-            self._prev_probe = prev_probe
-            self._save_checkpoint(r)
+            for item in self.strategy.start_round(r, time.monotonic()):
+                await self.publish(item)
+            collector = self.strategy.collector
+            assert collector is not None
+            result = await self._collect(collector)
+            closed = self.strategy.close_round(result)
+            scores = await self._evaluate(False)
+            record = self.strategy.record_round(closed, scores, time.monotonic() - start)
+            await self._save_checkpoint(r)
             await self.publish_metrics(event="round", **record)
         await self._finish(start)
 
-    # -- checkpoint (fault tolerance) ----------------------------------------------------------
-    def _save_checkpoint(self, r: int) -> None:
-        """Write the state after closed round ``r``: arrays to npz, the rest to JSON.
-
-        What a resumed server needs to carry on as if nothing happened: the global model
-        (all of it, so SplitFed's server half too), the history, the controller decisions
-        and its observations, the last probe activations (EMO drift) and the last loss.
-        Written to temporary names and renamed, so a crash mid-write keeps the old one.
-        """
-        if self.checkpoint_dir is None:
-            return
-        arrays = {f"model/{k}": v for k, v in state_to_numpy(self.model).items()}
-        if self._prev_probe is not None:
-            arrays["prev_probe"] = self._prev_probe
-        controller = (self.controller.state()
-                      if isinstance(self.controller, ConvergenceController) else {})
-        meta = {"format": 1, "run": self.run, "algorithm": self.algorithm, "round": r,
-                "history": self.history, "decisions": self.decisions,
-                "rejected_updates": self.rejected_updates, "last_loss": self.last_loss,
-                "controller": controller}
-        write_checkpoint(self.checkpoint_dir, "server", arrays, meta)
-
-    def _load_checkpoint(self) -> int:
-        """Restore the state of a checkpoint of this run; the round it was taken after."""
-        found = read_checkpoint(self.checkpoint_dir, "server")
-        if found is None:
-            return 0
-        arrays, meta = found
-        if meta.get("run") != self.run or meta.get("algorithm") != self.algorithm:
-            log.warning("server: ignoring checkpoint of another run in %s", self.checkpoint_dir)
-            return 0
-        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-        self._prev_probe = arrays.get("prev_probe")
-        load_numpy_state(self.model, state)
-        self.history = list(meta["history"])
-        self.decisions = list(meta["decisions"])
-        self.rejected_updates = int(meta["rejected_updates"])
-        self.last_loss = float(meta["last_loss"])
-        ctl = meta.get("controller") or {}
-        if isinstance(self.controller, ConvergenceController) and ctl:
-            self.controller.restore(ctl)
-        self.round = self.resumed_from = int(meta["round"])
-        log.info("server: resumed from the checkpoint of round %d in %s", self.round,
-                 self.checkpoint_dir)
-        return self.round
-
-    async def _collect(self, collector: RoundCollector) -> Any:
+    async def _collect(self, collector: RoundCollector) -> RoundResult | None:
         """Wait for the round's updates; None when it closes without enough of them.
 
         Past the deadline with fewer than ``min_updates``, the round closes unaggregated
@@ -442,10 +269,34 @@ class ServerNode(Node):
             return None
         return collector.result()
 
+    # -- checkpoint (fault tolerance) ----------------------------------------------------------
+    async def _save_checkpoint(self, r: int) -> None:
+        """Write the state after closed round ``r`` from a worker thread (awaited: the next
+        round starts after it is on disk). Temporary names, then renames (crash-safe)."""
+        if self.checkpoint_dir is None:
+            return
+        arrays, meta = self.strategy.checkpoint(self.run, r)
+        await asyncio.to_thread(write_checkpoint, self.checkpoint_dir, "server", arrays, meta)
+
+    async def _load_checkpoint(self) -> int:
+        """Restore the state of a checkpoint of this run; the round it was taken after."""
+        found = await asyncio.to_thread(read_checkpoint, self.checkpoint_dir, "server")
+        if found is None:
+            return 0
+        arrays, meta = found
+        if meta.get("run") != self.run or meta.get("algorithm") != self.algorithm.value:
+            log.warning("server: ignoring checkpoint of another run in %s", self.checkpoint_dir)
+            return 0
+        self.round = self.resumed_from = self.strategy.restore(arrays, meta)
+        log.info("server: resumed from the checkpoint of round %d in %s", self.round,
+                 self.checkpoint_dir)
+        return self.round
+
     async def _wait_for_overlays(self, r: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        want = set(self.config.overlay_ids())
-        while {k for k, v in self.overlays.items() if v["round"] >= r} != want:
+        pool = self.strategy.overlays
+        assert pool is not None
+        while not pool.up_to_date(r):
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("server: final evaluation without up-to-date overlays")
@@ -454,33 +305,37 @@ class ServerNode(Node):
 
     async def _finish(self, start: float) -> None:
         c = self.config
-        if self.emo:
+        if self.algorithm.uses_overlays:
             await self._wait_for_overlays(c.run.rounds, c.fleet.round_deadline_s)
-        scores = await compute(self._evaluate, True, self._ensemble())
-        state = state_to_numpy(self.model)
+        scores = await self._evaluate(True)
+        for overlay in scores.get("poisoned", []):
+            self.strategy.poison(overlay)
         self.final = {
             "accuracy": scores["accuracy"],
             "fl_accuracy": scores["fl_accuracy"],
             "member_accuracy": scores.get("member_accuracy"),
             "rounds": c.run.rounds,
             "train_wall_s": round(time.monotonic() - start, 3),
-            "fl_model_sha256": model_digest(state),
-            "rejected_updates": self.rejected_updates,
+            "fl_model_sha256": "",
+            "rejected_updates": self.strategy.rejected_updates,
+            "poisoned_overlays": self.strategy.poisoned_overlays,
         }
+        state, done = self.strategy.finish(self.final)
+        self.final["fl_model_sha256"] = model_digest(state)
         if self.out_dir is not None:
-            self._save(scores.get("ensemble"), state)
-        await self.send(Kind.SERVER_DONE,
-                        {"round": c.run.rounds, "weights": state, "reason": "finished"},
-                        msg_kind="done", retain=True)
+            await asyncio.to_thread(self._save, scores.get("ensemble"), state)
+        await self.publish(done)
         await self.publish_metrics(event="done", **{k: v for k, v in self.final.items()})
 
     def _save(self, ensemble: Ensemble | None, state: dict[str, np.ndarray]) -> None:
+        """The final models and history (in a worker thread; the ensemble holds no poisoned
+        overlay: :func:`~emo_mqtt.strategies.server.evaluate` left those out)."""
         assert self.out_dir is not None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         np.savez(self.out_dir / "fl_model.npz", allow_pickle=False, **state)
         if ensemble is not None:
             ensemble.save(self.out_dir / "ensemble.npz")
-        meta = {"run": self.run, "algorithm": self.algorithm, "fl_model": self.config.fl.model,
-                "history": self.history, "final": self.final, "decisions": self.decisions}
+        meta = {"run": self.run, "algorithm": self.algorithm.value,
+                "fl_model": self.config.fl.model, "history": self.history,
+                "final": self.final, "decisions": self.decisions}
         (self.out_dir / "server.json").write_text(json.dumps(meta, indent=2, default=float))
-

@@ -10,7 +10,7 @@ from emo_mqtt.config import ALGORITHMS, load_config
 from emo_mqtt.dataplan import plan_data
 from emo_mqtt.errors import ConfigError
 from emo_mqtt.nodes import compute
-from emo_mqtt.nodes.base import Node
+from emo_mqtt.nodes.base import Node, node_bus
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
@@ -47,13 +47,14 @@ async def run_standalone(
     # The same layout as `emo run`: DIR/<algorithm>/..., so `emo infer DIR` finds it.
     where = None if out is None else out / algorithm
     # With --out, the server and overlays checkpoint there and resume after a restart.
+    bus = node_bus(broker, run, role, node_id)
     if role == "server":
-        node = ServerNode(broker, config, run, algorithm, plan, node_id=node_id, out_dir=where,
+        node = ServerNode(bus, config, run, algorithm, plan, node_id=node_id, out_dir=where,
                           checkpoint_dir=None if where is None else where / "checkpoint" / "server")
     elif role == "overlay":
-        node = OverlayNode(broker, config, run, node_id,
+        node = OverlayNode(bus, config, run, node_id,
                            spill_dir=None if where is None else where / "spill" / node_id,
                            checkpoint_dir=None if where is None else where / "checkpoint" / node_id)
     else:
-        node = DeviceNode(broker, config, run, node_id, algorithm, plan.device(node_id))
+        node = DeviceNode(bus, config, run, node_id, algorithm, plan.device(node_id))
     await node.run_node()

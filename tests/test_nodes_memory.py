@@ -16,7 +16,7 @@ from emo_mqtt.nodes.device import DeviceNode
 SMALL: dict[str, Any] = {
     "run": {"name": "mem", "rounds": 2},
     "data": {"samples_per_device": 150, "validation_samples": 300, "eval_samples_per_round": 300},
-    "fleet": {"devices": 3, "overlays": 1, "min_updates": 2, "round_deadline_s": 1.5},
+    "fleet": {"devices": 3, "overlays": 1, "min_updates": 2, "round_deadline_s": 4.0},
     "emo": {"overlay_steps_per_round": 5, "cache_entries": 1000},
 }
 
@@ -41,7 +41,7 @@ def test_a_silent_device_never_stalls_a_round() -> None:
     for h in history:
         assert h["updates"] == 2
         assert h["missing"] == ["dev02"]
-        assert h["wall_s"] >= 1.0 * h["round"]  # closed by the deadline, not by dev02
+        assert h["wall_s"] >= 3.9 * h["round"]  # closed by the deadline, not by dev02
 
 
 @pytest.mark.parametrize(("model", "scaling"), [("overlay-cnn", "vertical"),

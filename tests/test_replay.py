@@ -130,13 +130,30 @@ def test_a_bad_network_section_is_refused_before_anything_starts(
 
 
 def test_an_overlay_crash_in_the_timeline_restarts_it_from_its_checkpoint(
-    mosquitto: BrokerHandle, tmp_path: Path, one_torch_thread: None
+    mosquitto: BrokerHandle, tmp_path: Path, one_torch_thread: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """ovl0 crashes mid-run and comes back 1 s later: from its checkpoint, training on.
 
     Devices compute at a twentieth of this machine's speed, so rounds last long enough for
     the crash to land in the middle of the run (unslowed, the five rounds take about 2 s).
+    The timeline waits for ovl0's first checkpoint before it plays: on a loaded machine
+    round 1 alone can outlast the crash's ``at_s`` (it took 4 s at a load of 5 on 2 cores),
+    and a crash before any training has nothing to resume from. Event times still count
+    from the start of the run.
     """
+    meta = tmp_path / "out" / "checkpoints" / "emo" / "ovl0" / "overlay.json"
+    play = NetworkReplay.run_timeline
+
+    async def after_first_checkpoint(self: NetworkReplay, started: float) -> None:
+        deadline = time.monotonic() + 120
+        while not meta.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError("ovl0 never wrote a checkpoint")
+            await asyncio.sleep(0.01)
+        await play(self, started)
+
+    monkeypatch.setattr(NetworkReplay, "run_timeline", after_first_checkpoint)
     raw = {**FLEET, "run": {**FLEET["run"], "name": "netcrash", "rounds": 5,
                             "algorithms": ["emo"]},
            "fleet": {**FLEET["fleet"], "device_compute_speed": 0.05},
@@ -155,7 +172,6 @@ def test_an_overlay_crash_in_the_timeline_restarts_it_from_its_checkpoint(
     assert any("ovl0 crashes" in line for line in lines)
     # The restarted ovl0 resumed from the checkpoint its first life wrote, and went on
     # publishing models after the restart.
-    meta = out / "checkpoints" / "emo" / "ovl0" / "overlay.json"
     assert meta.exists()
     with (out / "emo" / "messages.csv").open() as f:
         rows = list(csv.DictReader(f))

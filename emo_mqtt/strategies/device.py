@@ -1,0 +1,183 @@
+"""The device side, sans I/O: the FL client, the SplitFed client, and EMO's capture add-on.
+
+:class:`DeviceStrategy` decides what a round announcement means for this device (train,
+send the last update again to a restarted server, or nothing), keeps the controller's
+latest decision and builds the update. Training itself is a function the driver runs in
+its compute pool (:func:`emo_mqtt.training.train_local`); under EMO it is given an
+:class:`ActivationCapture` as its activation callback: capture is an add-on that never
+touches the training RNG, so FL is bit-identical with or without it. The SplitFed client
+(:class:`SplitClient`) runs batch by batch around the gradient the server sends back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+from emo_mqtt.algorithms import Algorithm
+from emo_mqtt.cache import ActivationBatch, DeviceOutbox
+from emo_mqtt.config import RunConfig
+from emo_mqtt.controller import ControlDecision, select_for_publish
+from emo_mqtt.data import Split
+from emo_mqtt.messages import Activations, Control, RoundAnnouncement, SflActivations, Update
+from emo_mqtt.models import FLModel, build_fl_model, load_numpy_state, state_to_numpy
+from emo_mqtt.training import make_generator, sfl_device_backward
+
+__all__ = [
+    "ActivationCapture",
+    "DeviceStrategy",
+    "RoundAction",
+    "SplitClient",
+    "activations_message",
+]
+
+
+class RoundAction(Enum):
+    """What a round announcement asks of this device."""
+
+    IGNORE = "ignore"
+    #: The same round announced anew (a restarted server): send the last update again.
+    RESEND = "resend"
+    TRAIN = "train"
+
+
+class DeviceStrategy:
+    """A device's state between rounds: the round, the controller's decision, the last update."""
+
+    def __init__(self, config: RunConfig, algorithm: Algorithm, node_id: str) -> None:
+        self.config = config
+        self.algorithm = algorithm
+        self.node_id = node_id
+        self.round = 0
+        # Before the first control message: the controller's warm-up rate.
+        policy = config.controller.policy()
+        self.decision = ControlDecision(policy.max_fraction, policy.warmup_precision, 1,
+                                        "initial")
+        self.decision_round = 0
+        #: The last update sent: sent again when a restarted server announces its round anew.
+        self.last_update: Update | None = None
+
+    def on_round(self, msg: RoundAnnouncement) -> RoundAction:
+        if (msg.round == self.round and self.last_update is not None
+                and self.last_update.round == msg.round):
+            # The same round announced by a new envelope (exact redeliveries are dropped as
+            # duplicates before any handler): a server that restarted from its checkpoint
+            # and may have lost our update with its old session. A server that has it
+            # already counts it as a duplicate, never twice.
+            return RoundAction.RESEND
+        if msg.round <= self.round:
+            return RoundAction.IGNORE  # a retained announcement we already handled
+        self.round = msg.round
+        return RoundAction.TRAIN if self.node_id in msg.sampled else RoundAction.IGNORE
+
+    def on_control(self, msg: Control) -> bool:
+        """Take a decision unless an older one; whether it was taken."""
+        if msg.round >= self.decision_round:
+            self.decision = msg.decision
+            self.decision_round = msg.round
+            return True
+        return False
+
+    def decision_for(self, r: int) -> ControlDecision | None:
+        """The decision that applies to round ``r``; None while it may still come."""
+        if self.algorithm.sends_everything:
+            return ControlDecision(1.0, "fp32", 1, "send-everything")
+        return self.decision if self.decision_round >= r else None
+
+    def update(self, r: int, model: torch.nn.Module, samples: int, loss: float) -> Update:
+        self.last_update = Update(r, state_to_numpy(model), samples, loss)
+        return self.last_update
+
+
+class ActivationCapture:
+    """EMO's add-on to local training: keeps the activations the decision allows.
+
+    Called by :func:`~emo_mqtt.training.train_local` after each step; draws only from its
+    own RNG stream (``make_rng(seed, "activations", device, round)``).
+    """
+
+    def __init__(self, r: int, decision: ControlDecision, rng: np.random.Generator,
+                 outbox: DeviceOutbox[ActivationBatch]) -> None:
+        self.round = r
+        self.decision = decision
+        self.rng = rng
+        self.outbox = outbox
+        self.batch_index = 0
+
+    def __call__(self, idx: np.ndarray, acts: torch.Tensor, labels: np.ndarray) -> None:
+        chosen = select_for_publish(self.decision, self.batch_index, len(idx), self.rng)
+        self.batch_index += 1
+        if chosen.size:
+            self.outbox.push(ActivationBatch.quantize(
+                self.round, idx[chosen], acts.numpy()[chosen], labels[chosen],
+                self.decision.precision))
+
+
+def activations_message(r: int, batches: list[ActivationBatch],
+                        activation_shape: tuple[int, ...]) -> Activations:
+    """One round's captured batches as one message."""
+    if batches:
+        ids = np.concatenate([b.sample_ids for b in batches])
+        labels = np.concatenate([b.labels for b in batches])
+        data = np.concatenate([b.data for b in batches])
+        scales = [b.scale for b in batches if b.scale is not None]
+        scale = np.concatenate(scales) if len(scales) == len(batches) else None
+    else:
+        ids = np.zeros(0, dtype=np.int64)
+        labels = np.zeros(0, dtype=np.int64)
+        data = np.zeros((0, *activation_shape), dtype=np.float32)
+        scale = None
+    return Activations(r, ids, labels, data, scale, True)
+
+
+@dataclass
+class SplitClient:
+    """SplitFed's device half for one round: batches in the training order, one at a time.
+
+    The driver calls :meth:`forward` (the activations to send), waits for the gradient, and
+    calls :meth:`backward`; :meth:`update` is the round's update.
+    """
+
+    config: RunConfig
+    data: Split
+    round: int
+    weights: dict[str, np.ndarray]
+    node_id: str
+
+    def __post_init__(self) -> None:
+        self.model: FLModel = build_fl_model(self.config.fl.model)
+        self.trunk = self.model.trunk
+        load_numpy_state(self.trunk, self.weights)
+        self.optimizer = torch.optim.SGD(self.trunk.parameters(), lr=self.config.sfl.lr)
+        self._x = torch.tensor(np.asarray(self.data.x))
+        self._y = torch.tensor(np.asarray(self.data.y))
+        self._out: torch.Tensor | None = None
+        self.trunk.train()
+
+    def batches(self) -> list[torch.Tensor]:
+        """The index batches of the round, epoch after epoch (the device's own RNG)."""
+        c = self.config
+        generator = make_generator(c.run.seed, "train", self.node_id, self.round)
+        n = len(self.data)
+        out: list[torch.Tensor] = []
+        for _ in range(c.fl.local_epochs):
+            order = torch.randperm(n, generator=generator)
+            out.extend(order[start : start + c.fl.batch_size]
+                       for start in range(0, n, c.fl.batch_size))
+        return out
+
+    def forward(self, batch: int, idx: torch.Tensor) -> SflActivations:
+        self._out = self.trunk(self._x[idx])
+        return SflActivations(self.round, batch, self._out.detach(), self._y[idx])
+
+    def backward(self, grad: torch.Tensor) -> None:
+        assert self._out is not None
+        sfl_device_backward(self._out, grad, self.optimizer)
+        self._out = None
+
+    def update(self) -> tuple[torch.nn.Module, int, float]:
+        return self.trunk, len(self.data) * self.config.fl.local_epochs, math.nan
