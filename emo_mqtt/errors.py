@@ -17,7 +17,12 @@ class CodecError(EmoError, ValueError):
 
 
 class ChunkError(CodecError):
-    """A chunk frame was malformed, inconsistent with its transfer, or failed its checksum."""
+    """A chunk frame was malformed, inconsistent with its transfer, failed its checksum, or
+    did not fit the reassembly limits; ``reason`` names which (e.g. ``"checksum"``)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TopicError(EmoError, ValueError):
