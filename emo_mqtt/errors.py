@@ -25,6 +25,15 @@ class ChunkError(CodecError):
         self.reason = reason
 
 
+class TelemetryError(CodecError):
+    """A status or metrics message is not telemetry we can use (malformed, too deep, wrong
+    types); ``reason`` names which (e.g. ``"too_deep"``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class TopicError(EmoError, ValueError):
     """A topic does not belong to the emo-mqtt topic grammar, or a topic part is invalid."""
 

@@ -15,20 +15,24 @@ working and counts what it refused:
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
 from emo_mqtt import codec
-from emo_mqtt.broker.launch import BrokerHandle
+from emo_mqtt.broker.launch import BrokerHandle, find_free_port
 from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.chunking import CHUNK_MAGIC, CHUNK_VERSION
+from emo_mqtt.dashboard.server import serve_dashboard
+from emo_mqtt.fleet import Monitor
 from emo_mqtt.topics import Kind, subscription, topic
 
 pytestmark = pytest.mark.broker
@@ -109,3 +113,120 @@ async def test_chunk_flood_costs_at_most_the_budget_and_delivery_goes_on(
     assert peak < 24 * 2**20
     assert server.stats.rejected == {"chunk_budget": 392}
     assert held == 8  # one byte in each of the 8 transfers the cap let in
+
+
+# ----------------------------------------------------------------- telemetry not ours
+
+#: What a device may put, retained, on its own status and metrics topics.
+BAD_TELEMETRY: dict[str, bytes] = {
+    "too_deep": b"[" * 5000 + b"]" * 5000,
+    "not_object": b"[1]",
+    "bad_json": b'{"state": "online", "round": ',
+    "bad_field": json.dumps({"state": "online", "round": "three", "bytes_out": -1,
+                             "rejected": {"x": "many"}}).encode(),
+}
+
+
+async def _plant(bus: MqttBus, run: str, device: str) -> None:
+    """Retain each bad payload on a status and a metrics topic of its own device."""
+    for n, payload in enumerate(BAD_TELEMETRY.values()):
+        node = f"{device}{n}"
+        for kind in (Kind.STATUS, Kind.METRICS):
+            await bus.publish(topic(kind, run, node=node, role="device"), payload, retain=True)
+
+
+async def _clear(bus: MqttBus, run: str, device: str) -> None:
+    for n in range(len(BAD_TELEMETRY)):
+        for kind in (Kind.STATUS, Kind.METRICS):
+            await bus.publish(topic(kind, run, node=f"{device}{n}", role="device"), b"",
+                              retain=True)
+
+
+def _server_metrics(run: str, **body: object) -> tuple[str, bytes]:
+    return topic(Kind.METRICS, run, node="server", role="server"), json.dumps(body).encode()
+
+
+async def test_monitor_skips_and_counts_telemetry_that_is_not_ours(
+    mosquitto: BrokerHandle,
+) -> None:
+    run = "hostile-monitor"
+    said: list[str] = []
+    monitor = Monitor(mosquitto.url, run, "fl", 1, said.append)
+    async with MqttBus(mosquitto.url, f"{run}-dev77", clean_start=True) as attacker:
+        await _plant(attacker, run, "dev7")  # retained before the monitor even starts
+        await monitor.start()
+        try:
+            # A device forging the server's events on its own metrics topic.
+            await attacker.publish(topic(Kind.METRICS, run, node="dev77", role="device"),
+                                   json.dumps({"event": "done", "accuracy": 1.0,
+                                               "fl_accuracy": 1.0,
+                                               "fl_model_sha256": "forged"}).encode())
+            async with MqttBus(mosquitto.url, f"{run}-server", clean_start=True) as server:
+                round_ = {"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5,
+                          "updates": 2, "wall_s": 1.0, "bytes_out": 100}
+                await server.publish(*_server_metrics(run, **round_))
+                await server.publish(*_server_metrics(run, event="round", round=2))  # no acc
+                await server.publish(*_server_metrics(
+                    run, event="done", accuracy=0.5, fl_accuracy=0.5, final=True,
+                    fl_model_sha256="abc", bytes_out=200, rejected={"duplicate": 1}))
+                await _until(lambda: monitor.done is not None, "the server's done event")
+            await _until(lambda: sum(monitor.skipped.values()) == 6, "every bad message")
+        finally:
+            await monitor.close()
+            await _clear(attacker, run, "dev7")
+    assert monitor.skipped == {"too_deep": 1, "not_object": 1, "bad_json": 1,
+                               "bad_field": 1, "not_server": 1, "missing_field": 1}
+    assert monitor.done is not None and monitor.done["fl_model_sha256"] == "abc"
+    assert [h["round"] for h in monitor.history] == [1]
+    assert monitor.bytes_so_far() == 200
+    assert monitor.bus.stats.rejected == {"bad_metrics": 6}
+    assert any("round   1/1" in line for line in said)
+
+
+async def _api_state(port: int) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /api/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), TIMEOUT_S)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    state: dict[str, Any] = json.loads(body)
+    return state
+
+
+async def test_dashboard_survives_retained_bad_telemetry_and_counts_it(
+    mosquitto: BrokerHandle,
+) -> None:
+    run = "hostile-dash"
+    async with MqttBus(mosquitto.url, f"{run}-dev77", clean_start=True) as attacker:
+        await _plant(attacker, run, "dev7")
+        await attacker.publish(topic(Kind.STATUS, run, node="dev00", role="device"),
+                               json.dumps({"state": "online", "round": 1}).encode(),
+                               retain=True)
+        try:
+            # Twice: `emo dashboard` restarted finds the same retained messages again.
+            for _ in range(2):
+                port = find_free_port()
+                stop, ready = asyncio.Event(), asyncio.Event()
+                task = asyncio.create_task(
+                    serve_dashboard(mosquitto.url, "127.0.0.1", port, ready=ready, stop=stop))
+                await asyncio.wait_for(ready.wait(), TIMEOUT_S)
+                deadline = time.monotonic() + TIMEOUT_S
+                while True:
+                    state = await _api_state(port)
+                    if state["malformed_by_reason"].get("bad_field", 0) >= 2 and run in state[
+                            "runs"]:
+                        break
+                    assert time.monotonic() < deadline, state
+                    await asyncio.sleep(0.05)
+                assert not task.done()
+                stop.set()
+                await asyncio.wait_for(task, TIMEOUT_S)
+                # Retained: 4 bad payloads on a status and a metrics topic each.
+                assert state["malformed_by_reason"] == {"bad_field": 2, "bad_json": 2,
+                                                        "not_object": 2, "too_deep": 2}
+                assert state["runs"][run]["online"] == {"device": 1}
+        finally:
+            await _clear(attacker, run, "dev7")
+            await attacker.publish(topic(Kind.STATUS, run, node="dev00", role="device"), b"",
+                                   retain=True)
