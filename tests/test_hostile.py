@@ -21,13 +21,16 @@ import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Fleet
 
 from emo_mqtt import codec
 from emo_mqtt.broker.launch import BrokerHandle, find_free_port
+from emo_mqtt.broker.url import BrokerURL
 from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.chunking import CHUNK_MAGIC, CHUNK_VERSION
@@ -230,3 +233,67 @@ async def test_dashboard_survives_retained_bad_telemetry_and_counts_it(
             await _clear(attacker, run, "dev7")
             await attacker.publish(topic(Kind.STATUS, run, node="dev00", role="device"), b"",
                                    retain=True)
+
+
+# ----------------------------------------------------------------- provisioned identities
+
+
+def _tls_bus(url: BrokerURL, client: str, clean_start: bool = True) -> MqttBus:
+    return MqttBus(url, client, clean_start=clean_start, connect_timeout_s=5.0)
+
+
+async def test_client_id_takeover_is_refused(fleet: Fleet) -> None:
+    """dev01 connects with the server's client id: under the provisioned conf the broker
+    uses dev01's username as its client id, so neither the server's connection nor its
+    queued QoS 1 messages are touched."""
+    run = "hostile-takeover"
+    victim_id = f"{run}-server-server"  # what the server sends as its client id
+    updates = topic(Kind.DEVICE_UPDATE, run, node="dev00")
+    server = _tls_bus(fleet.url("server-server"), victim_id, clean_start=False)
+    async with server:
+        await server.subscribe(updates)
+    # The server is away; dev00's updates queue in its persistent session.
+    async with _tls_bus(fleet.url("device-dev00"), f"{run}-device-dev00") as dev00:
+        await dev00.publish(updates, b"update 1")
+        await dev00.publish(updates, b"update 2")
+        # The attacker, with its own credentials, takes the victim's client id, with a
+        # clean start that would wipe the victim's session.
+        async with _tls_bus(fleet.url("device-dev01"), victim_id, clean_start=True) as evil:
+            assert evil.connected
+            await evil.publish(topic(Kind.DEVICE_UPDATE, run, node="dev01"), b"mine")
+        server = _tls_bus(fleet.url("server-server"), victim_id, clean_start=False)
+        async with server:
+            queued = await _take(server, 2)
+            # And while the server is connected, the attacker cannot kick it off.
+            async with _tls_bus(fleet.url("device-dev01"), victim_id) as evil:
+                assert evil.connected
+                await dev00.publish(updates, b"update 3")
+                queued += await _take(server, 1)
+            assert server.connected and server.stats.reconnects == 0
+    assert [bytes(m.payload) for m in queued] == [b"update 1", b"update 2", b"update 3"]
+
+
+async def test_a_certificate_acts_only_as_its_own_identity(fleet: Fleet) -> None:
+    """dev01's certificate with dev00's username and password logs in as dev01, never
+    dev00: dev00's topics stay closed to it, and the real dev00 is not disturbed."""
+    run = "hostile-identity"
+    dev00_url, dev01_url = fleet.url("device-dev00"), fleet.url("device-dev01")
+    mixed = replace(dev00_url, cert_file=dev01_url.cert_file, key_file=dev01_url.key_file)
+    assert mixed.username == "device-dev00" and mixed.password == dev00_url.password
+    async with (
+        _tls_bus(fleet.url("server-server"), f"{run}-server") as server,
+        _tls_bus(dev00_url, f"{run}-device-dev00") as dev00,
+    ):
+        await server.subscribe(subscription(Kind.DEVICE_UPDATE, run))
+        async with _tls_bus(mixed, f"{run}-impostor") as impostor:
+            await impostor.publish(topic(Kind.DEVICE_UPDATE, run, node="dev00"), b"as dev00")
+            await impostor.publish(topic(Kind.DEVICE_UPDATE, run, node="dev01"), b"as dev01")
+            (got,) = await _take(server, 1)
+        await dev00.publish(topic(Kind.DEVICE_UPDATE, run, node="dev00"), b"real dev00")
+        (real,) = await _take(server, 1)
+        assert dev00.connected and dev00.stats.reconnects == 0
+    # The publish as dev00 was dropped by the ACLs: the broker took the connection for
+    # dev01 (the certificate's CN), whose update arrived.
+    assert (got.topic, bytes(got.payload)) == (topic(Kind.DEVICE_UPDATE, run, node="dev01"),
+                                               b"as dev01")
+    assert bytes(real.payload) == b"real dev00"
