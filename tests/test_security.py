@@ -238,7 +238,7 @@ def test_full_run_over_tls_with_provisioned_nodes(
                      "--node-config", str(nodes / user / "node.json"), *common, *extra],
                     stderr=subprocess.PIPE, text=True))
             for proc in procs[-len(members):]:
-                _, err = proc.communicate(timeout=120)
+                _, err = proc.communicate(timeout=300)
                 assert proc.returncode == 0, err
                 # No node was ever kicked off by another connection of its identity.
                 assert "lost" not in err, err
