@@ -22,7 +22,7 @@ import pickle
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -71,7 +71,11 @@ async def emo_bus_run(
 
     ``plain``: the bus's fallback on aiomqtt's public API instead of its fast client.
     """
-    options = BusOptions() if chunk_size is None else BusOptions(chunk_size=chunk_size)
+    # The receiver must accept one tensor of this size from one sender.
+    budget = max(BusOptions().reassembly_max_sender_bytes, 2 * size)
+    options = BusOptions(reassembly_max_sender_bytes=budget)
+    if chunk_size is not None:
+        options = replace(options, chunk_size=chunk_size)
     tensor = _tensor(size)
     where = topic(Kind.BENCH, run, node="data")
     pub = open_bus(url, f"{run}-pub", clean_start=True, options=options, plain=plain)

@@ -19,6 +19,7 @@ from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.controller import ControllerConfig
 from emo_mqtt.data import DATASETS, split_model_name
 from emo_mqtt.errors import ConfigError, TopicError
+from emo_mqtt.fedavg import AGGREGATORS
 from emo_mqtt.netscenario import NetworkConfig, parse_network
 from emo_mqtt.topics import validate_id
 
@@ -84,6 +85,13 @@ class FleetSection:
     #: Updates whose distance to the round's global model exceeds this many times the
     #: global model's own L2 norm are refused (a diverged or forged update); 0 turns it off.
     max_update_norm_ratio: float = 10.0
+    #: How the server combines a round's updates: "fedavg" (sample-weighted mean),
+    #: "median" (coordinate-wise) or "trimmed_mean" (coordinate-wise, ``trim_fraction`` cut
+    #: from each end): the last two are robust to a poisoned update (emo_mqtt/fedavg.py).
+    aggregator: str = "fedavg"
+    #: Share of the updates cut from each end of every coordinate by "trimmed_mean" (at
+    #: least one update per end once a round has 3).
+    trim_fraction: float = 0.1
     #: Device training speed relative to this machine (0.5: a round's training takes twice
     #: as long); per device in ``[network.nodes.<id>] compute_speed``.
     device_compute_speed: float = 1.0
@@ -325,6 +333,9 @@ def _check(c: RunConfig) -> None:
     _require(c.fleet.round_deadline_s > 0, "fleet.round_deadline_s", "must be > 0")
     _require(c.fleet.max_update_norm_ratio >= 0, "fleet.max_update_norm_ratio",
              "must be >= 0 (0: no norm bound)")
+    _require(c.fleet.aggregator in AGGREGATORS, "fleet.aggregator",
+             f"unknown {c.fleet.aggregator!r}; known: {list(AGGREGATORS)}")
+    _require(0 <= c.fleet.trim_fraction < 0.5, "fleet.trim_fraction", "must be in [0, 0.5)")
     _require(c.fleet.parallel_training >= 1, "fleet.parallel_training", "must be at least 1")
     _require(c.fleet.device_compute_speed > 0, "fleet.device_compute_speed", "must be > 0")
     _require(c.fl.local_epochs >= 1, "fl.local_epochs", "must be at least 1")

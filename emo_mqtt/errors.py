@@ -17,7 +17,21 @@ class CodecError(EmoError, ValueError):
 
 
 class ChunkError(CodecError):
-    """A chunk frame was malformed, inconsistent with its transfer, or failed its checksum."""
+    """A chunk frame was malformed, inconsistent with its transfer, failed its checksum, or
+    did not fit the reassembly limits; ``reason`` names which (e.g. ``"checksum"``)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TelemetryError(CodecError):
+    """A status or metrics message is not telemetry we can use (malformed, too deep, wrong
+    types); ``reason`` names which (e.g. ``"too_deep"``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TopicError(EmoError, ValueError):

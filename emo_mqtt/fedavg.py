@@ -3,6 +3,19 @@
 Pure numpy. Aggregation is deterministic whatever order the updates arrive in: updates are
 sorted by device id and accumulated in float64, so a server that receives them over MQTT in a
 random order still produces bit-identical global models for the same set of updates.
+
+One device must not be able to poison the global model (issue 11). Three defences, each
+optional, none changing a bit of an honest FedAvg run:
+
+* **Weight caps tied to the data plan** (``RoundCollector(max_samples=...)``): a device's
+  sample count weighs at most its planned share times the local epochs, however many
+  samples it claims (``10**15`` included);
+* **a norm bound against a reference a bad round cannot zero** (``norm_reference``, kept
+  across rounds by :class:`NormReference`: the median L2 norm of the last global models),
+  so a zeroed global model does not turn the bound against every honest update after it;
+* **robust aggregators** (``aggregator="median"`` or ``"trimmed_mean"``, as Flower's
+  FedMedian and FedTrimmedAvg): coordinate-wise, unweighted, so a single update, however
+  large or weighted, moves no coordinate past the honest ones.
 """
 
 from __future__ import annotations
@@ -17,13 +30,22 @@ from emo_mqtt.data import derive_seed
 from emo_mqtt.errors import ConfigError, UpdateRejected
 
 __all__ = [
+    "AGGREGATORS",
+    "NormReference",
     "RoundCollector",
     "RoundResult",
     "UpdateRejected",
+    "aggregate",
+    "coordinate_median",
     "fedavg",
     "sample_clients",
+    "state_norm",
+    "trimmed_mean",
     "validate_update",
 ]
+
+#: The aggregators a scenario may select (``fleet.aggregator``).
+AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 
 State = Mapping[str, np.ndarray]
 
@@ -33,13 +55,15 @@ def validate_update(
     state: State,
     n_samples: int,
     max_norm_ratio: float | None = None,
+    reference_norm: float | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless ``state`` can be averaged with ``reference_state``.
 
     Checks: same keys, shapes and dtypes; all values finite; ``n_samples`` a positive int; and,
-    when ``max_norm_ratio`` is given, ``||state - reference|| <= max_norm_ratio * ||reference||``
+    when ``max_norm_ratio`` is given, ``||state - reference|| <= max_norm_ratio * N``
     (global L2 over all floating arrays), which stops a diverged or malicious client from
-    dragging the global model away in one round.
+    dragging the global model away in one round. ``N`` is ``reference_norm`` when given
+    (see :class:`NormReference`), else ``||reference||``.
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer):
         raise UpdateRejected(f"n_samples must be an int, got {type(n_samples).__name__}")
@@ -67,7 +91,8 @@ def validate_update(
                 diff_sq += float(np.sum((arr.astype(np.float64) - r64) ** 2))
                 ref_sq += float(np.sum(r64**2))
     if max_norm_ratio is not None:
-        ratio = math.sqrt(diff_sq) / max(math.sqrt(ref_sq), 1e-12)
+        norm = math.sqrt(ref_sq) if reference_norm is None else reference_norm
+        ratio = math.sqrt(diff_sq) / max(norm, 1e-12)
         if ratio > max_norm_ratio:
             raise UpdateRejected(f"update norm ratio {ratio:.3g} > {max_norm_ratio:g}")
 
@@ -83,6 +108,21 @@ def fedavg(
     :class:`UpdateRejected` (the caller decides whether to drop it and retry).
     The result keeps each array's dtype; integer arrays are rounded.
     """
+    ordered, ref = _checked(updates, reference)
+    total = float(sum(int(n) for _, _, n in ordered))
+    out: dict[str, np.ndarray] = {}
+    for key, ref_arr in ref.items():
+        acc = np.zeros(ref_arr.shape, dtype=np.float64)
+        for _, state, n in ordered:
+            acc += state[key].astype(np.float64) * (int(n) / total)
+        out[key] = _cast(acc, ref_arr)
+    return out
+
+
+def _checked(
+    updates: Sequence[tuple[str, State, int]], reference: State | None
+) -> tuple[list[tuple[str, State, int]], State]:
+    """Updates sorted by device id and validated; the reference they were checked against."""
     if not updates:
         raise UpdateRejected("no updates to aggregate")
     ordered = sorted(updates, key=lambda u: u[0])
@@ -97,18 +137,106 @@ def fedavg(
             validate_update(ref, state, n)
         except UpdateRejected as exc:
             raise UpdateRejected(exc.reason, device) from None
-    total = float(sum(int(n) for _, _, n in ordered))
+    return ordered, ref
+
+
+def _cast(acc: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``acc`` (float64) in ``like``'s dtype; integer arrays are rounded."""
+    return np.rint(acc).astype(like.dtype) if like.dtype.kind in "iub" else acc.astype(like.dtype)
+
+
+def coordinate_median(
+    updates: Sequence[tuple[str, State, int]], reference: State | None = None
+) -> dict[str, np.ndarray]:
+    """Coordinate-wise median of the updates (unweighted: sample counts are ignored).
+
+    Each coordinate takes the median of the devices' values (the mean of the two middle
+    ones for an even count), so fewer than half the devices cannot move it outside the
+    range of the honest ones. Validation as for :func:`fedavg`.
+    """
+    ordered, ref = _checked(updates, reference)
+    return {
+        key: _cast(np.median(np.stack([s[key].astype(np.float64) for _, s, _ in ordered]),
+                             axis=0), ref_arr)
+        for key, ref_arr in ref.items()
+    }
+
+
+def trimmed_mean(
+    updates: Sequence[tuple[str, State, int]],
+    trim_fraction: float = 0.1,
+    reference: State | None = None,
+) -> dict[str, np.ndarray]:
+    """Coordinate-wise trimmed mean (unweighted): drop the ``k`` largest and ``k`` smallest
+    values of each coordinate, ``k = floor(trim_fraction * n)`` but at least one when
+    ``trim_fraction > 0`` and ``n >= 3`` (so one outlier is always cut), then average.
+
+    With ``n`` updates, up to ``k`` outliers per side are cut out of every coordinate.
+    Validation as for :func:`fedavg`.
+    """
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ConfigError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    ordered, ref = _checked(updates, reference)
+    n = len(ordered)
+    k = math.floor(trim_fraction * n)
+    if trim_fraction > 0 and n >= 3:
+        k = max(k, 1)
+    k = min(k, (n - 1) // 2)
     out: dict[str, np.ndarray] = {}
     for key, ref_arr in ref.items():
-        acc = np.zeros(ref_arr.shape, dtype=np.float64)
-        for _, state, n in ordered:
-            acc += state[key].astype(np.float64) * (int(n) / total)
-        out[key] = (
-            np.rint(acc).astype(ref_arr.dtype)
-            if ref_arr.dtype.kind in "iub"
-            else acc.astype(ref_arr.dtype)
-        )
+        stacked = np.sort(np.stack([s[key].astype(np.float64) for _, s, _ in ordered]), axis=0)
+        out[key] = _cast(stacked[k : n - k].mean(axis=0), ref_arr)
     return out
+
+
+def aggregate(
+    updates: Sequence[tuple[str, State, int]],
+    aggregator: str = "fedavg",
+    *,
+    trim_fraction: float = 0.1,
+    reference: State | None = None,
+) -> dict[str, np.ndarray]:
+    """Aggregate with the named aggregator (one of :data:`AGGREGATORS`)."""
+    if aggregator == "fedavg":
+        return fedavg(updates, reference=reference)
+    if aggregator == "median":
+        return coordinate_median(updates, reference=reference)
+    if aggregator == "trimmed_mean":
+        return trimmed_mean(updates, trim_fraction, reference=reference)
+    raise ConfigError(f"unknown aggregator {aggregator!r}; known: {list(AGGREGATORS)}")
+
+
+def state_norm(state: State) -> float:
+    """Global L2 norm of a model state's floating arrays (float64 accumulation)."""
+    return math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2))
+                         for a in state.values() if a.dtype.kind == "f"))
+
+
+class NormReference:
+    """The norm the update bound is measured against: the median L2 norm of the global
+    models of the last ``window`` rounds (the initial model included).
+
+    A round whose aggregate was zeroed (or blown up) by a poisoned update is one value of
+    ``window``: the median does not follow it, so the bound of the rounds after it still
+    admits honest updates. The server keeps one across rounds: :meth:`observe` each new
+    global model, pass :attr:`value` to the next :class:`RoundCollector`.
+    """
+
+    def __init__(self, window: int = 5) -> None:
+        if window < 1:
+            raise ConfigError(f"window must be >= 1, got {window}")
+        self.window = window
+        self._norms: list[float] = []
+
+    def observe(self, state: State) -> float:
+        """Record the norm of a new global model; the reference value after it."""
+        self._norms = [*self._norms, state_norm(state)][-self.window :]
+        return float(np.median(self._norms))
+
+    @property
+    def value(self) -> float | None:
+        """The median of the recorded norms (None before the first :meth:`observe`)."""
+        return float(np.median(self._norms)) if self._norms else None
 
 
 @dataclass(frozen=True)
@@ -130,6 +258,16 @@ class RoundCollector:
     QoS 1 may deliver twice, never counts twice). Updates are validated against ``reference``
     (the global model of the round) when given. Times are the caller's clock (``now``), so a
     virtual clock works too.
+
+    Against a poisoning device (all optional; defaults keep plain FedAvg):
+
+    * ``max_samples``: device id -> the most samples its update may weigh (its planned
+      share of the data times the local epochs). A claim above it is weighed at the cap
+      (noted in :attr:`capped`); a sampled device missing from the map is refused.
+    * ``norm_reference``: the norm ``max_norm_ratio`` is measured against instead of the
+      round's global model's own (:class:`NormReference`: robust to a zeroed model).
+    * ``aggregator`` (one of :data:`AGGREGATORS`) and ``trim_fraction``: how
+      :meth:`result` combines the accepted updates.
     """
 
     round: int
@@ -140,6 +278,12 @@ class RoundCollector:
     reference: State | None = None
     max_norm_ratio: float | None = None
     rejected: dict[str, str] = field(default_factory=dict)
+    max_samples: Mapping[str, int] | None = None
+    norm_reference: float | None = None
+    aggregator: str = "fedavg"
+    trim_fraction: float = 0.1
+    #: Devices whose claimed sample count was above their cap: device -> (claimed, cap).
+    capped: dict[str, tuple[int, int]] = field(default_factory=dict)
     _expected: frozenset[str] = field(init=False)
     _updates: dict[str, tuple[State, int]] = field(init=False, default_factory=dict)
     _closed: bool = field(init=False, default=False)
@@ -154,6 +298,10 @@ class RoundCollector:
             )
         if not self.deadline_s > 0:
             raise ConfigError(f"deadline_s must be > 0, got {self.deadline_s}")
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"unknown aggregator {self.aggregator!r}; known: {list(AGGREGATORS)}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
 
     @property
     def received(self) -> list[str]:
@@ -179,14 +327,28 @@ class RoundCollector:
             reference = next(iter(self._updates.values()))[0]
         try:
             if reference is not None:
-                validate_update(reference, state, n_samples, self.max_norm_ratio)
+                validate_update(reference, state, n_samples, self.max_norm_ratio,
+                                self.norm_reference)
             else:
                 validate_update(state, state, n_samples)
+            weight = self._weight(device, int(n_samples))
         except UpdateRejected as exc:
             self.rejected[device] = exc.reason
             return False
-        self._updates[device] = (state, int(n_samples))
+        self._updates[device] = (state, weight)
         return True
+
+    def _weight(self, device: str, n_samples: int) -> int:
+        """The weight of ``device``'s update: its claimed samples, capped by the data plan."""
+        if self.max_samples is None:
+            return n_samples
+        cap = self.max_samples.get(device)
+        if cap is None:
+            raise UpdateRejected("no share of the data plan: its samples cannot be weighed")
+        if n_samples > cap:
+            self.capped[device] = (n_samples, cap)
+            return cap
+        return n_samples
 
     def ready(self, now: float) -> bool:
         """All expected devices reported, or the deadline passed with >= min_updates."""
@@ -206,7 +368,8 @@ class RoundCollector:
             )
         self._closed = True
         updates = [(d, s, n) for d, (s, n) in sorted(self._updates.items())]
-        state = fedavg(updates, reference=self.reference)
+        state = aggregate(updates, self.aggregator, trim_fraction=self.trim_fraction,
+                          reference=self.reference)
         return RoundResult(state, [d for d, _, _ in updates], sum(n for _, _, n in updates))
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from emo_mqtt.bus import BusOptions, open_bus
 from emo_mqtt.config import RunConfig
 from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan, plan_data
-from emo_mqtt.errors import ConfigError, EmoError
+from emo_mqtt.errors import ConfigError, EmoError, TelemetryError
 from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
 from emo_mqtt.netscenario import MBPS
@@ -32,7 +33,8 @@ from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
 from emo_mqtt.replay import NetworkReplay
-from emo_mqtt.topics import Kind, parse, subscription, topic
+from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics
+from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
 
 log = logging.getLogger("emo_mqtt.fleet")
@@ -136,6 +138,9 @@ class Monitor:
         self.final: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.done: dict[str, Any] | None = None
+        #: Metrics messages skipped, by reason (a :data:`~emo_mqtt.telemetry.REASONS`,
+        #: ``not_server`` for a round or done event from another role, ``bad_topic``).
+        self.skipped: Counter[str] = Counter()
         self._event = asyncio.Event()
 
     async def start(self) -> None:
@@ -143,33 +148,55 @@ class Monitor:
         await self.bus.subscribe(subscription(Kind.METRICS, self.run))
         self._task = asyncio.create_task(self._loop())
 
+    def _skip(self, reason: str, topic: str, detail: str) -> None:
+        """Count a metrics message that is not ours to use (``skipped`` by reason)."""
+        self.skipped[reason] += 1
+        self.bus.reject("bad_metrics", topic, f"{reason}: {detail}")
+
     async def _loop(self) -> None:
         async for message in self.bus.messages():
+            # Anyone who may write a metrics topic (every device) may put anything there,
+            # retained even: parse it as untrusted input, and only the server's events count.
             try:
                 where = parse(message.topic)
-                body = json.loads(bytes(message.payload))
-            except (EmoError, ValueError) as exc:
-                self.bus.reject("bad_metrics", message.topic, str(exc))
+                body = parse_metrics(message.payload)
+                check_event(body)
+            except TelemetryError as exc:
+                self._skip(exc.reason, message.topic, str(exc))
                 continue
-            node = f"{where.role}/{where.node}"
-            self.latest[node] = body
-            if body.get("final"):
-                self.final[node] = body
-            if body.get("event") == "round":
-                self.history.append(body)
-                self.bytes_at_round[int(body["round"])] = self.bytes_so_far()
-                self.say(self._progress(body))
-                if self.on_event is not None:
-                    self.on_event({
-                        "event": "round", "algorithm": self.algorithm, "run": self.run,
-                        "round": body["round"], "rounds": self.rounds,
-                        "accuracy": body["accuracy"], "fl_accuracy": body["fl_accuracy"],
-                        "updates": body.get("updates"), "bytes_so_far": self.bytes_so_far(),
-                        "wall_s": body["wall_s"],
-                    })
-            elif body.get("event") == "done":
-                self.done = body
-            self._event.set()
+            except EmoError as exc:
+                self._skip("bad_topic", message.topic, str(exc))
+                continue
+            if body.get("event") in REQUIRED_BY_EVENT and where.role != "server":
+                self._skip("not_server", message.topic, f"event {body['event']!r}")
+                continue
+            try:
+                self._take(where, body)
+            except Exception as exc:  # a bug here must not end the run's only summary feed
+                log.exception("monitor: metrics on %s not taken", message.topic)
+                self._skip("error", message.topic, repr(exc))
+
+    def _take(self, where: ParsedTopic, body: dict[str, Any]) -> None:
+        """Keep one validated metrics message (see :func:`~emo_mqtt.telemetry.parse_metrics`)."""
+        node = f"{where.role}/{where.node}"
+        self.latest[node] = body
+        if body.get("final"):
+            self.final[node] = body
+        if body.get("event") == "round":
+            self.history.append(body)
+            self.bytes_at_round[int(body["round"])] = self.bytes_so_far()
+            self.say(self._progress(body))
+            if self.on_event is not None:
+                self.on_event({
+                    "event": "round", "algorithm": self.algorithm, "run": self.run,
+                    "round": body["round"], "rounds": self.rounds,
+                    "accuracy": body["accuracy"], "fl_accuracy": body["fl_accuracy"],
+                    "updates": body.get("updates"), "bytes_so_far": self.bytes_so_far(),
+                    "wall_s": body["wall_s"],
+                })
+        elif body.get("event") == "done":
+            self.done = body
+        self._event.set()
 
     def bytes_so_far(self) -> int:
         return sum(int(m.get("bytes_out", 0)) for m in self.latest.values())
@@ -179,7 +206,7 @@ class Monitor:
                 f"acc {body['accuracy']:.4f}")
         if body["accuracy"] != body["fl_accuracy"]:
             line += f" (FL model {body['fl_accuracy']:.4f})"
-        line += f"  updates {body['updates']}  {self.bytes_so_far() / 1e6:8.2f} MB  "
+        line += f"  updates {body.get('updates')}  {self.bytes_so_far() / 1e6:8.2f} MB  "
         return line + f"{body['wall_s']:7.1f} s"
 
     async def wait_final(self, nodes: int, timeout_s: float) -> None:

@@ -9,10 +9,16 @@ One call writes, under ``DIR``:
   (role, id, run, broker URL, username, password, TLS file names), ``ca.crt``,
   ``client.crt`` and ``client.key``. Usernames are ``<role>-<id>`` (``server-server``,
   ``overlay-ovl0``, ``device-dev00``) plus a read-only ``monitor`` for dashboards;
-* ``passwd``: the Mosquitto password file (hashed with ``mosquitto_passwd -U``);
+* ``passwd``: the Mosquitto password file, hashed with ``mosquitto_passwd -U`` (provisioning
+  fails rather than leave plain-text passwords on disk), for listeners an operator adds
+  without client certificates;
 * ``acl``: least-privilege ACLs by the topic tree (see :func:`acl_text`);
 * ``mosquitto.conf``: one TLS listener that requires a client certificate signed by the CA
-  *and* a username and password, refuses anonymous clients and applies the ACLs;
+  and takes the certificate's CN as the username (``use_identity_as_username``) and the
+  username as the client id (``use_username_as_clientid``): an identity is its certificate,
+  it cannot log in as another one nor take over another one's session. It refuses
+  anonymous clients, applies the ACLs and never runs as root (``user mosquitto`` when
+  provisioned as root, which then owns ``broker/``, ``passwd``, ``acl`` and ``data/``).
   ``mosquitto -c DIR/mosquitto.conf`` starts it as is. Persistence lives in ``DIR/data``.
 
 Keys are written with mode 0600. It runs the ``openssl`` and ``mosquitto_passwd`` commands.
@@ -124,11 +130,7 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
     return "\n".join(lines)
 
 
-def _conf_text(out: Path, port: int, bind: str | None) -> str:
-    try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        user = "root" if os.geteuid() == 0 else "nobody"
+def _conf_text(out: Path, port: int, bind: str | None, user: str) -> str:
     listener = f"listener {port}" + (f" {bind}" if bind else "")
     return f"""# emo-mqtt broker for a fleet, written by `emo fleet provision`.
 # Start it with: mosquitto -c {out}/mosquitto.conf
@@ -139,15 +141,22 @@ acl_file {out}/acl
 
 {listener}
 # TLS: the broker proves itself with broker.crt; every client must present a certificate
-# signed by the fleet's CA, and then log in with its username and password.
+# signed by the fleet's CA. The certificate *is* the login: its CN becomes the username
+# (whatever username or password the client sends), so dev01's certificate can only ever
+# act as device-dev01, under device-dev01's ACLs.
 cafile {out}/ca/ca.crt
 certfile {out}/broker/broker.crt
 keyfile {out}/broker/broker.key
 require_certificate true
-use_identity_as_username false
+use_identity_as_username true
 tls_version tlsv1.2
+# The client id is the username: a device cannot take over another node's session (and
+# destroy its queued messages) by connecting with that node's client id. One connection
+# per identity: a second one with the same certificate replaces the first.
+use_username_as_clientid true
 
-# Mosquitto started as root drops to this user, which must be able to read the keys.
+# Mosquitto started as root drops to this user (never root), which owns what it must read
+# and write: broker/, passwd, acl and data/.
 user {user}
 
 # The same limits as the development config (broker/mosquitto.conf).
@@ -172,6 +181,73 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 connection_messages true
 set_tcp_nodelay true
 """
+
+
+def _broker_user() -> tuple[str, int | None, int | None]:
+    """The user the broker runs as, and its uid/gid when we must hand files over to it.
+
+    Never root: Mosquitto started as root drops to ``user``. Provisioning as root, that is
+    the ``mosquitto`` user (Debian's package creates it), which is given the broker's own
+    files; as anyone else, the broker runs as that user anyway (``user`` is then ignored).
+    """
+    if os.geteuid() != 0:
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_name, None, None
+        except KeyError:
+            return "mosquitto", None, None
+    try:
+        entry = pwd.getpwnam("mosquitto")
+    except KeyError:  # broker on another machine: its `mosquitto` user must own the files
+        return "mosquitto", None, None
+    return "mosquitto", entry.pw_uid, entry.pw_gid
+
+
+def _hand_over(out: Path, uid: int | None, gid: int | None) -> None:
+    """Let the broker's user read (and for data/, write) what it needs, and nothing else.
+
+    The directories on the way are traversable but not listable (0711); the CA key and the
+    node directories stay the provisioning user's alone.
+    """
+    for path in (out, out / "ca"):
+        path.chmod(0o711)
+    for path in (out / "nodes", out / "broker", out / "data"):
+        path.chmod(0o700)
+    (out / "ca" / "ca.crt").chmod(0o644)
+    (out / "mosquitto.conf").chmod(0o644)
+    if uid is None or gid is None:
+        return
+    for path in (out / "broker", out / "broker" / "broker.key", out / "broker" / "broker.crt",
+                 out / "passwd", out / "acl", out / "data"):
+        os.chown(path, uid, gid)
+
+
+def _hash_passwords(passwd_tool: str, out: Path, passwords: dict[str, str]) -> None:
+    """Write ``out/passwd`` hashed, or fail: plain-text passwords never stay on disk.
+
+    The plain text goes to a private temporary file next to it, ``mosquitto_passwd -U``
+    hashes it in place, every line is checked to be hashed, and only then is it renamed to
+    ``passwd``; on any failure the temporary file is removed and :class:`ConfigError`
+    raised.
+    """
+    fd, name = tempfile.mkstemp(prefix=".passwd-", dir=out)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # mkstemp: mode 0600
+            f.write("".join(f"{u}:{p}\n" for u, p in passwords.items()))
+        try:
+            _run([passwd_tool, "-U", str(tmp)])
+        except ConfigError as exc:
+            raise ConfigError(f"could not hash the broker's passwords: {exc}") from exc
+        lines = tmp.read_text(encoding="utf-8").splitlines()
+        hashed = {u: h for u, _, h in (line.partition(":") for line in lines)}
+        if set(hashed) != set(passwords) or any(
+            not h.startswith("$") or h == passwords[u] for u, h in hashed.items()
+        ):
+            raise ConfigError(f"`{passwd_tool} -U` did not hash every password; refusing to "
+                              "write a plain-text password file")
+        tmp.replace(out / "passwd")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _key_and_csr(openssl: str, key: Path, csr: Path, cn: str) -> None:
@@ -265,14 +341,32 @@ def provision(
         node_json.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         node_json.chmod(0o600)
 
-    passwd = out / "passwd"
-    passwd.write_text("".join(f"{u}:{p}\n" for u, p in passwords.items()), encoding="utf-8")
-    passwd.chmod(0o600)
-    _run([passwd_tool, "-U", str(passwd)])  # hash the plain-text passwords in place
+    _hash_passwords(passwd_tool, out, passwords)
     (out / "acl").write_text(acl_text(devices, overlays, run), encoding="utf-8")
-    (out / "mosquitto.conf").write_text(_conf_text(out, port, bind), encoding="utf-8")
-    return {"dir": str(out), "broker": str(url), "conf": str(out / "mosquitto.conf"),
-            "usernames": list(passwords)}
+    (out / "acl").chmod(0o600)
+    user, uid, gid = _broker_user()
+    (out / "mosquitto.conf").write_text(_conf_text(out, port, bind, user), encoding="utf-8")
+    _hand_over(out, uid, gid)
+    summary: dict[str, object] = {"dir": str(out), "broker": str(url),
+                                  "conf": str(out / "mosquitto.conf"),
+                                  "usernames": list(passwords), "broker_user": user}
+    blocked = _unreachable(out, uid, gid)
+    if blocked is not None:
+        summary["warning"] = (f"the broker's user {user} cannot enter {blocked}: run the broker "
+                              f"from a copy of {out} it can reach, or open {blocked} (o+x)")
+    return summary
+
+
+def _unreachable(out: Path, uid: int | None, gid: int | None) -> Path | None:
+    """The first directory above ``out`` that user ``uid`` (group ``gid``) cannot enter."""
+    if uid is None or gid is None:
+        return None
+    for parent in out.parents:
+        st = parent.stat()
+        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
+                or (st.st_gid == gid and st.st_mode & 0o010)):
+            return parent
+    return None
 
 
 @dataclass(frozen=True)

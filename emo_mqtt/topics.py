@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from emo_mqtt.errors import TopicError
 
@@ -278,6 +279,34 @@ def parse(value: str) -> ParsedTopic:
                 raise TopicError(f"unknown role {role!r} in topic {value!r}")
             return ParsedTopic(spec.kind, run, found.get("node"), role)
     raise TopicError(f"unknown emo-mqtt topic: {value!r}")
+
+
+#: Topic kinds whose publisher is not named in the topic: the server side's.
+_SERVER_SIDE = frozenset({Kind.SERVER_ROUND, Kind.SERVER_SFL_GRADIENTS, Kind.SERVER_DONE,
+                          Kind.CONTROL, Kind.INFER_RESPONSE})
+_ROLE_OF = {Kind.DEVICE_UPDATE: "device", Kind.DEVICE_ACTIVATIONS: "device",
+            Kind.DEVICE_SFL_ACTIVATIONS: "device", Kind.OVERLAY_MODEL: "overlay",
+            Kind.INFER_REQUEST: "client", Kind.BENCH: "bench"}
+
+
+@lru_cache(maxsize=4096)
+def publisher_key(value: str) -> str:
+    """Who is accountable for a message on topic ``value``, as ``<role>/<id>``.
+
+    Topics are named by their publisher and the provisioned ACLs let each identity write
+    only below its own id, so the topic says who sent a message: ``device/dev03/update``,
+    ``status/device/dev03`` and ``metrics/device/dev03`` all give ``device/dev03``, in any
+    run. Whatever the server side publishes gives ``server``. A foreign topic is its own
+    key. What receivers use to give each sender its own budget (chunk reassembly).
+    """
+    try:
+        where = parse(value)
+    except TopicError:
+        return value
+    if where.kind in _SERVER_SIDE:
+        return "server"
+    role = where.role if where.role is not None else _ROLE_OF[where.kind]
+    return f"{role}/{where.node}"
 
 
 def matches(topic_filter: str, value: str) -> bool:

@@ -8,12 +8,20 @@ still there to read (``<tmp>/.../mosquitto/mosquitto.log``).
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from emo_mqtt.broker.launch import BrokerHandle, find_mosquitto
+from emo_mqtt.broker.launch import BrokerHandle, find_free_port, find_mosquitto
+from emo_mqtt.broker.url import BrokerURL
+from emo_mqtt.provision import load_node_config, provision
 
 # ------------------------------------------------------------------ brokers
 
@@ -78,6 +86,58 @@ def amqtt_broker(tmp_path: Path) -> Iterator[BrokerHandle]:
     """The embedded amqtt broker (MQTT 3.1.1 only, no persistence) on a free port."""
     with BrokerHandle(kind="amqtt", workdir=tmp_path / "amqtt") as broker:
         yield broker
+
+
+@dataclass
+class Fleet:
+    """A provisioned fleet (2 devices, 1 overlay) and its TLS broker with ACLs."""
+
+    dir: Path
+    port: int
+
+    def url(self, username: str) -> BrokerURL:
+        """The broker URL (login and TLS files) of ``username``'s node.json."""
+        return load_node_config(self.dir / "nodes" / username / "node.json").broker
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """`emo fleet provision` output and a Mosquitto started with its mosquitto.conf as is.
+
+    Provisioned under /tmp rather than pytest's tmp_path: the broker drops from root to the
+    `mosquitto` user, which cannot enter pytest's private (0700) base directory.
+    """
+    binary = find_mosquitto()
+    assert binary is not None, MOSQUITTO_MISSING
+    out = Path(tempfile.mkdtemp(prefix="emo-fleet-"))
+    port = find_free_port()
+    try:
+        summary = provision(out, 2, 1, port=port, bind="127.0.0.1")
+        assert "warning" not in summary, summary
+        log = (out / "mosquitto.log").open("wb")
+        proc = subprocess.Popen([str(binary), "-c", str(out / "mosquitto.conf")],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                assert proc.poll() is None, (out / "mosquitto.log").read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the provisioned broker did not listen"
+                    time.sleep(0.05)
+            yield Fleet(out, port)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ scenarios

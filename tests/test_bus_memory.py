@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+import zlib
 
 import numpy as np
 import pytest
 
 from emo_mqtt import codec
 from emo_mqtt.bus import BusOptions, MemoryBroker, MemoryBus, Message
-from emo_mqtt.chunking import is_chunk_frame, split
+from emo_mqtt.chunking import CHUNK_MAGIC, CHUNK_VERSION, is_chunk_frame, split
 from emo_mqtt.errors import BusError
 
 
@@ -157,3 +159,31 @@ async def test_publish_after_close_is_an_error() -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         BusOptions(chunk_size=4 * 2**20)
+
+
+def tiny_chunk(n: int, declared: int) -> bytes:
+    """A 41-byte chunk frame: one byte of a transfer (id ``n``) declaring ``declared`` bytes."""
+    head = struct.pack("<3sB16sQQI", CHUNK_MAGIC, CHUNK_VERSION, n.to_bytes(16, "big"),
+                       declared, 0, zlib.crc32(b"\x00"))
+    return head + b"\x00"
+
+
+async def test_a_chunk_flood_is_refused_per_sender_and_delivery_goes_on() -> None:
+    broker = MemoryBroker()
+    options = BusOptions(reassembly_max_sender_bytes=4 * 2**20, reassembly_max_sender_transfers=4)
+    async with (
+        MemoryBus(broker, "dev07") as attacker,
+        MemoryBus(broker, "dev01") as honest,
+        MemoryBus(broker, "server", options=options) as server,
+    ):
+        await server.subscribe("emo/r/device/+/update")
+        for n in range(200):
+            # Half declare 256 MiB (over the 4 MiB budget), half 64 KiB (4 fit the cap).
+            declared = 256 * 2**20 if n % 2 else 64 * 1024
+            await attacker.publish("emo/r/device/dev07/update", tiny_chunk(n, declared))
+        payload = codec.encode({"w": np.arange(500_000, dtype=np.float32)}, kind="update")
+        await honest.publish("emo/r/device/dev01/update", payload)  # 2 MB: chunked
+        (got,) = await _take(server, 1)
+    assert got.topic == "emo/r/device/dev01/update" and got.payload == payload
+    assert server.stats.rejected == {"chunk_budget": 196}
+    assert server.reassembly_held_bytes == 4  # four bytes of the flood, nothing more

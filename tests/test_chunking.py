@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import struct
+import tracemalloc
 import zlib
 
 import pytest
@@ -341,3 +342,108 @@ def test_refuse_policy_is_the_default() -> None:
         r.feed("t", split(b"b" * 100, chunk_size=10)[0], now=1.0)
     with pytest.raises(ChunkError, match="when_full"):
         Reassembler(when_full="drop")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- hostile senders
+
+
+def _header_only(tid: bytes, total: int, offset: int = 0) -> bytes:
+    """A 41-byte chunk frame: one byte of data in a transfer declaring ``total`` bytes."""
+    return frame(tid, total, offset, b"\x00")
+
+
+def test_a_flood_of_huge_declarations_costs_nothing_and_is_counted() -> None:
+    r = Reassembler(max_sender_bytes=64 * 2**20, max_sender_transfers=8)
+    tracemalloc.start()
+    try:
+        for i in range(200):
+            flood = _header_only(i.to_bytes(16, "big"), 256 * 2**20, offset=i * 1000)
+            assert len(flood) == 41
+            with pytest.raises(ChunkError) as caught:
+                r.feed("emo/r/device/dev07/update", flood, 0.0, sender="device/dev07")
+            assert caught.value.reason == "sender_bytes"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20  # 200 x 256 MiB declared, not even 1 MiB taken
+    assert r.stats.rejected == {"sender_bytes": 200}
+    assert r.pending_transfers == 0 and r.pending_bytes == 0 and r.held_bytes == 0
+
+
+def test_declared_sizes_are_reserved_not_allocated() -> None:
+    """Memory follows the bytes that arrive, in order or not, never the declared size."""
+    r = Reassembler(max_sender_bytes=64 * 2**20)
+    total = 60 * 2**20
+    tracemalloc.start()
+    try:
+        r.feed("t", _header_only(b"a" * 16, total, offset=0), 0.0, sender="s")
+        r.feed("t", _header_only(b"b" * 16, total // 64, offset=total // 64 - 1), 0.0,
+               sender="other")  # out of order: its last byte first
+        r.feed("t", _header_only(b"a" * 16, total, offset=total - 1), 0.0, sender="s")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    assert r.pending_bytes == total + total // 64 and r.held_bytes == 3
+    assert r.sender_pending_bytes("s") == total and r.sender_pending_bytes("nobody") == 0
+
+
+def test_a_sender_over_its_transfer_cap_locks_out_only_itself() -> None:
+    r = Reassembler(max_sender_bytes=10_000, max_sender_transfers=3)
+    for i in range(3):
+        assert r.feed("emo/r/device/dev07/update", _header_only(bytes([i]) * 16, 3000), 0.0,
+                      sender="device/dev07") is None
+    for i in range(3, 200):
+        with pytest.raises(ChunkError, match="transfers in progress") as caught:
+            r.feed("emo/r/device/dev07/update", _header_only(bytes([i]) * 16, 1000), 0.0,
+                   sender="device/dev07")
+        assert caught.value.reason == "sender_transfers"
+    assert r.stats.rejected == {"sender_transfers": 197}
+    assert r.held_bytes == 3 and r.sender_pending_bytes("device/dev07") == 9000
+    # Another sender's legitimate transfer goes through untouched, as fast as ever.
+    payload = os.urandom(9000)
+    assert feed_all_from(r, split(payload, chunk_size=1000), "device/dev01") == [payload]
+    assert r.stats.evicted == 0
+    # Once its stalled transfers expire, the flooder gets a fresh budget.
+    assert len(r.expire(100.0)) == 3 and r.sender_pending_bytes("device/dev07") == 0
+    assert r.held_bytes == 0 and r.pending_bytes == 0
+
+
+def feed_all_from(r: Reassembler, frames: list[bytearray], sender: str) -> list[bytes]:
+    return [bytes(out) for f in frames if (out := r.feed("k", f, 0.0, sender)) is not None]
+
+
+def test_sender_budget_counts_declared_bytes_and_is_released_on_completion() -> None:
+    r = Reassembler(max_sender_bytes=5000)
+    first = split(os.urandom(3000), chunk_size=1000)
+    second = split(os.urandom(3000), chunk_size=1000)
+    r.feed("k", first[0], 0.0, "s")
+    with pytest.raises(ChunkError, match="budget"):
+        r.feed("k", second[0], 0.0, "s")
+    assert feed_all_from(r, first[1:], "s") != []
+    assert r.sender_pending_bytes("s") == 0
+    assert len(feed_all_from(r, second, "s")) == 1
+
+
+def test_reverse_order_tiny_chunks_are_fragmented_not_quadratic() -> None:
+    # Right to left, each chunk opens a segment of its own (none ends where it starts);
+    # past the cap the rest are refused instead of being merged at a cost of O(size) each.
+    total = 4 * 2**20
+    r = Reassembler()
+    refused = 0
+    for i in range(1, 1200):
+        try:
+            r.feed("t", frame(TID, total, total - 2 * i, b"x"), 0.0)
+        except ChunkError as exc:
+            assert exc.reason == "fragmented"
+            refused += 1
+    assert refused == 1199 - 1024 and r.held_bytes == 1024
+
+
+def test_out_of_order_then_in_line_completes_with_the_right_bytes() -> None:
+    payload = os.urandom(70_000)
+    frames = split(payload, chunk_size=1000)
+    order = frames[10:] + frames[:10]  # a late head: two segments, joined at the end
+    r = Reassembler()
+    out = feed_all_raw(r, order)
+    assert out == payload and r.held_bytes == 0 and r.pending_bytes == 0

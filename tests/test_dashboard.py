@@ -127,14 +127,21 @@ def test_fleet_state_never_raises() -> None:
     assert not state.ingest("emo/r1/server/round", b"{}")  # not a dashboard topic
     assert not state.ingest("other/topic", b"{}")
     assert not state.ingest("emo/r1/status/wizard/d0", b"{}")  # unknown role
-    assert state.ingest(*metrics("r1", "device", "d0", round="x", bytes_out_by_kind=[1],
-                                 rejected={"a": "many", "b": -1, "c": 2}, cache=None,
-                                 decision={"fraction": "half"}))
-    assert (state.malformed, state.ignored, state.messages) == (3, 3, 1)
+    # Wrong types in known fields: the message is skipped, not half taken.
+    for wrong in ({"round": "x"}, {"bytes_out_by_kind": [1]}, {"rejected": {"a": "many"}},
+                  {"rejected": {"b": -1}}, {"cache": None}):
+        assert not state.ingest(*metrics("r1", "device", "d0", **wrong))
+    # Unknown fields and wrong values inside known objects are the consumer's to clean.
+    assert state.ingest(*metrics("r1", "device", "d0", rejected={"c": 2}, hue="blue",
+                                 decision={"fraction": "half"}, loss=float("nan")))
+    assert (state.malformed, state.ignored, state.messages) == (8, 3, 1)
+    assert state.malformed_by_reason == {"bad_json": 1, "not_object": 1, "not_utf8": 1,
+                                         "bad_field": 5}
     snap = state.snapshot()
     json.dumps(snap, allow_nan=False)
     assert snap["runs"]["r1"]["rejected"] == {"c": 2}
     assert snap["runs"]["r1"]["decisions"]["d0"]["fraction"] is None
+    assert snap["malformed_by_reason"]["bad_field"] == 5
 
 
 def test_prometheus_text() -> None:

@@ -8,68 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
+import os
+import pwd
 import ssl
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import Fleet
 
-from emo_mqtt.broker.launch import find_free_port, find_mosquitto
 from emo_mqtt.broker.url import BrokerURL
 from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
-from emo_mqtt.errors import BusError
+from emo_mqtt.errors import BusError, ConfigError
 from emo_mqtt.provision import acl_text, load_node_config, provision
 from emo_mqtt.topics import Kind, topic
 
 pytestmark = pytest.mark.broker
 
 RUN = "sec"
-
-
-@dataclass
-class Fleet:
-    dir: Path
-    port: int
-
-    def url(self, username: str) -> BrokerURL:
-        return load_node_config(self.dir / "nodes" / username / "node.json").broker
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    binary = find_mosquitto()
-    assert binary is not None, "install mosquitto: apt-get install -y mosquitto"
-    out = tmp_path_factory.mktemp("fleet")
-    port = find_free_port()
-    provision(out, 2, 1, port=port, bind="127.0.0.1")
-    log = (out / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([str(binary), "-c", str(out / "mosquitto.conf")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, (out / "mosquitto.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the provisioned broker did not listen"
-                time.sleep(0.05)
-        yield Fleet(out, port)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def _bus(url: BrokerURL, client: str, **kwargs: object) -> MqttBus:
@@ -132,8 +92,66 @@ def test_cli_provision_writes_a_usable_fleet(tmp_path: Path) -> None:
     assert main(["fleet", "provision", "--devices", "1", "--out", str(out)]) == 2
 
 
-def test_refused_connections(fleet: Fleet) -> None:
+def test_provisioned_conf_binds_identities_and_never_runs_as_root(tmp_path: Path) -> None:
+    out = tmp_path / "f"
+    summary = provision(out, 1, 0)
+    lines = (out / "mosquitto.conf").read_text().splitlines()
+    for line in ("require_certificate true", "use_identity_as_username true",
+                 "use_username_as_clientid true", "allow_anonymous false"):
+        assert line in lines
+    users = [line for line in lines if line.startswith("user ")]
+    assert users == [f"user {summary['broker_user']}"] and users != ["user root"]
+    if os.geteuid() == 0:
+        mosquitto = pwd.getpwnam("mosquitto")
+        assert users == ["user mosquitto"]
+        for path in ("passwd", "acl", "broker/broker.key", "data"):
+            st = (out / path).stat()
+            assert (st.st_uid, st.st_gid) == (mosquitto.pw_uid, mosquitto.pw_gid), path
+        # pytest's base directory is private (0700): provisioning says the broker's user
+        # cannot reach the files there.
+        assert "cannot enter" in str(summary["warning"])
+    # Private keys and the node directories stay the provisioning user's.
+    assert (out / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    assert (out / "nodes").stat().st_mode & 0o077 == 0
+    assert (out / "passwd").stat().st_mode & 0o077 == 0
+    assert not list(out.glob(".passwd-*"))
+
+
+@pytest.mark.parametrize("fake", [
+    "exit 3",  # the tool fails
+    "exit 0",  # the tool claims success but hashes nothing
+])
+def test_password_hashing_that_fails_fails_provisioning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: str
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "mosquitto_passwd"
+    tool.write_text(f"#!/bin/sh\necho 'mosquitto_passwd: broken' >&2\n{fake}\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "f"
+    with pytest.raises(ConfigError, match="hash"):
+        provision(out, 1, 0)
+    # No password file at all, and no plain-text leftover.
+    assert not (out / "passwd").exists() and not list(out.glob(".passwd-*"))
+    secret = json.loads((out / "nodes" / "device-dev00" / "node.json").read_text())["password"]
+    assert not any(secret in p.read_text(errors="ignore") for p in out.iterdir() if p.is_file())
+
+
+def _forged_cert(where: Path, cn: str) -> tuple[Path, Path]:
+    """A client certificate for ``cn`` from a CA the fleet never heard of."""
+    key, crt = where / f"{cn}.key", where / f"{cn}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(crt), "-days", "1", "-subj", f"/CN={cn}"], capture_output=True,
+                   check=True)
+    return key, crt
+
+
+def test_refused_connections(fleet: Fleet, tmp_path: Path) -> None:
     good = fleet.url("device-dev00")
+    key, crt = _forged_cert(tmp_path, "server-server")
 
     async def refused(url: BrokerURL, **kwargs: object) -> str:
         with pytest.raises(BusError) as caught:
@@ -142,18 +160,20 @@ def test_refused_connections(fleet: Fleet) -> None:
         return str(caught.value)
 
     async def main() -> None:
-        # Anonymous (a valid client certificate, no username): refused by the broker's
-        # CONNACK ("not authorised"), at once, not after a timeout.
-        assert "refused" in await refused(replace(good, username=None, password=None))
-        assert "refused" in await refused(replace(good, password="wrong"))
         # A stolen password without the client certificate: the TLS handshake fails.
         await refused(replace(good, cert_file=None, key_file=None))
+        # A certificate naming the server, from another CA: the TLS handshake fails.
+        server = fleet.url("server-server")
+        await refused(replace(server, cert_file=str(crt), key_file=str(key)))
         # Plain TCP to the TLS listener.
         await refused(BrokerURL("mqtt", good.host, good.port, good.username, good.password))
         # A client that trusts another CA does not accept the broker.
         await refused(good, tls_context=ssl.create_default_context())
-        # The right credentials connect.
+        # The right credentials connect; the certificate alone is the login (its CN is the
+        # username: see tests/test_hostile.py for what that binds).
         async with _bus(good, "dev00-ok") as bus:
+            assert bus.connected
+        async with _bus(replace(good, username=None, password=None), "dev00-cert") as bus:
             assert bus.connected
 
     asyncio.run(main())
@@ -202,7 +222,8 @@ def test_full_run_over_tls_with_provisioned_nodes(
     nodes = fleet.dir / "nodes"
     procs: list[subprocess.Popen[str]] = []
     try:
-        # Both runs at once, on the same broker, each with its own run id.
+        # One run after the other, each with its own run id: an identity is one connection
+        # at a time (the broker takes the certificate's CN as the client id).
         for algorithm in ("fl", "emo"):
             common = ["--run", f"{RUN}-{algorithm}", "--config", str(scenario),
                       "--algorithm", algorithm]
@@ -216,9 +237,11 @@ def test_full_run_over_tls_with_provisioned_nodes(
                     [sys.executable, "-m", "emo_mqtt.cli", "node", role,
                      "--node-config", str(nodes / user / "node.json"), *common, *extra],
                     stderr=subprocess.PIPE, text=True))
-        for proc in procs:
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err
+            for proc in procs[-len(members):]:
+                _, err = proc.communicate(timeout=300)
+                assert proc.returncode == 0, err
+                # No node was ever kicked off by another connection of its identity.
+                assert "lost" not in err, err
     finally:
         for proc in procs:
             proc.kill()

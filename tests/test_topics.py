@@ -110,3 +110,21 @@ def test_docs_table_matches_the_grammar() -> None:
     assert markdown_table() in DOCS.read_text(), (
         "docs/topics.md is out of date: paste the output of `emo topics --markdown` into it"
     )
+
+
+def test_publisher_key_names_the_accountable_identity() -> None:
+    from emo_mqtt.topics import publisher_key
+
+    dev = "device/dev03"
+    assert publisher_key(topic(Kind.DEVICE_UPDATE, "r1", node="dev03")) == dev
+    assert publisher_key(topic(Kind.DEVICE_ACTIVATIONS, "r2", node="dev03")) == dev
+    assert publisher_key(topic(Kind.DEVICE_SFL_ACTIVATIONS, "r1", node="dev03")) == dev
+    assert publisher_key(topic(Kind.STATUS, "r1", node="dev03", role="device")) == dev
+    assert publisher_key(topic(Kind.METRICS, "r1", node="dev03", role="device")) == dev
+    assert publisher_key(topic(Kind.OVERLAY_MODEL, "r1", node="ovl0")) == "overlay/ovl0"
+    assert publisher_key(topic(Kind.SERVER_ROUND, "r1")) == "server"
+    assert publisher_key(topic(Kind.CONTROL, "r1", node="dev03")) == "server"
+    assert publisher_key(topic(Kind.BENCH, "r1", node="data")) == "bench/data"
+    assert publisher_key("not/ours") == "not/ours"
+    assert {publisher_key(topic(k, "r", node="n", role="device")) for k in Kind} <= {
+        "device/n", "overlay/n", "server", "client/n", "bench/n"}

@@ -26,9 +26,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from emo_mqtt.chunking import HEADER_SIZE, Reassembler, is_chunk_frame, split
+from emo_mqtt.chunking import BUDGET_REASONS, HEADER_SIZE, Reassembler, is_chunk_frame, split
 from emo_mqtt.errors import BusError, ChunkError, PublishTimeout
-from emo_mqtt.topics import validate_filter
+from emo_mqtt.topics import publisher_key, validate_filter
 
 log = logging.getLogger("emo_mqtt.bus")
 
@@ -96,10 +96,21 @@ class BusOptions:
     min_rate_bytes_s: float = 1_000_000.0
     inbox_max_frames: int = 512
     inbox_max_bytes: int = 64 * 2**20
+    #: Incomplete chunked transfers, over all senders: the sum of their declared sizes, and
+    #: their number. Past these, the transfers that progressed least recently are evicted.
     reassembly_max_bytes: int = 256 * 2**20
     reassembly_max_transfers: int = 64
     reassembly_max_transfer_size: int = 2**30
     reassembly_timeout_s: float = 30.0
+    #: Per sender (the publisher a topic names, :func:`~emo_mqtt.topics.publisher_key`):
+    #: the sum of the declared sizes of its incomplete transfers, and their number. A new
+    #: transfer past either is refused (``chunk_budget``): a device flooding chunk headers
+    #: that declare huge sizes costs at most this much memory and locks out only itself.
+    #: 64 MiB is several times the largest message of the shipped scenarios (a round of
+    #: activations is capped by the 4 MiB device outbox; an overlay-mlp model is 1.5 MB)
+    #: and of `emo bench bus --size 10MB`; raise it for larger models.
+    reassembly_max_sender_bytes: int = 64 * 2**20
+    reassembly_max_sender_transfers: int = 8
     #: ``publish(..., background=True)``: bulk data that must yield to everything else on
     #: the connection (EMO's activations vs FL's updates). It goes in frames of at most
     #: this many bytes (or ``chunk_size``, if smaller) with at most ``background_window``
@@ -122,6 +133,8 @@ class BusOptions:
             raise ValueError("background_chunk_size must be above the chunk header size")
         if self.background_window < 1:
             raise ValueError("background_window must be >= 1")
+        if self.reassembly_max_sender_bytes < 1 or self.reassembly_max_sender_transfers < 1:
+            raise ValueError("reassembly_max_sender_bytes and _transfers must be >= 1")
 
 
 class Bus(ABC):
@@ -146,6 +159,8 @@ class Bus(ABC):
             timeout_s=o.reassembly_timeout_s,
             # Under a flood of transfers that never complete, live ones must still get in.
             when_full="evict_stalest",
+            max_sender_bytes=o.reassembly_max_sender_bytes,
+            max_sender_transfers=o.reassembly_max_sender_transfers,
         )
         self._last_expiry = time.monotonic()
         #: Called after every whole message published, as ``(topic, payload bytes sent
@@ -313,11 +328,19 @@ class Bus(ABC):
             self._pause_reading()
 
     def _reassemble(self, frame: Message) -> Message | None:
-        """Feed one chunk frame to the reassembler; return the whole message it completes."""
+        """Feed one chunk frame to the reassembler; return the whole message it completes.
+
+        Refused frames are counted: ``chunk_budget`` when the sender the topic names is
+        over its reassembly budget, ``bad_chunk`` for any other bad frame.
+        """
+        topic = frame.topic
         try:
-            whole = self._reassembler.feed(frame.topic, frame.payload, time.monotonic())
+            whole = self._reassembler.feed(
+                topic, frame.payload, time.monotonic(), publisher_key(topic)
+            )
         except ChunkError as exc:
-            self.reject("bad_chunk", frame.topic, str(exc))
+            reason = "chunk_budget" if exc.reason in BUDGET_REASONS else "bad_chunk"
+            self.reject(reason, topic, str(exc))
             return None
         finally:
             for key, _transfer in self._reassembler.drain_evicted():
@@ -388,5 +411,10 @@ class Bus(ABC):
 
     @property
     def reassembly_pending_bytes(self) -> int:
-        """Bytes held by incomplete chunked transfers."""
+        """Bytes declared by incomplete chunked transfers (reserved against the limits)."""
         return self._reassembler.pending_bytes
+
+    @property
+    def reassembly_held_bytes(self) -> int:
+        """Payload bytes really held by incomplete chunked transfers."""
+        return self._reassembler.held_bytes

@@ -69,7 +69,15 @@ class Hub:
         self._json: tuple[tuple[int, bool], bytes] | None = None
 
     def ingest(self, topic: str, payload: bytes | bytearray) -> None:
-        if self.state.ingest(topic, payload):
+        try:
+            took = self.state.ingest(topic, payload)
+        except Exception:
+            # FleetState counts bad input and never raises on it; should a bug make it raise,
+            # one message must still not end the subscriber (and with it the dashboard).
+            log.exception("dashboard: message on %s not taken", topic)
+            self.state.malformed += 1
+            return
+        if took:
             changed, self._changed = self._changed, asyncio.Event()
             changed.set()
 

@@ -8,7 +8,6 @@ snapshot into Prometheus exposition text. Nothing malformed raises: it is counte
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import deque
@@ -16,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from emo_mqtt.errors import TopicError
+from emo_mqtt.errors import TelemetryError, TopicError
+from emo_mqtt.telemetry import parse_metrics, parse_status
 from emo_mqtt.topics import Kind, parse
 
 #: Bytes samples kept per run (older ones are dropped).
@@ -113,6 +113,8 @@ class FleetState:
         self.clock = clock
         self.runs: dict[str, RunState] = {}
         self.malformed = 0
+        #: ``malformed`` by reason (see :data:`emo_mqtt.telemetry.REASONS`).
+        self.malformed_by_reason: dict[str, int] = {}
         self.ignored = 0
         self.messages = 0
         #: Bumped on every change; lets servers push snapshots only when something changed.
@@ -132,12 +134,12 @@ class FleetState:
             self.ignored += 1
             return False
         try:
-            body = json.loads(bytes(payload))
-        except (ValueError, UnicodeDecodeError):
+            # Untrusted, possibly retained (a device may write its own status and metrics):
+            # bounded depth and size, known fields type-checked, or skipped and counted.
+            body = (parse_status if where.kind is Kind.STATUS else parse_metrics)(payload)
+        except TelemetryError as exc:
             self.malformed += 1
-            return False
-        if not isinstance(body, dict):
-            self.malformed += 1
+            self.malformed_by_reason[exc.reason] = self.malformed_by_reason.get(exc.reason, 0) + 1
             return False
         self.messages += 1
         run = self._run(where.run)
@@ -242,6 +244,7 @@ class FleetState:
                 "version": self.version,
                 "messages": self.messages,
                 "malformed": self.malformed,
+                "malformed_by_reason": dict(sorted(self.malformed_by_reason.items())),
                 "ignored": self.ignored,
                 "runs": runs,
                 "alerts": alerts,
