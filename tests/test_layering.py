@@ -17,7 +17,8 @@ PURE = [
     "emo_mqtt.cache", "emo_mqtt.spill", "emo_mqtt.controller", "emo_mqtt.fedavg",
     "emo_mqtt.ensemble", "emo_mqtt.linkmodel", "emo_mqtt.netscenario", "emo_mqtt.config",
     "emo_mqtt.dataplan", "emo_mqtt.data", "emo_mqtt.models", "emo_mqtt.training",
-    "emo_mqtt.partition", "emo_mqtt.seeds", "emo_mqtt.cifar",
+    "emo_mqtt.partition", "emo_mqtt.seeds", "emo_mqtt.cifar", "emo_mqtt.messages",
+    "emo_mqtt.algorithms", "emo_mqtt.strategies", "emo_mqtt.telemetry",
 ]
 
 
