@@ -59,12 +59,13 @@ def tuning_plan(config: RunConfig) -> DataPlan:
 
 def one(config: RunConfig, algorithm: str, plan: DataPlan) -> dict[str, Any]:
     began = time.perf_counter()
-    entry = asyncio.run(run_algorithm(MemoryBroker(), config, algorithm, plan,
-                                      say=lambda _: None))
+    entry = asyncio.run(run_algorithm(MemoryBroker(), config, algorithm, plan, say=lambda _: None))
     return {
-        "val_accuracy": entry["accuracy"], "fl_val_accuracy": entry["fl_accuracy"],
+        "val_accuracy": entry["accuracy"],
+        "fl_val_accuracy": entry["fl_accuracy"],
         "activation_bytes": entry["bytes_by_kind"].get("activations", 0),
-        "bytes": entry["bytes"], "fl_model_sha256": entry["fl_model_sha256"],
+        "bytes": entry["bytes"],
+        "fl_model_sha256": entry["fl_model_sha256"],
         "wall_s": round(time.perf_counter() - began, 1),
     }
 
@@ -78,23 +79,28 @@ def sweep(config: RunConfig, seeds: list[int], budgets: list[float]) -> dict[str
         plan = tuning_plan(seeded)
         # FL's own figure is every EMO run's ``fl_val_accuracy`` (bit-identical FL).
         variants: list[tuple[str, RunConfig, str]] = [("emo_all", seeded, "emo_all")]
-        variants += [(f"emo budget={b:g}",
-                      seeded.with_overrides(controller={"staleness_budget": b}), "emo")
-                     for b in budgets]
+        variants += [
+            (f"emo budget={b:g}", seeded.with_overrides(controller={"staleness_budget": b}), "emo")
+            for b in budgets
+        ]
         for name, cfg, algorithm in variants:
             result = one(cfg, algorithm, plan)
             out.setdefault(name, {})[str(seed)] = result
-            print(f"seed {seed} {name:18} val acc {result['val_accuracy']:.4f} "
-                  f"(FL {result['fl_val_accuracy']:.4f}) activations "
-                  f"{result['activation_bytes'] / 1e6:7.2f} MB  {result['wall_s']:6.1f} s",
-                  flush=True)
+            print(
+                f"seed {seed} {name:18} val acc {result['val_accuracy']:.4f} "
+                f"(FL {result['fl_val_accuracy']:.4f}) activations "
+                f"{result['activation_bytes'] / 1e6:7.2f} MB  {result['wall_s']:6.1f} s",
+                flush=True,
+            )
     return out
 
 
 def table(results: dict[str, Any]) -> str:
     ref = results.get("emo_all", {})
-    lines = ["| variant | val acc (mean) | per seed | activation MB (mean) | saved vs emo_all |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| variant | val acc (mean) | per seed | activation MB (mean) | saved vs emo_all |",
+        "|---|---|---|---|---|",
+    ]
     for name, by_seed in results.items():
         accs = [r["val_accuracy"] for r in by_seed.values()]
         mb = [r["activation_bytes"] / 1e6 for r in by_seed.values()]
@@ -102,8 +108,10 @@ def table(results: dict[str, Any]) -> str:
         if ref and name.startswith("emo "):
             full = np.mean([r["activation_bytes"] for r in ref.values()])
             saved = f"{1 - np.mean([r['activation_bytes'] for r in by_seed.values()]) / full:.1%}"
-        lines.append(f"| {name} | {np.mean(accs):.4f} | "
-                     f"{' / '.join(f'{a:.4f}' for a in accs)} | {np.mean(mb):.1f} | {saved} |")
+        lines.append(
+            f"| {name} | {np.mean(accs):.4f} | "
+            f"{' / '.join(f'{a:.4f}' for a in accs)} | {np.mean(mb):.1f} | {saved} |"
+        )
     return "\n".join(lines)
 
 
@@ -148,8 +156,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="override [run] rounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--staleness-budget", type=float, nargs="+", default=[0.125, 0.25, 0.5])
-    parser.add_argument("--timing", action="store_true",
-                        help="only print unit timings (1 and 2 torch threads)")
+    parser.add_argument(
+        "--timing", action="store_true", help="only print unit timings (1 and 2 torch threads)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     config = load_config(args.scenario)
@@ -167,8 +176,11 @@ def main() -> None:
     print(table(results))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"scenario": args.scenario, "config": config.to_dict(),
-                       "results": results}, fh, indent=1)
+            json.dump(
+                {"scenario": args.scenario, "config": config.to_dict(), "results": results},
+                fh,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -74,17 +74,23 @@ def main() -> None:
     train, _ = load_fashion_mnist()
     n_val = RunConfig().data.validation_samples
     order = np.random.default_rng(derive_seed(args.seed, "validation-holdout")).permutation(
-        len(train))
+        len(train)
+    )
     y = train.y[np.sort(order[n_val:])]
     print(f"pool: {y.size} samples, seed {args.seed}")
-    print(f"{'devices':>7} {'scheme':22} {'ms':>7} {'min':>5} {'max':>6} {'entropy':>8} "
-          f"{'iid':>5} {'labels':>6} {'moved':>6}")
+    print(
+        f"{'devices':>7} {'scheme':22} {'ms':>7} {'min':>5} {'max':>6} {'entropy':>8} "
+        f"{'iid':>5} {'labels':>6} {'moved':>6}"
+    )
     for n in args.devices:
         minimum = min(10, y.size // n)
         iid_entropy, _ = _entropy(y, partition_iid(y, n, args.seed))
         runs: list[tuple[str, Callable[[], list[np.ndarray]], float | None]] = [
-            (f"dirichlet a={alpha:g}",
-             partial(partition_dirichlet, y, n, alpha, args.seed, min_size=minimum), alpha)
+            (
+                f"dirichlet a={alpha:g}",
+                partial(partition_dirichlet, y, n, alpha, args.seed, min_size=minimum),
+                alpha,
+            )
             for alpha in args.alphas
         ]
         # Shards are equal: 10,000 devices x 2 shards leave 4 samples a device (the minimum
@@ -97,8 +103,10 @@ def main() -> None:
             sizes = np.array([p.size for p in parts])
             entropy, labels = _entropy(y, parts)
             moved = "" if alpha is None else f"{_moved(y, n, alpha, args.seed, parts):6.1%}"
-            print(f"{n:7d} {name:22} {ms:7.1f} {sizes.min():5d} {sizes.max():6d} "
-                  f"{entropy:8.3f} {iid_entropy:5.2f} {labels:6.2f} {moved:>6}")
+            print(
+                f"{n:7d} {name:22} {ms:7.1f} {sizes.min():5d} {sizes.max():6d} "
+                f"{entropy:8.3f} {iid_entropy:5.2f} {labels:6.2f} {moved:>6}"
+            )
 
 
 if __name__ == "__main__":

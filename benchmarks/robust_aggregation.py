@@ -37,8 +37,10 @@ def attacked(attack: str, state: State, samples: int, start: State) -> tuple[Sta
     if attack == "zeros":
         return {k: np.zeros_like(v) for k, v in state.items()}, 10**15
     if attack == "scaled":
-        return {k: (start[k] + 5 * (v - start[k])).astype(v.dtype) if v.dtype.kind == "f"
-                else v for k, v in state.items()}, samples
+        return {
+            k: (start[k] + 5 * (v - start[k])).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in state.items()
+        }, samples
     return state, samples
 
 
@@ -55,16 +57,29 @@ def run(scenario: Path, aggregator: str, attack: str, rounds: int, attacker: str
     started = time.perf_counter()
     for r in range(1, rounds + 1):
         collector = RoundCollector(
-            round=r, expected=c.device_ids(), min_updates=1, deadline_s=60.0,
-            reference=global_state, max_norm_ratio=c.fleet.max_update_norm_ratio or None,
-            max_samples=caps, norm_reference=norms.value, aggregator=aggregator,
-            trim_fraction=c.fleet.trim_fraction)
+            round=r,
+            expected=c.device_ids(),
+            min_updates=1,
+            deadline_s=60.0,
+            reference=global_state,
+            max_norm_ratio=c.fleet.max_update_norm_ratio or None,
+            max_samples=caps,
+            norm_reference=norms.value,
+            aggregator=aggregator,
+            trim_fraction=c.fleet.trim_fraction,
+        )
         for device in c.device_ids():
             local = build_fl_model(c.fl.model)
             load_numpy_state(local, global_state)
-            report = train_local(local, plan.device(device), epochs=c.fl.local_epochs,
-                                 batch_size=c.fl.batch_size, lr=c.fl.lr, momentum=c.fl.momentum,
-                                 generator=make_generator(c.run.seed, "train", device, r))
+            report = train_local(
+                local,
+                plan.device(device),
+                epochs=c.fl.local_epochs,
+                batch_size=c.fl.batch_size,
+                lr=c.fl.lr,
+                momentum=c.fl.momentum,
+                generator=make_generator(c.run.seed, "train", device, r),
+            )
             state, samples = state_to_numpy(local), report.samples
             if device == attacker:
                 state, samples = attacked(attack, state, samples, global_state)
@@ -73,11 +88,16 @@ def run(scenario: Path, aggregator: str, attack: str, rounds: int, attacker: str
         norms.observe(global_state)
         load_numpy_state(model, global_state)
         accuracy.append(round(evaluate(model, plan.eval_subset).accuracy, 4))
-    return {"aggregator": aggregator, "attack": attack, "rounds": rounds,
-            "eval_accuracy_per_round": accuracy,
-            "test_accuracy": round(evaluate(model, plan.test).accuracy, 4),
-            "rejected": collector.rejected, "capped": collector.capped,
-            "wall_s": round(time.perf_counter() - started, 1)}
+    return {
+        "aggregator": aggregator,
+        "attack": attack,
+        "rounds": rounds,
+        "eval_accuracy_per_round": accuracy,
+        "test_accuracy": round(evaluate(model, plan.test).accuracy, 4),
+        "rejected": collector.rejected,
+        "capped": collector.capped,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def main() -> None:
@@ -85,15 +105,21 @@ def main() -> None:
     p.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "quickstart.toml")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=AGGREGATORS)
-    p.add_argument("--attacks", nargs="+", default=["none", "zeros", "scaled"],
-                   choices=["none", "zeros", "scaled"])
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=["none", "zeros", "scaled"],
+        choices=["none", "zeros", "scaled"],
+    )
     p.add_argument("--attacker", default="dev03")
     args = p.parse_args()
     torch.set_num_threads(1)
     for attack in args.attacks:
         for aggregator in args.aggregators:
-            print(json.dumps(run(args.scenario, aggregator, attack, args.rounds, args.attacker)),
-                  flush=True)
+            print(
+                json.dumps(run(args.scenario, aggregator, attack, args.rounds, args.attacker)),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -430,8 +430,9 @@ class ReplayCache:
 
     def snapshot(self) -> SpillBlock:
         """Every entry held, oldest insertion first (so a restore keeps the eviction order)."""
-        slots = np.array(sorted(self._slot.values(), key=lambda s: int(self._seq[s])),
-                         dtype=np.int64)
+        slots = np.array(
+            sorted(self._slot.values(), key=lambda s: int(self._seq[s])), dtype=np.int64
+        )
         return self._extract(slots)
 
     def purge_stale(self, current_round: int, max_staleness: int) -> int:

@@ -186,7 +186,13 @@ class _Transfer:
     """
 
     __slots__ = (
-        "bufs", "covered", "last_progress", "pieces", "sender", "starts", "total",
+        "bufs",
+        "covered",
+        "last_progress",
+        "pieces",
+        "sender",
+        "starts",
+        "total",
     )
 
     def __init__(self, total: int, sender: str, now: float) -> None:
@@ -250,8 +256,13 @@ class Reassembler:
         max_sender_bytes: int | None = None,
         max_sender_transfers: int | None = None,
     ) -> None:
-        limits = (max_bytes, max_transfers, max_transfer_size,
-                  max_sender_bytes or 0, max_sender_transfers or 0)
+        limits = (
+            max_bytes,
+            max_transfers,
+            max_transfer_size,
+            max_sender_bytes or 0,
+            max_sender_transfers or 0,
+        )
         if min(limits) < 0 or not timeout_s > 0:
             raise ChunkError("Reassembler limits must be non-negative and timeout_s positive")
         if when_full not in ("refuse", "evict_stalest"):
@@ -331,8 +342,7 @@ class Reassembler:
             if header.total_size == 0:
                 self._finish(tkey)
                 return b""
-            transfer = self._start(tkey, header.total_size, key if sender is None else sender,
-                                   now)
+            transfer = self._start(tkey, header.total_size, key if sender is None else sender, now)
         elif header.total_size != transfer.total:
             raise self._reject(
                 "inconsistent",

@@ -109,8 +109,7 @@ def _stderr(line: str) -> None:
 def cmd_broker(args: argparse.Namespace) -> int:
     from emo_mqtt.broker.launch import run_foreground
 
-    code: int = run_foreground(port=args.port, host=args.host,
-                               max_packet_size=args.max_packet_size)
+    code: int = run_foreground(port=args.port, host=args.host, max_packet_size=args.max_packet_size)
     return code
 
 
@@ -203,7 +202,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.algorithms is not None:
         # "fl, emo" (with the space a shell user types) means fl and emo.
         overrides.setdefault("run", {})["algorithms"] = [
-            name.strip() for name in args.algorithms.split(",") if name.strip()]
+            name.strip() for name in args.algorithms.split(",") if name.strip()
+        ]
     if args.data_dir is not None:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
     if overrides:
@@ -215,8 +215,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(event, default=float), flush=True)
 
     with broker_for(args.broker, say) as url:
-        summary = asyncio.run(run_scenario(url, config, out, say=say,
-                                           on_event=jsonl if args.jsonl else None))
+        summary = asyncio.run(
+            run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
+        )
     if args.jsonl:
         return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
@@ -241,8 +242,9 @@ def cmd_node(args: argparse.Namespace) -> int:
 
         node = load_node_config(args.node_config)
         if node.role != args.role:
-            raise ConfigError(f"--node-config {args.node_config} is for a {node.role}, "
-                              f"not a {args.role}")
+            raise ConfigError(
+                f"--node-config {args.node_config} is for a {node.role}, not a {args.role}"
+            )
         broker = node.broker
         if args.broker is not None:  # another address for the same broker: keep the login
             from dataclasses import replace
@@ -252,25 +254,45 @@ def cmd_node(args: argparse.Namespace) -> int:
             given = parse_broker_url(args.broker)
             broker = replace(node.broker, scheme=given.scheme, host=given.host, port=given.port)
         if node_id is not None and node_id != node.node_id:
-            raise ConfigError(f"--id {node_id} does not match the credentials of "
-                              f"--node-config {args.node_config} ({node.node_id})")
+            raise ConfigError(
+                f"--id {node_id} does not match the credentials of "
+                f"--node-config {args.node_config} ({node.node_id})"
+            )
         run = run or node.run
         node_id = node.node_id
     if broker is None or run is None:
         raise ConfigError("emo node needs --broker and --run (or a --node-config with them)")
     if node_id is None and args.role != "server":
-        raise ConfigError(f"emo node {args.role} needs --id (which {args.role} of the scenario "
-                          f"this is, e.g. {'dev00' if args.role == 'device' else 'ovl0'})")
-    asyncio.run(run_standalone(args.role, broker, run, node_id or "server", args.config,
-                               args.algorithm, Path(args.out) if args.out else None))
+        raise ConfigError(
+            f"emo node {args.role} needs --id (which {args.role} of the scenario "
+            f"this is, e.g. {'dev00' if args.role == 'device' else 'ovl0'})"
+        )
+    asyncio.run(
+        run_standalone(
+            args.role,
+            broker,
+            run,
+            node_id or "server",
+            args.config,
+            args.algorithm,
+            Path(args.out) if args.out else None,
+        )
+    )
     return 0
 
 
 def cmd_fleet_provision(args: argparse.Namespace) -> int:
     from emo_mqtt.provision import provision
 
-    result = provision(Path(args.out), args.devices, args.overlays, host=args.host,
-                       port=args.port, run=args.run, bind=args.bind)
+    result = provision(
+        Path(args.out),
+        args.devices,
+        args.overlays,
+        host=args.host,
+        port=args.port,
+        run=args.run,
+        bind=args.bind,
+    )
     print(json.dumps(result, indent=2))
     return 0
 
@@ -278,8 +300,14 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from emo_mqtt.infer import infer_command
 
-    result = infer_command(Path(args.run_dir), algorithm=args.algorithm, data_dir=args.data_dir,
-                           broker=args.broker, serve=args.serve, limit=args.limit)
+    result = infer_command(
+        Path(args.run_dir),
+        algorithm=args.algorithm,
+        data_dir=args.data_dir,
+        broker=args.broker,
+        serve=args.serve,
+        limit=args.limit,
+    )
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
     return 0
 
@@ -331,11 +359,16 @@ def cmd_traffic_replay(args: argparse.Namespace) -> int:
         validate_id(args.run, "run")
     with broker_for(args.broker, _stderr) as url:
         result = asyncio.run(replay_log(rows, url, run=args.run, speed=args.speed, say=_stderr))
-    notes = [f"{result[k]} {what}" for k, what in
-             (("skipped", "skipped"), ("unretained", "sent non-retained")) if result[k]]
-    print(f"replayed {result['messages']} messages, {result['bytes']} bytes in "
-          f"{result['wall_s']} s (speed {result['speed']:g}, worst lag {result['lag_s_max']} s)"
-          + "".join(f", {note}" for note in notes))
+    notes = [
+        f"{result[k]} {what}"
+        for k, what in (("skipped", "skipped"), ("unretained", "sent non-retained"))
+        if result[k]
+    ]
+    print(
+        f"replayed {result['messages']} messages, {result['bytes']} bytes in "
+        f"{result['wall_s']} s (speed {result['speed']:g}, worst lag {result['lag_s_max']} s)"
+        + "".join(f", {note}" for note in notes)
+    )
     return 0
 
 
@@ -348,7 +381,8 @@ class _SubcommandsWithVerbose:
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = self._actions.add_parser(
-            name, parents=[self._verbose], **kwargs)
+            name, parents=[self._verbose], **kwargs
+        )
         original = parser.add_subparsers
 
         def add_subparsers(**sub_kwargs: Any) -> _SubcommandsWithVerbose:
@@ -369,16 +403,25 @@ def build_parser() -> argparse.ArgumentParser:
     # -v also after the subcommand (`emo run x.toml -v`): every subparser takes it too.
     # SUPPRESS keeps a subcommand without -v from resetting a count given before it.
     verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                         help="more logging (-vv: debug)")
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more logging (-vv: debug)",
+    )
     sub = _SubcommandsWithVerbose(commands, verbose)
 
     p = sub.add_parser("broker", help="run Mosquitto in the foreground with the project's config")
     p.add_argument("--port", type=int, default=1884, help="port to listen on (default 1884)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--max-packet-size", type=_size, default=2162688,
-                   help="largest MQTT packet accepted (default 2162688 = 2 MiB + 64 KiB; "
-                   "raise it, e.g. 20MB, for `emo bench bus`'s unchunked reference)")
+    p.add_argument(
+        "--max-packet-size",
+        type=_size,
+        default=2162688,
+        help="largest MQTT packet accepted (default 2162688 = 2 MiB + 64 KiB; "
+        "raise it, e.g. 20MB, for `emo bench bus`'s unchunked reference)",
+    )
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("demo", help="move real tensors between nodes through a broker")
@@ -396,22 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--jsonl", action="store_true",
-                   help="print one JSON object per line on stdout: one per round of each "
-                   "algorithm, then a last one with the summary's path (progress stays on "
-                   "stderr unless --quiet)")
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="print one JSON object per line on stdout: one per round of each "
+        "algorithm, then a last one with the summary's path (progress stays on "
+        "stderr unless --quiet)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("node", help="run one node of a fleet (server, overlay or device)")
     p.add_argument("role", choices=["server", "overlay", "device"])
-    p.add_argument("--broker", metavar="URL",
-                   help="mqtt://host:port or mqtts://user:password@host:port")
+    p.add_argument(
+        "--broker", metavar="URL", help="mqtt://host:port or mqtts://user:password@host:port"
+    )
     p.add_argument("--run", help="run id shared by the fleet's nodes")
     p.add_argument("--id", help="this node's id (dev00.., ovl0.., server; default server)")
-    p.add_argument("--node-config", metavar="FILE",
-                   help="node.json from `emo fleet provision`: broker, TLS files, username, "
-                   "password, id and run (--run overrides it; --broker changes only the "
-                   "address, keeping the login and TLS files)")
+    p.add_argument(
+        "--node-config",
+        metavar="FILE",
+        help="node.json from `emo fleet provision`: broker, TLS files, username, "
+        "password, id and run (--run overrides it; --broker changes only the "
+        "address, keeping the login and TLS files)",
+    )
     p.add_argument("--config", required=True, help="the fleet's scenario file")
     p.add_argument("--algorithm", default="emo", help="fl, sfl, sfl_v1, emo or emo_all")
     p.add_argument("--out", help="server: directory for the trained models")
@@ -420,14 +470,19 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="deploying a fleet").add_subparsers(
         dest="fleet", metavar="WHAT", required=True
     )
-    p = fleet.add_parser("provision", help="CA, certificates, passwords, ACLs and a Mosquitto "
-                         "config for a fleet on a TLS broker")
+    p = fleet.add_parser(
+        "provision",
+        help="CA, certificates, passwords, ACLs and a Mosquitto config for a fleet on a TLS broker",
+    )
     p.add_argument("--devices", type=_count, required=True, help="number of devices")
     p.add_argument("--overlays", type=int, default=0, help="number of overlays (default 0)")
     p.add_argument("--out", required=True, help="new directory for the files")
     p.add_argument("--run", help="pin the ACLs and node configs to this run id (default: any)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="broker host name or address the nodes connect to (in its certificate)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="broker host name or address the nodes connect to (in its certificate)",
+    )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
     p.set_defaults(func=cmd_fleet_provision)
@@ -436,17 +491,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="an `emo run` output directory")
     p.add_argument("--algorithm", default="emo", help="which algorithm's models (default emo)")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
-    p.add_argument("--limit", type=_non_negative, default=0,
-                   help="evaluate on the first N test images (default 0: all of them)")
+    p.add_argument(
+        "--limit",
+        type=_non_negative,
+        default=0,
+        help="evaluate on the first N test images (default 0: all of them)",
+    )
     _add_broker_option(p)
-    p.add_argument("--serve", action="store_true",
-                   help="serve MQTT inference requests on --broker until interrupted")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve MQTT inference requests on --broker until interrupted",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("dashboard", help="serve a live web dashboard of the fleets on a broker")
-    p.add_argument("--broker", required=True, metavar="URL",
-                   help="the broker the fleet uses, mqtt://host:port")
+    p.add_argument(
+        "--broker", required=True, metavar="URL", help="the broker the fleet uses, mqtt://host:port"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
     p.set_defaults(func=cmd_dashboard)
@@ -463,12 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=10_000_000, help="tensor bytes (default 10MB)")
     p.add_argument("--count", type=_count, default=20, help="tensors per repeat (default 20)")
     p.add_argument("--repeats", type=_count, default=3, help="alternating repeats (default 3)")
-    p.add_argument("--chunk-size", type=_chunk_size, default=None,
-                   help="largest MQTT payload before chunking (default 1MiB)")
+    p.add_argument(
+        "--chunk-size",
+        type=_chunk_size,
+        default=None,
+        help="largest MQTT payload before chunking (default 1MiB)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the bare aiomqtt reference")
-    p.add_argument("--plain", action="store_true",
-                   help="measure the bus's fallback on aiomqtt's public API only "
-                   "(what EMO_MQTT_PLAIN=1 selects) instead of its fast client")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="measure the bus's fallback on aiomqtt's public API only "
+        "(what EMO_MQTT_PLAIN=1 selects) instead of its fast client",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_bus)
     p = bench.add_parser("codec", help="encode/decode speed vs pickle")
@@ -480,17 +550,26 @@ def build_parser() -> argparse.ArgumentParser:
     traffic_sub = traffic.add_subparsers(dest="traffic", metavar="WHAT", required=True)
     p = traffic_sub.add_parser("summary", help="totals of a messages.csv, by sender, kind, time")
     p.add_argument("log", help="a message log, e.g. runs/quickstart/emo/messages.csv")
-    p.add_argument("--bucket-s", type=_positive_float, default=1.0,
-                   help="width of the time buckets in seconds (default 1)")
+    p.add_argument(
+        "--bucket-s",
+        type=_positive_float,
+        default=1.0,
+        help="width of the time buckets in seconds (default 1)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_traffic_summary)
-    p = traffic_sub.add_parser("replay", help="publish a messages.csv's traffic again "
-                               "(timing and sizes, random content)")
+    p = traffic_sub.add_parser(
+        "replay", help="publish a messages.csv's traffic again (timing and sizes, random content)"
+    )
     p.add_argument("log", help="a message log, e.g. runs/quickstart/emo/messages.csv")
     _add_broker_option(p)
     p.add_argument("--run", help="run id of the replayed topics (default <logged run>-replay)")
-    p.add_argument("--speed", type=_positive_float, default=1.0,
-                   help="time factor: 2 replays twice as fast (default 1)")
+    p.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        help="time factor: 2 replays twice as fast (default 1)",
+    )
     p.set_defaults(func=cmd_traffic_replay)
     return parser
 

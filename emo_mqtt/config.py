@@ -162,8 +162,9 @@ def _controller_section(values: dict[str, Any]) -> ControllerSection:
     policy_fields = {f.name for f in fields(ControllerConfig)}
     unknown = sorted(set(values) - set(own) - policy_fields)
     if unknown:
-        raise ConfigError(f"[controller]: unknown key(s) {unknown}; known: "
-                          f"{sorted(set(own) | policy_fields)}")
+        raise ConfigError(
+            f"[controller]: unknown key(s) {unknown}; known: {sorted(set(own) | policy_fields)}"
+        )
     hints = get_type_hints(ControllerSection)
     kwargs = {k: _coerce(f"controller.{k}", v, hints[k]) for k, v in values.items() if k in own}
     overrides = []
@@ -282,8 +283,10 @@ def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
     """Validate a parsed TOML document into a :class:`RunConfig` (ConfigError names the key)."""
     unknown = sorted(set(raw) - set(_SECTIONS) - set(_OTHER_SECTIONS))
     if unknown:
-        raise ConfigError(f"{source or 'config'}: unknown section(s) {unknown}; "
-                          f"known: {sorted([*_SECTIONS, *_OTHER_SECTIONS])}")
+        raise ConfigError(
+            f"{source or 'config'}: unknown section(s) {unknown}; "
+            f"known: {sorted([*_SECTIONS, *_OTHER_SECTIONS])}"
+        )
     built: dict[str, Any] = {}
     for name, section_type in _SECTIONS.items():
         values = raw.get(name, {})
@@ -303,8 +306,7 @@ def from_dict(raw: dict[str, Any], source: str = "") -> RunConfig:
     _check(config)
     # Trace files are named relative to the scenario file.
     base_dir = Path(source).parent if source else Path.cwd()
-    network = parse_network(raw.get("network"), base_dir, config.device_ids(),
-                            config.overlay_ids())
+    network = parse_network(raw.get("network"), base_dir, config.device_ids(), config.overlay_ids())
     return dataclasses.replace(config, network=network)
 
 
@@ -331,10 +333,16 @@ def _check(c: RunConfig) -> None:
     _require(0 < c.fleet.sample_fraction <= 1, "fleet.sample_fraction", "must be in (0, 1]")
     _require(c.fleet.min_updates >= 1, "fleet.min_updates", "must be at least 1")
     _require(c.fleet.round_deadline_s > 0, "fleet.round_deadline_s", "must be > 0")
-    _require(c.fleet.max_update_norm_ratio >= 0, "fleet.max_update_norm_ratio",
-             "must be >= 0 (0: no norm bound)")
-    _require(c.fleet.aggregator in AGGREGATORS, "fleet.aggregator",
-             f"unknown {c.fleet.aggregator!r}; known: {list(AGGREGATORS)}")
+    _require(
+        c.fleet.max_update_norm_ratio >= 0,
+        "fleet.max_update_norm_ratio",
+        "must be >= 0 (0: no norm bound)",
+    )
+    _require(
+        c.fleet.aggregator in AGGREGATORS,
+        "fleet.aggregator",
+        f"unknown {c.fleet.aggregator!r}; known: {list(AGGREGATORS)}",
+    )
     _require(0 <= c.fleet.trim_fraction < 0.5, "fleet.trim_fraction", "must be in [0, 0.5)")
     _require(c.fleet.parallel_training >= 1, "fleet.parallel_training", "must be at least 1")
     _require(c.fleet.device_compute_speed > 0, "fleet.device_compute_speed", "must be > 0")
@@ -343,8 +351,11 @@ def _check(c: RunConfig) -> None:
     _require(c.fl.lr > 0, "fl.lr", "must be > 0")
     _require(c.sfl.lr > 0, "sfl.lr", "must be > 0")
     _require(c.emo.overlay_lr > 0, "emo.overlay_lr", "must be > 0")
-    _require(c.emo.cache_entries >= c.emo.overlay_batch_size, "emo.cache_entries",
-             "must hold at least one overlay batch")
+    _require(
+        c.emo.cache_entries >= c.emo.overlay_batch_size,
+        "emo.cache_entries",
+        "must hold at least one overlay batch",
+    )
     _require(c.emo.max_staleness >= 0, "emo.max_staleness", "must be >= 0")
     _require(c.emo.overlay_steps_per_round >= 0, "emo.overlay_steps_per_round", "must be >= 0")
     _require(c.controller.probe_samples >= 1, "controller.probe_samples", "must be at least 1")
@@ -353,21 +364,39 @@ def _check(c: RunConfig) -> None:
 def _check_data(c: RunConfig) -> None:
     d = c.data
     _require(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
-    _require(d.shards_per_device >= 1, "data.shards_per_device",
-             f"must be at least 1, got {d.shards_per_device}")
-    _require(d.min_samples_per_device >= 1, "data.min_samples_per_device",
-             f"must be at least 1, got {d.min_samples_per_device}")
+    _require(
+        d.shards_per_device >= 1,
+        "data.shards_per_device",
+        f"must be at least 1, got {d.shards_per_device}",
+    )
+    _require(
+        d.min_samples_per_device >= 1,
+        "data.min_samples_per_device",
+        f"must be at least 1, got {d.min_samples_per_device}",
+    )
     _require(d.size_sigma > 0, "data.size_sigma", f"must be > 0, got {d.size_sigma}")
     _require(d.size_exponent > 0, "data.size_exponent", f"must be > 0, got {d.size_exponent}")
-    _require(d.samples_per_device >= 0, "data.samples_per_device",
-             f"must be >= 0, got {d.samples_per_device}")
-    _require(d.samples_per_device == 0 or d.samples_per_device >= d.min_samples_per_device,
-             "data.samples_per_device", f"{d.samples_per_device} is below "
-             f"data.min_samples_per_device {d.min_samples_per_device} (0: no cap)")
-    _require(d.validation_samples >= 100, "data.validation_samples",
-             f"must be >= 100, got {d.validation_samples}")
-    _require(d.eval_samples_per_round >= 100, "data.eval_samples_per_round",
-             f"must be >= 100, got {d.eval_samples_per_round}")
+    _require(
+        d.samples_per_device >= 0,
+        "data.samples_per_device",
+        f"must be >= 0, got {d.samples_per_device}",
+    )
+    _require(
+        d.samples_per_device == 0 or d.samples_per_device >= d.min_samples_per_device,
+        "data.samples_per_device",
+        f"{d.samples_per_device} is below "
+        f"data.min_samples_per_device {d.min_samples_per_device} (0: no cap)",
+    )
+    _require(
+        d.validation_samples >= 100,
+        "data.validation_samples",
+        f"must be >= 100, got {d.validation_samples}",
+    )
+    _require(
+        d.eval_samples_per_round >= 100,
+        "data.eval_samples_per_round",
+        f"must be >= 100, got {d.eval_samples_per_round}",
+    )
     info = DATASETS[d.dataset]
     try:
         model, shape = split_model_name(c.fl.model)
@@ -378,26 +407,35 @@ def _check_data(c: RunConfig) -> None:
         fix = model if info.input_shape == split_model_name(model)[1] else f"{model}@{want}"
         raise ConfigError(
             f"fl.model {c.fl.model!r} takes {'x'.join(map(str, shape))} images but "
-            f"data.dataset {d.dataset!r} has {want}: use fl.model = \"{fix}\""
+            f'data.dataset {d.dataset!r} has {want}: use fl.model = "{fix}"'
         )
     # The standard release's size: a fleet that cannot fit even there is refused now, before
     # any file is read (the data plan checks the copy actually read again).
     pool = info.train_samples - d.validation_samples
-    _require(pool > 0, "data.validation_samples",
-             f"{d.validation_samples} leaves no training data ({d.dataset} holds "
-             f"{info.train_samples} training samples)")
+    _require(
+        pool > 0,
+        "data.validation_samples",
+        f"{d.validation_samples} leaves no training data ({d.dataset} holds "
+        f"{info.train_samples} training samples)",
+    )
     devices, minimum = c.fleet.devices, d.min_samples_per_device
-    _require(pool >= devices * minimum, "fleet.devices",
-             f"fleet too large for the data: {devices} devices x data.min_samples_per_device "
-             f"{minimum} needs {devices * minimum} training samples, but {d.dataset} has "
-             f"{pool} ({info.train_samples} minus data.validation_samples "
-             f"{d.validation_samples}); use fewer devices or a lower minimum")
+    _require(
+        pool >= devices * minimum,
+        "fleet.devices",
+        f"fleet too large for the data: {devices} devices x data.min_samples_per_device "
+        f"{minimum} needs {devices * minimum} training samples, but {d.dataset} has "
+        f"{pool} ({info.train_samples} minus data.validation_samples "
+        f"{d.validation_samples}); use fewer devices or a lower minimum",
+    )
     if d.partition == "shards" and devices >= 1:
         shard = pool // (devices * d.shards_per_device)
-        _require(shard * d.shards_per_device >= minimum, "data.shards_per_device",
-                 f"{devices} devices x {d.shards_per_device} shards of {pool} training samples "
-                 f"give shards of {shard} samples, a device {shard * d.shards_per_device}: "
-                 f"below data.min_samples_per_device {minimum}")
+        _require(
+            shard * d.shards_per_device >= minimum,
+            "data.shards_per_device",
+            f"{devices} devices x {d.shards_per_device} shards of {pool} training samples "
+            f"give shards of {shard} samples, a device {shard * d.shards_per_device}: "
+            f"below data.min_samples_per_device {minimum}",
+        )
 
 
 def load_config(path: str | Path) -> RunConfig:

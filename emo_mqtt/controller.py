@@ -233,8 +233,11 @@ class ConvergenceController:
 
     def state(self) -> dict[str, object]:
         """The observations made so far, JSON-ready (for a server's checkpoint)."""
-        return {"drift": dict(self._drift), "fl_loss": dict(self._fl_loss),
-                "overlay": {o: dict(v) for o, v in self._overlay.items()}}
+        return {
+            "drift": dict(self._drift),
+            "fl_loss": dict(self._fl_loss),
+            "overlay": {o: dict(v) for o, v in self._overlay.items()},
+        }
 
     def restore(self, state: Mapping[str, object]) -> None:
         """Take back observations from :meth:`state` (JSON turns round keys into strings)."""

@@ -63,8 +63,10 @@ def device_indices(
     order = rng.permutation(labels.shape[0])
     n_val = data.validation_samples
     if n_val >= labels.shape[0]:
-        raise ConfigError(f"data.validation_samples {n_val} leaves no training data "
-                          f"({data.dataset} holds {labels.shape[0]} training samples)")
+        raise ConfigError(
+            f"data.validation_samples {n_val} leaves no training data "
+            f"({data.dataset} holds {labels.shape[0]} training samples)"
+        )
     pool = np.sort(order[n_val:])
     minimum = data.min_samples_per_device
     if pool.size < n * minimum:

@@ -156,8 +156,9 @@ def coordinate_median(
     """
     ordered, ref = _checked(updates, reference)
     return {
-        key: _cast(np.median(np.stack([s[key].astype(np.float64) for _, s, _ in ordered]),
-                             axis=0), ref_arr)
+        key: _cast(
+            np.median(np.stack([s[key].astype(np.float64) for _, s, _ in ordered]), axis=0), ref_arr
+        )
         for key, ref_arr in ref.items()
     }
 
@@ -208,8 +209,9 @@ def aggregate(
 
 def state_norm(state: State) -> float:
     """Global L2 norm of a model state's floating arrays (float64 accumulation)."""
-    return math.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2))
-                         for a in state.values() if a.dtype.kind == "f"))
+    return math.sqrt(
+        sum(float(np.sum(a.astype(np.float64) ** 2)) for a in state.values() if a.dtype.kind == "f")
+    )
 
 
 class NormReference:
@@ -327,8 +329,9 @@ class RoundCollector:
             reference = next(iter(self._updates.values()))[0]
         try:
             if reference is not None:
-                validate_update(reference, state, n_samples, self.max_norm_ratio,
-                                self.norm_reference)
+                validate_update(
+                    reference, state, n_samples, self.max_norm_ratio, self.norm_reference
+                )
             else:
                 validate_update(state, state, n_samples)
             weight = self._weight(device, int(n_samples))
@@ -368,8 +371,9 @@ class RoundCollector:
             )
         self._closed = True
         updates = [(d, s, n) for d, (s, n) in sorted(self._updates.items())]
-        state = aggregate(updates, self.aggregator, trim_fraction=self.trim_fraction,
-                          reference=self.reference)
+        state = aggregate(
+            updates, self.aggregator, trim_fraction=self.trim_fraction, reference=self.reference
+        )
         return RoundResult(state, [d for d, _, _ in updates], sum(n for _, _, n in updates))
 
 

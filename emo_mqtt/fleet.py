@@ -50,8 +50,14 @@ def run_id(config: RunConfig, algorithm: str) -> str:
 
 
 def build_node(
-    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, node_id: str,
-    out_dir: Path | None, *, checkpoint_dir: Path | None = None,
+    broker: Any,
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    node_id: str,
+    out_dir: Path | None,
+    *,
+    checkpoint_dir: Path | None = None,
     bus_options: BusOptions | None = None,
 ) -> Node:
     """One node of an algorithm's fleet: ``server``, an overlay or a device id.
@@ -62,17 +68,33 @@ def build_node(
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     if node_id == "server":
-        return ServerNode(node_bus(broker, run, ServerNode.role, node_id, bus_options),
-                          config, run, algorithm, plan,
-                          out_dir=None if out_dir is None else out_dir / algorithm,
-                          checkpoint_dir=None if ckpt is None else ckpt / "server")
+        return ServerNode(
+            node_bus(broker, run, ServerNode.role, node_id, bus_options),
+            config,
+            run,
+            algorithm,
+            plan,
+            out_dir=None if out_dir is None else out_dir / algorithm,
+            checkpoint_dir=None if ckpt is None else ckpt / "server",
+        )
     if node_id in config.overlay_ids():
         spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
-        return OverlayNode(node_bus(broker, run, OverlayNode.role, node_id, bus_options),
-                           config, run, node_id, spill_dir=spill,
-                           checkpoint_dir=None if ckpt is None else ckpt / node_id)
-    return DeviceNode(node_bus(broker, run, DeviceNode.role, node_id, bus_options),
-                      config, run, node_id, algorithm, plan.device(node_id))
+        return OverlayNode(
+            node_bus(broker, run, OverlayNode.role, node_id, bus_options),
+            config,
+            run,
+            node_id,
+            spill_dir=spill,
+            checkpoint_dir=None if ckpt is None else ckpt / node_id,
+        )
+    return DeviceNode(
+        node_bus(broker, run, DeviceNode.role, node_id, bus_options),
+        config,
+        run,
+        node_id,
+        algorithm,
+        plan.device(node_id),
+    )
 
 
 def fleet_node_ids(config: RunConfig, algorithm: str) -> dict[str, list[str]]:
@@ -82,16 +104,24 @@ def fleet_node_ids(config: RunConfig, algorithm: str) -> dict[str, list[str]]:
 
 
 def build_nodes(
-    broker: Any, config: RunConfig, algorithm: str, plan: DataPlan, out_dir: Path | None,
-    *, checkpoint_dir: Path | None = None,
+    broker: Any,
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    out_dir: Path | None,
+    *,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[ServerNode, list[Node]]:
     """The server and the other nodes of one algorithm's fleet (see :func:`build_node`)."""
     ids = fleet_node_ids(config, algorithm)
-    server = build_node(broker, config, algorithm, plan, "server", out_dir,
-                        checkpoint_dir=checkpoint_dir)
+    server = build_node(
+        broker, config, algorithm, plan, "server", out_dir, checkpoint_dir=checkpoint_dir
+    )
     assert isinstance(server, ServerNode)
-    others = [build_node(broker, config, algorithm, plan, n, out_dir,
-                         checkpoint_dir=checkpoint_dir) for n in ids["overlay"] + ids["device"]]
+    others = [
+        build_node(broker, config, algorithm, plan, n, out_dir, checkpoint_dir=checkpoint_dir)
+        for n in ids["overlay"] + ids["device"]
+    ]
     return server, others
 
 
@@ -124,8 +154,15 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
 class Monitor:
     """Subscribes to a run's metrics like any dashboard would, and keeps what it needs."""
 
-    def __init__(self, broker: Any, run: str, algorithm: str, rounds: int, say: Say,
-                 on_event: OnEvent | None = None) -> None:
+    def __init__(
+        self,
+        broker: Any,
+        run: str,
+        algorithm: str,
+        rounds: int,
+        say: Say,
+        on_event: OnEvent | None = None,
+    ) -> None:
         self.on_event = on_event
         #: Round -> bytes published by the run's nodes so far, as seen at the round event.
         self.bytes_at_round: dict[int, int] = {}
@@ -187,13 +224,20 @@ class Monitor:
             self.bytes_at_round[int(body["round"])] = self.bytes_so_far()
             self.say(self._progress(body))
             if self.on_event is not None:
-                self.on_event({
-                    "event": "round", "algorithm": self.algorithm, "run": self.run,
-                    "round": body["round"], "rounds": self.rounds,
-                    "accuracy": body["accuracy"], "fl_accuracy": body["fl_accuracy"],
-                    "updates": body.get("updates"), "bytes_so_far": self.bytes_so_far(),
-                    "wall_s": body["wall_s"],
-                })
+                self.on_event(
+                    {
+                        "event": "round",
+                        "algorithm": self.algorithm,
+                        "run": self.run,
+                        "round": body["round"],
+                        "rounds": self.rounds,
+                        "accuracy": body["accuracy"],
+                        "fl_accuracy": body["fl_accuracy"],
+                        "updates": body.get("updates"),
+                        "bytes_so_far": self.bytes_so_far(),
+                        "wall_s": body["wall_s"],
+                    }
+                )
         elif body.get("event") == "done":
             self.done = body
         self._event.set()
@@ -202,8 +246,10 @@ class Monitor:
         return sum(int(m.get("bytes_out", 0)) for m in self.latest.values())
 
     def _progress(self, body: dict[str, Any]) -> str:
-        line = (f"[{self.algorithm:>7}] round {body['round']:>3}/{self.rounds}  "
-                f"acc {body['accuracy']:.4f}")
+        line = (
+            f"[{self.algorithm:>7}] round {body['round']:>3}/{self.rounds}  "
+            f"acc {body['accuracy']:.4f}"
+        )
         if body["accuracy"] != body["fl_accuracy"]:
             line += f" (FL model {body['fl_accuracy']:.4f})"
         line += f"  updates {body.get('updates')}  {self.bytes_so_far() / 1e6:8.2f} MB  "
@@ -227,13 +273,13 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
     a minute must neither give up its own update nor drop a peer's half-received message.
     """
     links = [replay.conditions[node]]
-    links += [e.conditions for e in replay.timeline
-              if e.node == node and e.conditions is not None]
+    links += [e.conditions for e in replay.timeline if e.node == node and e.conditions is not None]
     rates = [link.up_mbps for link in links if link.up_mbps is not None]
     min_rate = 1_000_000.0 if not rates else min(1_000_000.0, min(rates) * MBPS / 2)
     return BusOptions(
-        publish_timeout_s=max(10.0, replay.longest_outage_s(node) + 20.0,
-                              config.fleet.round_deadline_s),
+        publish_timeout_s=max(
+            10.0, replay.longest_outage_s(node) + 20.0, config.fleet.round_deadline_s
+        ),
         min_rate_bytes_s=min_rate,
         reassembly_timeout_s=max(30.0, replay.longest_outage_s() + 30.0),
         first_connect_timeout_s=replay.horizon_s,
@@ -248,8 +294,9 @@ def _failed(tasks: dict[str, asyncio.Task[None]]) -> None:
             raise EmoError(f"{name} failed: {exc!r}") from exc
 
 
-async def _supervise(server_task: asyncio.Task[None], tasks: dict[str, asyncio.Task[None]],
-                     limit_s: float) -> None:
+async def _supervise(
+    server_task: asyncio.Task[None], tasks: dict[str, asyncio.Task[None]], limit_s: float
+) -> None:
     """Wait for the server to finish the run; fail as soon as any node fails.
 
     A device or overlay whose loop died would otherwise leave the run to limp on, its rounds
@@ -261,8 +308,11 @@ async def _supervise(server_task: asyncio.Task[None], tasks: dict[str, asyncio.T
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"the run did not end within {limit_s:g} s")
-        await asyncio.wait([server_task, *(t for t in tasks.values() if not t.done())],
-                           timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [server_task, *(t for t in tasks.values() if not t.done())],
+            timeout=min(left, 1.0),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     server_task.result()  # the server's own error, if any
     _failed(tasks)
 
@@ -295,17 +345,23 @@ async def run_algorithm(
 
     def make(node_id: str) -> Node:
         node = build_node(
-            replay.url(node_id) if replay is not None else broker, config, algorithm, plan,
-            node_id, out_dir,
+            replay.url(node_id) if replay is not None else broker,
+            config,
+            algorithm,
+            plan,
+            node_id,
+            out_dir,
             # Only overlays need one: a restarted overlay resumes its model and cache.
             checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
-            bus_options=None if replay is None else _bus_options(config, replay, node_id))
+            bus_options=None if replay is None else _bus_options(config, replay, node_id),
+        )
         node.bus.on_published = msglog.recorder(node_id)
         return node
 
     def launch(node: Node) -> None:
-        tasks[node.node_id] = asyncio.create_task(node.run_node(),
-                                                  name=f"{node.role}:{node.node_id}")
+        tasks[node.node_id] = asyncio.create_task(
+            node.run_node(), name=f"{node.role}:{node.node_id}"
+        )
 
     async def crash(node_id: str) -> None:
         say(f"[{algorithm:>7}] network: {node_id} crashes")
@@ -320,10 +376,19 @@ async def run_algorithm(
 
     if config.network.enabled:
         if not isinstance(broker, str):
-            raise ConfigError("[network] shapes real TCP connections: run it against an MQTT "
-                              "broker (emo run starts one), not the in-memory bus")
-        replay = NetworkReplay(config.network, broker, ids, seed=config.run.seed,
-                               horizon_s=limit, on_crash=crash, on_restart=restart)
+            raise ConfigError(
+                "[network] shapes real TCP connections: run it against an MQTT "
+                "broker (emo run starts one), not the in-memory bus"
+            )
+        replay = NetworkReplay(
+            config.network,
+            broker,
+            ids,
+            seed=config.run.seed,
+            horizon_s=limit,
+            on_crash=crash,
+            on_restart=restart,
+        )
         if out_dir is not None and any(e.action == "restart" for e in replay.timeline):
             checkpoint_dir = out_dir / "checkpoints"  # a restarted overlay resumes from it
             # ... from this run's checkpoint, never from one an earlier run left in --out.
@@ -365,8 +430,9 @@ async def run_algorithm(
             timeline.cancel()
         for task in tasks.values():
             task.cancel()
-        await asyncio.gather(*tasks.values(), *([timeline] if timeline else []),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *tasks.values(), *([timeline] if timeline else []), return_exceptions=True
+        )
         await monitor.close()
         if replay is not None:
             await replay.close()
@@ -382,7 +448,8 @@ async def run_algorithm(
         # What the proxies carried: MQTT framing, acknowledgements and retransmitted
         # frames included, so a little more than ``bytes`` (payloads) each way.
         entry["network"] = {
-            "events": replay.applied, "links": links,
+            "events": replay.applied,
+            "links": links,
             "wire_bytes_up": sum(link["bytes_up"] for link in links.values()),
             "wire_bytes_down": sum(link["bytes_down"] for link in links.values()),
         }
@@ -390,8 +457,13 @@ async def run_algorithm(
 
 
 def summarize(
-    algorithm: str, config: RunConfig, monitor: Monitor, server: ServerNode, wall: float,
-    *, offset_s: float = 0.0,
+    algorithm: str,
+    config: RunConfig,
+    monitor: Monitor,
+    server: ServerNode,
+    wall: float,
+    *,
+    offset_s: float = 0.0,
 ) -> dict[str, Any]:
     """One algorithm's entry of summary.json, from what the nodes published.
 
@@ -466,14 +538,17 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["sfl_time_over_emo_time"] = round(sfl["sim_time_s"] / emo["sim_time_s"], 2)
         s_t, e_t = sfl["time_to_target_s"], emo["time_to_target_s"]
         out["sfl_time_to_target_over_emo"] = (
-            round(s_t / e_t, 2) if s_t is not None and e_t is not None and e_t > 0 else None)
+            round(s_t / e_t, 2) if s_t is not None and e_t is not None and e_t > 0 else None
+        )
         # The same accuracy for both: the best per-round accuracy the weaker of the two reached.
-        common = min(max(sfl["accuracy_per_round"], default=0.0),
-                     max(emo["accuracy_per_round"], default=0.0))
+        common = min(
+            max(sfl["accuracy_per_round"], default=0.0), max(emo["accuracy_per_round"], default=0.0)
+        )
         s_c, e_c = time_to(sfl, common), time_to(emo, common)
         out["common_accuracy"] = round(common, 4)
         out["sfl_time_to_common_over_emo"] = (
-            round(s_c / e_c, 2) if s_c is not None and e_c is not None and e_c > 0 else None)
+            round(s_c / e_c, 2) if s_c is not None and e_c is not None and e_c > 0 else None
+        )
     if emo and full:
         act = emo["bytes_by_kind"].get("activations", 0)
         act_full = full["bytes_by_kind"].get("activations", 0)
@@ -481,15 +556,18 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["controller_activation_bytes_saved"] = saved
         out["controller_total_bytes_saved"] = round(1 - emo["bytes"] / full["bytes"], 4)
         out["controller_accuracy_cost_points"] = round(
-            100 * (full["accuracy"] - emo["accuracy"]), 2)
+            100 * (full["accuracy"] - emo["accuracy"]), 2
+        )
     return out
 
 
 def table(algorithms: dict[str, dict[str, Any]]) -> str:
     """The comparison table printed at the end of ``emo run``."""
     target = next(iter(algorithms.values()))["target_accuracy"] if algorithms else 0.0
-    lines = [f"{'algorithm':10} {'accuracy':>9} {'FL model':>9} {'MB sent':>9} "
-             f"{'activ. MB':>10} {'time s':>8} {f'to {target:g} s':>10} {'rounds':>7}"]
+    lines = [
+        f"{'algorithm':10} {'accuracy':>9} {'FL model':>9} {'MB sent':>9} "
+        f"{'activ. MB':>10} {'time s':>8} {f'to {target:g} s':>10} {'rounds':>7}"
+    ]
     for name, a in algorithms.items():
         reach = a["time_to_target_s"]
         lines.append(
@@ -502,8 +580,14 @@ def table(algorithms: dict[str, dict[str, Any]]) -> str:
 
 def _train_a_little(config: RunConfig, data: Split) -> None:
     model = build_fl_model(config.fl.model)
-    train_local(model, data, epochs=1, batch_size=config.fl.batch_size, lr=config.fl.lr,
-                generator=make_generator(0, "warm-up"))
+    train_local(
+        model,
+        data,
+        epochs=1,
+        batch_size=config.fl.batch_size,
+        lr=config.fl.lr,
+        generator=make_generator(0, "warm-up"),
+    )
 
 
 async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
@@ -516,8 +600,12 @@ async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
     first = plan.device(config.device_ids()[0])
     n = min(len(first), 4 * config.fl.batch_size)
     data = Split(first.x[:n], first.y[:n])
-    await asyncio.gather(*(compute.compute(_train_a_little, config, data)
-                           for _ in range(config.fleet.parallel_training)))
+    await asyncio.gather(
+        *(
+            compute.compute(_train_a_little, config, data)
+            for _ in range(config.fleet.parallel_training)
+        )
+    )
 
 
 def _write_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -549,16 +637,21 @@ async def run_scenario(
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     await _warm_up(config, plan)
-    say(f"data: {len(plan.devices)} devices x ~{len(next(iter(plan.devices.values())))} samples "
+    say(
+        f"data: {len(plan.devices)} devices x ~{len(next(iter(plan.devices.values())))} samples "
         f"({config.data.partition}, alpha={config.data.alpha}), "
-        f"{len(plan.validation)} validation, {len(plan.test)} test")
+        f"{len(plan.validation)} validation, {len(plan.test)} test"
+    )
     algorithms: dict[str, dict[str, Any]] = {}
     for algorithm in config.run.algorithms:
         overlays = Algorithm.parse(algorithm).uses_overlays
-        say(f"== {algorithm}: {config.fleet.devices} devices"
-            + (f", {config.fleet.overlays} overlays" if overlays else ""))
+        say(
+            f"== {algorithm}: {config.fleet.devices} devices"
+            + (f", {config.fleet.overlays} overlays" if overlays else "")
+        )
         algorithms[algorithm] = await run_algorithm(
-            broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event)
+            broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event
+        )
     summary = {
         "scenario": config.source,
         "config": config.to_dict(),
@@ -572,15 +665,23 @@ async def run_scenario(
         if written:
             say(f"report: {out_dir / 'report.md'} and {len(written) - 1} plots")
     if on_event is not None:
-        on_event({
-            "event": "done",
-            "summary": None if out_dir is None else str(out_dir / "summary.json"),
-            "report": [str(p) for p in written],
-            "algorithms": {name: {"accuracy": a["accuracy"], "fl_accuracy": a["fl_accuracy"],
-                                  "bytes": a["bytes"], "wall_s": a["wall_s"],
-                                  "sim_time_s": a["sim_time_s"],
-                                  "time_to_target_s": a["time_to_target_s"]}
-                           for name, a in algorithms.items()},
-            "comparisons": summary["comparisons"],
-        })
+        on_event(
+            {
+                "event": "done",
+                "summary": None if out_dir is None else str(out_dir / "summary.json"),
+                "report": [str(p) for p in written],
+                "algorithms": {
+                    name: {
+                        "accuracy": a["accuracy"],
+                        "fl_accuracy": a["fl_accuracy"],
+                        "bytes": a["bytes"],
+                        "wall_s": a["wall_s"],
+                        "sim_time_s": a["sim_time_s"],
+                        "time_to_target_s": a["time_to_target_s"],
+                    }
+                    for name, a in algorithms.items()
+                },
+                "comparisons": summary["comparisons"],
+            }
+        )
     return summary

@@ -64,8 +64,9 @@ def load_predictor(run_dir: Path, algorithm: str = "emo") -> Predictor:
     try:
         meta = json.loads((where / "server.json").read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{where} holds no saved run (no server.json); run `emo run` first"
-                          ) from None
+        raise ConfigError(
+            f"{where} holds no saved run (no server.json); run `emo run` first"
+        ) from None
     ensemble = Ensemble.load(where / "ensemble.npz") if (where / "ensemble.npz").exists() else None
     if ensemble is not None:
         fl = ensemble.fl_model
@@ -82,8 +83,9 @@ def normalise_images(images: Any) -> np.ndarray:
     if x.dtype == np.uint8 and x.ndim == 3 and x.shape[1:] == (28, 28):
         x = ((x.astype(np.float32) / 255.0 - FMNIST_MEAN) / FMNIST_STD)[:, None]
     if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (1, 28, 28):
-        raise ConfigError(f"images must be float32 (N,1,28,28) or uint8 (N,28,28), got "
-                          f"{x.dtype} {x.shape}")
+        raise ConfigError(
+            f"images must be float32 (N,1,28,28) or uint8 (N,28,28), got {x.dtype} {x.shape}"
+        )
     if not 1 <= x.shape[0] <= MAX_IMAGES_PER_REQUEST:
         raise ConfigError(f"a request holds 1..{MAX_IMAGES_PER_REQUEST} images, not {x.shape[0]}")
     if not np.all(np.isfinite(x)):
@@ -95,8 +97,7 @@ def evaluate_saved(predictor: Predictor, data_dir: str | None, limit: int) -> di
     """Accuracy of the deployed model and of each ensemble member on the test set."""
     _, test = load_fashion_mnist(data_dir)
     x, y = (test.x[:limit], test.y[:limit]) if limit else (test.x, test.y)
-    out: dict[str, Any] = {"run": predictor.run, "algorithm": predictor.algorithm,
-                           "images": len(y)}
+    out: dict[str, Any] = {"run": predictor.run, "algorithm": predictor.algorithm, "images": len(y)}
     out["accuracy"] = float(np.mean(predictor.predict_proba(x).argmax(1) == y))
     for name, probs in predictor.member_proba(x).items():
         out[f"member_accuracy.{name}"] = float(np.mean(probs.argmax(1) == y))
@@ -104,7 +105,10 @@ def evaluate_saved(predictor: Predictor, data_dir: str | None, limit: int) -> di
 
 
 async def serve_inference(
-    broker: str, predictor: Predictor, *, stop: asyncio.Event | None = None,
+    broker: str,
+    predictor: Predictor,
+    *,
+    stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
     """Answer inference requests for ``predictor.run`` until ``stop`` is set."""
@@ -139,16 +143,20 @@ async def serve_inference(
             try:
                 request = InferRequest.from_body(env.body, limits=limits)
                 images = normalise_images(request.images)
-                answer = InferResponse(request_id,
-                                       predictor.predict_proba(images).astype(np.float32))
+                answer = InferResponse(
+                    request_id, predictor.predict_proba(images).astype(np.float32)
+                )
             except (ConfigError, MessageError) as exc:
                 bus.reject("bad_request", message.topic, str(exc))
                 answer = InferResponse(request_id, None, str(exc))
             body = answer.to_body()
             # Not awaited in the loop: see Node.spawn on why handlers never await publishes.
-            reply = asyncio.create_task(bus.publish(
-                topic(Kind.INFER_RESPONSE, run, node=client),
-                codec.encode(body, kind="infer.response", sender="infer", run=run)))
+            reply = asyncio.create_task(
+                bus.publish(
+                    topic(Kind.INFER_RESPONSE, run, node=client),
+                    codec.encode(body, kind="infer.response", sender="infer", run=run),
+                )
+            )
             pending.add(reply)
             reply.add_done_callback(pending.discard)
 
@@ -164,28 +172,37 @@ async def request_inference(
         await bus.subscribe(topic(Kind.INFER_RESPONSE, run, node=client))
         await bus.publish(
             topic(Kind.INFER_REQUEST, run, node=client),
-            codec.encode(InferRequest(request_id, np.asarray(images)).to_body(),
-                         kind=InferRequest.KIND, sender=client, run=run),
+            codec.encode(
+                InferRequest(request_id, np.asarray(images)).to_body(),
+                kind=InferRequest.KIND,
+                sender=client,
+                run=run,
+            ),
         )
         async with asyncio.timeout(timeout):
             async for message in bus.messages():
                 try:
-                    response = InferResponse.from_body(codec.decode(message.payload).body,
-                                                       limits=Limits())
+                    response = InferResponse.from_body(
+                        codec.decode(message.payload).body, limits=Limits()
+                    )
                 except (CodecError, MessageError):
                     continue
                 if response.request_id != request_id:
                     continue
                 if response.error is not None:
-                    raise ConfigError(f"inference service refused the request: "
-                                      f"{response.error}")
+                    raise ConfigError(f"inference service refused the request: {response.error}")
                 assert response.probs is not None
                 return np.asarray(response.probs)
     raise EmoError("bus closed before the inference response arrived")
 
 
 def infer_command(
-    run_dir: Path, *, algorithm: str, data_dir: str | None, broker: str | None, serve: bool,
+    run_dir: Path,
+    *,
+    algorithm: str,
+    data_dir: str | None,
+    broker: str | None,
+    serve: bool,
     limit: int,
 ) -> dict[str, Any]:
     """``emo infer``: evaluate a saved run, or serve it over MQTT with ``--serve``."""

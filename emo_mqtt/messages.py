@@ -179,8 +179,9 @@ def _ints(
     if arr.size:
         low, high = int(arr.min()), int(arr.max())
         if low < lo or (hi is not None and high >= hi):
-            raise MessageError("out_of_range", f"{name}: values in [{low}, {high}], "
-                                               f"expected [{lo}, {hi})")
+            raise MessageError(
+                "out_of_range", f"{name}: values in [{low}, {high}], expected [{lo}, {hi})"
+            )
     return arr
 
 
@@ -216,8 +217,9 @@ def _state(value: Any, name: str, spec: StateSpec | None) -> dict[str, np.ndarra
         if tuple(arr.shape) != shape:
             raise MessageError("bad_shape", f"{name}[{key!r}]: shape {arr.shape}, expected {shape}")
         if np.dtype(arr.dtype).str != dtype:
-            raise MessageError("bad_dtype", f"{name}[{key!r}]: dtype {arr.dtype}, expected "
-                                            f"{np.dtype(dtype)}")
+            raise MessageError(
+                "bad_dtype", f"{name}[{key!r}]: dtype {arr.dtype}, expected {np.dtype(dtype)}"
+            )
     # Keep the sender's key order: FedAvg checks the key order against its reference.
     return out
 
@@ -256,8 +258,13 @@ class RoundAnnouncement(_Message):
     weights: dict[str, np.ndarray]
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "algorithm": self.algorithm, "sampled": list(self.sampled),
-                "deadline_s": self.deadline_s, "weights": self.weights}
+        return {
+            "round": self.round,
+            "algorithm": self.algorithm,
+            "sampled": list(self.sampled),
+            "deadline_s": self.deadline_s,
+            "weights": self.weights,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> RoundAnnouncement:
@@ -286,15 +293,19 @@ class Update(_Message):
     loss: float
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "weights": self.weights, "samples": self.samples,
-                "loss": self.loss}
+        return {
+            "round": self.round,
+            "weights": self.weights,
+            "samples": self.samples,
+            "loss": self.loss,
+        }
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any], *, limits: Limits,
-                  sender: str | None = None) -> Update:
+    def from_body(
+        cls, body: Mapping[str, Any], *, limits: Limits, sender: str | None = None
+    ) -> Update:
         cap = limits.samples_cap(sender)
-        samples = _int(_get(body, "samples"), "samples", 1,
-                       MAX_ROUND if cap is None else cap + 1)
+        samples = _int(_get(body, "samples"), "samples", 1, MAX_ROUND if cap is None else cap + 1)
         return cls(
             _int(_get(body, "round"), "round", 1),
             _state(_get(body, "weights"), "weights", limits.round_weights),
@@ -320,8 +331,14 @@ class Activations(_Message):
     last: bool
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "sample_ids": self.sample_ids, "labels": self.labels,
-                "data": self.data, "scale": self.scale, "last": self.last}
+        return {
+            "round": self.round,
+            "sample_ids": self.sample_ids,
+            "labels": self.labels,
+            "data": self.data,
+            "scale": self.scale,
+            "last": self.last,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> Activations:
@@ -370,8 +387,13 @@ class OverlayModelMsg(_Message):
     entries: int
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "version": self.version, "weights": self.weights,
-                "loss": self.loss, "entries": self.entries}
+        return {
+            "round": self.round,
+            "version": self.version,
+            "weights": self.weights,
+            "loss": self.loss,
+            "entries": self.entries,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> OverlayModelMsg:
@@ -426,21 +448,30 @@ class SflActivations(_Message):
     labels: Any
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "batch": self.batch, "activations": self.activations,
-                "labels": self.labels}
+        return {
+            "round": self.round,
+            "batch": self.batch,
+            "activations": self.activations,
+            "labels": self.labels,
+        }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> SflActivations:
         r = _int(_get(body, "round"), "round", 1)
-        batch = _int(_get(body, "batch"), "batch", 0,
-                     MAX_ROUND if limits.max_batch is None else limits.max_batch)
+        batch = _int(
+            _get(body, "batch"),
+            "batch",
+            0,
+            MAX_ROUND if limits.max_batch is None else limits.max_batch,
+        )
         labels = _ints(_get(body, "labels"), "labels", (None,), 0, limits.num_classes)
         n = int(labels.shape[0])
         if n < 1 or (limits.max_batch_size is not None and n > limits.max_batch_size):
             raise MessageError("out_of_range", f"batch of {n} samples")
         shape = limits.activation_shape
-        acts = _floats(_get(body, "activations"), "activations",
-                       None if shape is None else (n, *shape))
+        acts = _floats(
+            _get(body, "activations"), "activations", None if shape is None else (n, *shape)
+        )
         if acts.shape[:1] != (n,):
             raise MessageError("bad_shape", f"activations: {acts.shape[:1]} rows for {n} labels")
         return cls(r, batch, acts, labels)
@@ -461,14 +492,19 @@ class SflGradients(_Message):
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> SflGradients:
         shape = limits.activation_shape
-        grad = _floats(_get(body, "gradient"), "gradient",
-                       None if shape is None else (None, *shape))
+        grad = _floats(
+            _get(body, "gradient"), "gradient", None if shape is None else (None, *shape)
+        )
         if limits.max_batch_size is not None and not 1 <= grad.shape[0] <= limits.max_batch_size:
             raise MessageError("out_of_range", f"gradient of {grad.shape[0]} rows")
         return cls(
             _int(_get(body, "round"), "round", 1),
-            _int(_get(body, "batch"), "batch", 0,
-                 MAX_ROUND if limits.max_batch is None else limits.max_batch),
+            _int(
+                _get(body, "batch"),
+                "batch",
+                0,
+                MAX_ROUND if limits.max_batch is None else limits.max_batch,
+            ),
             grad,
         )
 
@@ -546,8 +582,19 @@ class InferResponse(_Message):
 
 #: Every message class by its envelope kind.
 MESSAGES: dict[str, type[_Message]] = {
-    c.KIND: c for c in (RoundAnnouncement, Update, Activations, OverlayModelMsg, Control,
-                        SflActivations, SflGradients, Done, InferRequest, InferResponse)
+    c.KIND: c
+    for c in (
+        RoundAnnouncement,
+        Update,
+        Activations,
+        OverlayModelMsg,
+        Control,
+        SflActivations,
+        SflGradients,
+        Done,
+        InferRequest,
+        InferResponse,
+    )
 }
 
 
@@ -569,5 +616,6 @@ TOPIC_MESSAGES: dict[Kind, type[_Message]] = {
 def check_kind(envelope_kind: Any, expected: str) -> None:
     """Raise ``wrong_kind`` unless a frame's ``msg_kind`` is the one its topic carries."""
     if envelope_kind != expected:
-        raise MessageError("wrong_kind", f"frame of kind {envelope_kind!r} where {expected!r} "
-                                         "is expected")
+        raise MessageError(
+            "wrong_kind", f"frame of kind {envelope_kind!r} where {expected!r} is expected"
+        )

@@ -27,10 +27,20 @@ class MessageLog:
     def recorder(self, sender: str) -> Recorder:
         """A ``Bus.on_published`` callback that logs ``sender``'s messages."""
 
-        def record(topic: str, nbytes: int, qos: int, retain: bool, started: float,
-                   finished: float) -> None:
-            self.rows.append((started - self.origin, finished - self.origin, sender, topic,
-                              nbytes, qos, int(retain)))
+        def record(
+            topic: str, nbytes: int, qos: int, retain: bool, started: float, finished: float
+        ) -> None:
+            self.rows.append(
+                (
+                    started - self.origin,
+                    finished - self.origin,
+                    sender,
+                    topic,
+                    nbytes,
+                    qos,
+                    int(retain),
+                )
+            )
 
         return record
 
@@ -43,6 +53,5 @@ class MessageLog:
         with path.open("w", newline="", encoding="utf-8") as f:
             out = csv.writer(f)
             out.writerow(COLUMNS)
-            for t, ack, sender, where, nbytes, qos, retain in sorted(self.rows,
-                                                                     key=lambda r: r[1]):
+            for t, ack, sender, where, nbytes, qos, retain in sorted(self.rows, key=lambda r: r[1]):
                 out.writerow((f"{t:.6f}", f"{ack:.6f}", sender, where, nbytes, qos, retain))

@@ -32,8 +32,13 @@ LINK_CLASSES = ("device", "overlay", "server")
 ACTIONS = ("down", "up", "link", "crash", "restart")
 Action = Literal["down", "up", "link", "crash", "restart"]
 #: What ``for_s`` does when it runs out: the opposite action.
-_UNDO: dict[str, Action] = {"down": "up", "up": "down", "crash": "restart", "restart": "crash",
-                            "link": "link"}
+_UNDO: dict[str, Action] = {
+    "down": "up",
+    "up": "down",
+    "crash": "restart",
+    "restart": "crash",
+    "link": "link",
+}
 #: Keys of a link table, with their unit (documented in scenarios/README.md).
 LINK_KEYS = ("up_mbps", "down_mbps", "latency_ms", "jitter_ms", "loss")
 #: One megabit per second in bytes per second.
@@ -111,8 +116,12 @@ class NodeEvent:
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"at_s": round(self.at_s, 6), "node": self.node,
-                               "action": self.action, "source": self.source}
+        out: dict[str, Any] = {
+            "at_s": round(self.at_s, 6),
+            "node": self.node,
+            "action": self.action,
+            "source": self.source,
+        }
         if self.conditions is not None:
             out["conditions"] = {k: getattr(self.conditions, k) for k in LINK_KEYS}
         return out
@@ -191,22 +200,32 @@ class NetworkConfig:
                 return [target]
             if target in self.scenario_nodes:
                 return []  # a node of the scenario that this algorithm does not run
-            raise ConfigError(f"{where}: target {target!r} is not a node of this fleet, a "
-                              f"link class {LINK_CLASSES}, 'all' or 'broker'")
+            raise ConfigError(
+                f"{where}: target {target!r} is not a node of this fleet, a "
+                f"link class {LINK_CLASSES}, 'all' or 'broker'"
+            )
 
         for ev in self.events:
             for node in resolve(ev.target, ev.source):
                 if ev.action in ("crash", "restart") and link_class[node] == "server":
-                    raise ConfigError(f"{ev.source}: the server cannot crash in a scenario "
-                                      "(tests/test_faults.py covers a server restart)")
+                    raise ConfigError(
+                        f"{ev.source}: the server cannot crash in a scenario "
+                        "(tests/test_faults.py covers a server restart)"
+                    )
                 base = self.base_conditions(node, link_class[node])
                 cond = base.updated(dict(ev.link)) if ev.action == "link" else None
                 out.append(NodeEvent(ev.at_s, node, ev.action, cond, ev.source))
                 if ev.for_s is not None:
                     undo = _UNDO[ev.action]
-                    out.append(NodeEvent(ev.at_s + ev.for_s, node, undo,
-                                         base if undo == "link" else None,
-                                         f"{ev.source} (after for_s)"))
+                    out.append(
+                        NodeEvent(
+                            ev.at_s + ev.for_s,
+                            node,
+                            undo,
+                            base if undo == "link" else None,
+                            f"{ev.source} (after for_s)",
+                        )
+                    )
         for cycle in self.duty_cycles:
             for node in resolve(cycle.target, cycle.source):
                 offset = rng.uniform(0, cycle.period_s) if cycle.phase == "random" else 0.0
@@ -215,8 +234,10 @@ class NetworkConfig:
             devices = nodes_by_class.get("device", [])
             clients = list(self.availability.clients)
             if len(clients) < len(devices):
-                raise ConfigError(f"{self.availability.source}: {len(clients)} clients in the "
-                                  f"trace for {len(devices)} devices")
+                raise ConfigError(
+                    f"{self.availability.source}: {len(clients)} clients in the "
+                    f"trace for {len(devices)} devices"
+                )
             picked = rng.sample(clients, len(devices))
             for device, client in zip(devices, picked, strict=True):
                 out.extend(_availability_events(device, client, self.availability, horizon_s))
@@ -241,8 +262,10 @@ def _duty_events(node: str, cycle: DutyCycle, offset: float, horizon_s: float) -
 
 
 def _availability_events(
-    device: str, client: tuple[str, tuple[tuple[float, float], ...], float],
-    trace: Availability, horizon_s: float,
+    device: str,
+    client: tuple[str, tuple[tuple[float, float], ...], float],
+    trace: Availability,
+    horizon_s: float,
 ) -> list[NodeEvent]:
     """A client's active intervals on the run's clock (FedScale traces wrap around).
 
@@ -278,13 +301,22 @@ def _availability_events(
 
 
 # -- parsing ---------------------------------------------------------------------------------
-def _number(where: str, value: Any, *, minimum: float = 0.0, maximum: float | None = None,
-            positive: bool = False) -> float:
+def _number(
+    where: str,
+    value: Any,
+    *,
+    minimum: float = 0.0,
+    maximum: float | None = None,
+    positive: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if value < minimum or (positive and value <= 0) or (maximum is not None and value > maximum):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else (
-            f"> {minimum}" if positive else f">= {minimum}")
+        bound = (
+            f"in [{minimum}, {maximum}]"
+            if maximum is not None
+            else (f"> {minimum}" if positive else f">= {minimum}")
+        )
         raise ConfigError(f"{where}: {value!r} must be {bound}")
     return float(value)
 
@@ -319,8 +351,9 @@ def _event(where: str, entry: dict[str, Any]) -> NetEvent:
     at = _number(f"{where}.at_s", entry["at_s"])
     target = entry["target"]
     if not isinstance(target, str) or not target:
-        raise ConfigError(f"{where}.target: expected a node id, a link class, 'all' or "
-                          f"'broker', got {target!r}")
+        raise ConfigError(
+            f"{where}.target: expected a node id, a link class, 'all' or 'broker', got {target!r}"
+        )
     action = entry["action"]
     if action not in ACTIONS:
         raise ConfigError(f"{where}.action: {action!r} is not one of {ACTIONS}")
@@ -344,9 +377,11 @@ def _read_trace_csv(where: str, path: Path) -> list[NetEvent]:
         raise ConfigError(f"{where}: cannot read trace {path}: {exc}") from exc
     # (line number, fields): blank and comment lines are skipped but still counted, so that
     # messages name the line an editor shows.
-    rows = [(number, next(csv.reader([line])))
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip() and not line.lstrip().startswith("#")]
+    rows = [
+        (number, next(csv.reader([line])))
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not rows:
         raise ConfigError(f"{path}: empty trace (a header row is needed: {TRACE_COLUMNS})")
     header = [h.strip() for h in rows[0][1]]
@@ -386,8 +421,10 @@ class _PlainUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module: str, name: str) -> Any:
-        raise ConfigError(f"refusing to load {module}.{name} from a trace pickle: only plain "
-                          "dicts, lists, numbers and strings are accepted")
+        raise ConfigError(
+            f"refusing to load {module}.{name} from a trace pickle: only plain "
+            "dicts, lists, numbers and strings are accepted"
+        )
 
 
 def _load_trace_file(where: str, path: Path) -> Any:
@@ -441,25 +478,36 @@ def _availability(where: str, table: dict[str, Any], base_dir: Path) -> Availabi
         if any(t > finish for t in inactive):
             raise ConfigError(f"{cw}: an 'inactive' time is after finish_time ({finish:g})")
         if len(active) != len(inactive):
-            raise ConfigError(f"{cw}: {len(active)} 'active' times but {len(inactive)} "
-                              "'inactive' ones")
+            raise ConfigError(
+                f"{cw}: {len(active)} 'active' times but {len(inactive)} 'inactive' ones"
+            )
         intervals = tuple(zip(active, inactive, strict=True))
         if any(b <= a for a, b in intervals) or any(
-                intervals[i + 1][0] < intervals[i][1] for i in range(len(intervals) - 1)):
+            intervals[i + 1][0] < intervals[i][1] for i in range(len(intervals) - 1)
+        ):
             raise ConfigError(f"{cw}: active/inactive times must alternate and increase")
         clients.append((str(client), intervals, finish))
     return Availability(tuple(clients), scale, offset, str(path.name))
 
 
-def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[str]
-                  ) -> NetworkConfig:
+def parse_network(
+    raw: Any, base_dir: Path, devices: list[str], overlays: list[str]
+) -> NetworkConfig:
     """Validate the ``[network]`` table (``raw``); ``base_dir`` resolves trace file paths."""
     if raw is None or raw == {}:
         return NetworkConfig()
     if not isinstance(raw, dict):
         raise ConfigError("[network] must be a table")
-    known = ("seed", "rto_s", "trace", "nodes", "events", "duty_cycle", "availability",
-             *LINK_CLASSES)
+    known = (
+        "seed",
+        "rto_s",
+        "trace",
+        "nodes",
+        "events",
+        "duty_cycle",
+        "availability",
+        *LINK_CLASSES,
+    )
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"[network]: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -474,8 +522,9 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
         if name in raw:
             if not isinstance(raw[name], dict):
                 raise ConfigError(f"[network.{name}] must be a table")
-            classes.append((name, LinkConditions().updated(
-                _link_values(f"network.{name}", raw[name]))))
+            classes.append(
+                (name, LinkConditions().updated(_link_values(f"network.{name}", raw[name])))
+            )
     node_ids = {"server", *devices, *overlays}
     nodes: list[tuple[str, tuple[tuple[str, float], ...]]] = []
     speeds: list[tuple[str, float]] = []
@@ -485,8 +534,10 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
     for node, table in tables.items():
         where = f"network.nodes.{node}"
         if node not in node_ids:
-            raise ConfigError(f"{where}: {node!r} is not a node of this fleet "
-                              f"(server, {devices[0]}..{devices[-1]}, {overlays[0]}..)")
+            raise ConfigError(
+                f"{where}: {node!r} is not a node of this fleet "
+                f"(server, {devices[0]}..{devices[-1]}, {overlays[0]}..)"
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"[{where}] must be a table")
         values = _link_values(where, table, extra=("compute_speed",))
@@ -494,8 +545,9 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
         if "compute_speed" in table:
             if node not in devices:
                 raise ConfigError(f"{where}.compute_speed: only devices have a compute speed")
-            speeds.append((node, _number(f"{where}.compute_speed", table["compute_speed"],
-                                         positive=True)))
+            speeds.append(
+                (node, _number(f"{where}.compute_speed", table["compute_speed"], positive=True))
+            )
     events: list[NetEvent] = []
     entries = raw.get("events", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -513,8 +565,9 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
         where = f"network.duty_cycle[{i}]"
         unknown = sorted(set(entry) - {"target", "period_s", "on_s", "phase"})
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: "
-                              "['on_s', 'period_s', 'phase', 'target']")
+            raise ConfigError(
+                f"{where}: unknown key(s) {unknown}; known: ['on_s', 'period_s', 'phase', 'target']"
+            )
         for key in ("target", "period_s", "on_s"):
             if key not in entry:
                 raise ConfigError(f"{where}: missing key {key!r}")
@@ -533,11 +586,22 @@ def parse_network(raw: Any, base_dir: Path, devices: list[str], overlays: list[s
         if not isinstance(raw["availability"], dict):
             raise ConfigError("[network.availability] must be a table")
         availability = _availability("network.availability", raw["availability"], base_dir)
-    config = NetworkConfig(raw=raw, classes=tuple(classes), nodes=tuple(nodes),
-                           compute_speed=tuple(speeds), events=tuple(events),
-                           duty_cycles=tuple(cycles), availability=availability, seed=seed,
-                           rto_s=rto, scenario_nodes=tuple(sorted(node_ids)))
+    config = NetworkConfig(
+        raw=raw,
+        classes=tuple(classes),
+        nodes=tuple(nodes),
+        compute_speed=tuple(speeds),
+        events=tuple(events),
+        duty_cycles=tuple(cycles),
+        availability=availability,
+        seed=seed,
+        rto_s=rto,
+        scenario_nodes=tuple(sorted(node_ids)),
+    )
     # Resolve every target now, so that a typo fails before anything starts.
-    config.timeline({"device": devices, "overlay": overlays, "server": ["server"]},
-                    seed=seed or 0, horizon_s=0.0)
+    config.timeline(
+        {"device": devices, "overlay": overlays, "server": ["server"]},
+        seed=seed or 0,
+        horizon_s=0.0,
+    )
     return config

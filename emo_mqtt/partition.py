@@ -185,8 +185,9 @@ def rebalance(
     hist = np.bincount(owner * n_labels + y, minlength=n_devices * n_labels)
     hist = hist.reshape(n_devices, n_labels)[receivers]
     # An empty device has no label of its own yet: it takes a random one.
-    dominant = np.where(hist.sum(axis=1) > 0, hist.argmax(axis=1),
-                        rng.integers(0, n_labels, size=receivers.size))
+    dominant = np.where(
+        hist.sum(axis=1) > 0, hist.argmax(axis=1), rng.integers(0, n_labels, size=receivers.size)
+    )
     receivers = receivers[np.lexsort((rng.random(receivers.size), dominant))]
     owner[freed] = np.repeat(receivers, need[receivers])
     return owner

@@ -64,8 +64,9 @@ def _tool(name: str, *extra: str) -> str:
         (p for p in (f"/usr/bin/{name}", *extra) if os.access(p, os.X_OK)), None
     )
     if found is None:
-        raise ConfigError(f"`{name}` not found: install it (Debian: openssl, mosquitto-clients "
-                          "or mosquitto)")
+        raise ConfigError(
+            f"`{name}` not found: install it (Debian: openssl, mosquitto-clients or mosquitto)"
+        )
     return found
 
 
@@ -98,8 +99,11 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
     monitor only reads status and metrics.
     """
     r = f"{ROOT}/{run if run is not None else '+'}"
-    lines = ["# emo-mqtt ACLs written by `emo fleet provision`: least privilege by topic.",
-             "# No `topic` line before the first `user` line: anonymous clients get nothing.", ""]
+    lines = [
+        "# emo-mqtt ACLs written by `emo fleet provision`: least privilege by topic.",
+        "# No `topic` line before the first `user` line: anonymous clients get nothing.",
+        "",
+    ]
 
     def block(user: str, reads: list[str], writes: list[str]) -> None:
         lines.append(f"user {user}")
@@ -107,24 +111,48 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
         lines.extend(f"topic write {t}" for t in writes)
         lines.append("")
 
-    block(f"server-{server}",
-          [f"{r}/status/+/+", f"{r}/device/+/update", f"{r}/device/+/sfl/activations",
-           f"{r}/overlay/+/model"],
-          [f"{r}/server/#", f"{r}/control/#", f"{r}/status/server/{server}",
-           f"{r}/metrics/server/{server}"])
+    block(
+        f"server-{server}",
+        [
+            f"{r}/status/+/+",
+            f"{r}/device/+/update",
+            f"{r}/device/+/sfl/activations",
+            f"{r}/overlay/+/model",
+        ],
+        [
+            f"{r}/server/#",
+            f"{r}/control/#",
+            f"{r}/status/server/{server}",
+            f"{r}/metrics/server/{server}",
+        ],
+    )
     for k, ovl in enumerate(_overlay_ids(overlays)):
-        block(f"overlay-{ovl}",
-              [*(f"{r}/device/{d}/activations" for d in devices_of(k, devices, overlays)),
-               f"{r}/server/round", f"{r}/server/done"],
-              [f"{r}/overlay/{ovl}/model", f"{r}/status/overlay/{ovl}",
-               f"{r}/metrics/overlay/{ovl}"])
+        block(
+            f"overlay-{ovl}",
+            [
+                *(f"{r}/device/{d}/activations" for d in devices_of(k, devices, overlays)),
+                f"{r}/server/round",
+                f"{r}/server/done",
+            ],
+            [f"{r}/overlay/{ovl}/model", f"{r}/status/overlay/{ovl}", f"{r}/metrics/overlay/{ovl}"],
+        )
     for dev in _device_ids(devices):
-        block(f"device-{dev}",
-              [f"{r}/server/round", f"{r}/server/done", f"{r}/control/{dev}",
-               f"{r}/server/sfl/{dev}/gradients"],
-              [f"{r}/device/{dev}/update", f"{r}/device/{dev}/activations",
-               f"{r}/device/{dev}/sfl/activations", f"{r}/status/device/{dev}",
-               f"{r}/metrics/device/{dev}"])
+        block(
+            f"device-{dev}",
+            [
+                f"{r}/server/round",
+                f"{r}/server/done",
+                f"{r}/control/{dev}",
+                f"{r}/server/sfl/{dev}/gradients",
+            ],
+            [
+                f"{r}/device/{dev}/update",
+                f"{r}/device/{dev}/activations",
+                f"{r}/device/{dev}/sfl/activations",
+                f"{r}/status/device/{dev}",
+                f"{r}/metrics/device/{dev}",
+            ],
+        )
     # Dashboards subscribe to emo/+/status/# and emo/+/metrics/# (any run): read-only.
     block(MONITOR, [f"{ROOT}/+/status/#", f"{ROOT}/+/metrics/#"], [])
     return "\n".join(lines)
@@ -216,8 +244,14 @@ def _hand_over(out: Path, uid: int | None, gid: int | None) -> None:
     (out / "mosquitto.conf").chmod(0o644)
     if uid is None or gid is None:
         return
-    for path in (out / "broker", out / "broker" / "broker.key", out / "broker" / "broker.crt",
-                 out / "passwd", out / "acl", out / "data"):
+    for path in (
+        out / "broker",
+        out / "broker" / "broker.key",
+        out / "broker" / "broker.crt",
+        out / "passwd",
+        out / "acl",
+        out / "data",
+    ):
         os.chown(path, uid, gid)
 
 
@@ -243,16 +277,34 @@ def _hash_passwords(passwd_tool: str, out: Path, passwords: dict[str, str]) -> N
         if set(hashed) != set(passwords) or any(
             not h.startswith("$") or h == passwords[u] for u, h in hashed.items()
         ):
-            raise ConfigError(f"`{passwd_tool} -U` did not hash every password; refusing to "
-                              "write a plain-text password file")
+            raise ConfigError(
+                f"`{passwd_tool} -U` did not hash every password; refusing to "
+                "write a plain-text password file"
+            )
         tmp.replace(out / "passwd")
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _key_and_csr(openssl: str, key: Path, csr: Path, cn: str) -> None:
-    _run([openssl, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-          "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}"])
+    _run(
+        [
+            openssl,
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN={cn}",
+        ]
+    )
     key.chmod(0o600)
 
 
@@ -260,9 +312,28 @@ def _sign(openssl: str, ca: Path, csr: Path, crt: Path, extensions: str, days: i
     with tempfile.NamedTemporaryFile("w", suffix=".ext", delete=False) as f:
         f.write(extensions)
     try:
-        _run([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca / "ca.crt"),
-              "-CAkey", str(ca / "ca.key"), "-set_serial", f"0x{secrets.token_hex(16)}",
-              "-days", str(days), "-sha256", "-extfile", f.name, "-out", str(crt)])
+        _run(
+            [
+                openssl,
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(ca / "ca.crt"),
+                "-CAkey",
+                str(ca / "ca.key"),
+                "-set_serial",
+                f"0x{secrets.token_hex(16)}",
+                "-days",
+                str(days),
+                "-sha256",
+                "-extfile",
+                f.name,
+                "-out",
+                str(crt),
+            ]
+        )
     finally:
         os.unlink(f.name)
     csr.unlink()
@@ -298,15 +369,37 @@ def provision(
         (out / sub).mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
     ca = out / "ca"
-    _run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-          "-nodes", "-keyout", str(ca / "ca.key"), "-out", str(ca / "ca.crt"), "-days", str(days),
-          "-sha256", "-subj", "/CN=emo-mqtt fleet CA",
-          "-addext", "basicConstraints=critical,CA:TRUE",
-          "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    _run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(ca / "ca.key"),
+            "-out",
+            str(ca / "ca.crt"),
+            "-days",
+            str(days),
+            "-sha256",
+            "-subj",
+            "/CN=emo-mqtt fleet CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
+    )
     (ca / "ca.key").chmod(0o600)
 
-    common = ("basicConstraints=critical,CA:FALSE\nsubjectKeyIdentifier=hash\n"
-              "authorityKeyIdentifier=keyid,issuer\n")
+    common = (
+        "basicConstraints=critical,CA:FALSE\nsubjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
     sans = ["IP:127.0.0.1", "DNS:localhost"]
     try:
         extra = f"IP:{ipaddress.ip_address(host)}"
@@ -315,28 +408,50 @@ def provision(
     if extra not in sans:
         sans.append(extra)
     _key_and_csr(openssl, out / "broker" / "broker.key", out / "broker" / "broker.csr", host)
-    _sign(openssl, ca, out / "broker" / "broker.csr", out / "broker" / "broker.crt",
-          common + "keyUsage=critical,digitalSignature,keyAgreement\n"
-          "extendedKeyUsage=serverAuth\n" + f"subjectAltName={','.join(sans)}\n", days)
+    _sign(
+        openssl,
+        ca,
+        out / "broker" / "broker.csr",
+        out / "broker" / "broker.crt",
+        common + "keyUsage=critical,digitalSignature,keyAgreement\n"
+        "extendedKeyUsage=serverAuth\n" + f"subjectAltName={','.join(sans)}\n",
+        days,
+    )
 
-    identities = [Identity("server", "server"),
-                  *(Identity("overlay", o) for o in _overlay_ids(overlays)),
-                  *(Identity("device", d) for d in _device_ids(devices)),
-                  Identity(MONITOR, MONITOR)]
+    identities = [
+        Identity("server", "server"),
+        *(Identity("overlay", o) for o in _overlay_ids(overlays)),
+        *(Identity("device", d) for d in _device_ids(devices)),
+        Identity(MONITOR, MONITOR),
+    ]
     passwords: dict[str, str] = {}
     for ident in identities:
         where = out / "nodes" / ident.username
         where.mkdir(exist_ok=True)
         _key_and_csr(openssl, where / "client.key", where / "client.csr", ident.username)
-        _sign(openssl, ca, where / "client.csr", where / "client.crt",
-              common + "keyUsage=critical,digitalSignature,keyAgreement\n"
-              "extendedKeyUsage=clientAuth\n", days)
+        _sign(
+            openssl,
+            ca,
+            where / "client.csr",
+            where / "client.crt",
+            common + "keyUsage=critical,digitalSignature,keyAgreement\n"
+            "extendedKeyUsage=clientAuth\n",
+            days,
+        )
         shutil.copyfile(ca / "ca.crt", where / "ca.crt")
         password = secrets.token_urlsafe(24)
         passwords[ident.username] = password
-        config = {"role": ident.role, "id": ident.node_id, "run": run, "broker": str(url),
-                  "username": ident.username, "password": password,
-                  "ca": "ca.crt", "cert": "client.crt", "key": "client.key"}
+        config = {
+            "role": ident.role,
+            "id": ident.node_id,
+            "run": run,
+            "broker": str(url),
+            "username": ident.username,
+            "password": password,
+            "ca": "ca.crt",
+            "cert": "client.crt",
+            "key": "client.key",
+        }
         node_json = where / "node.json"
         node_json.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         node_json.chmod(0o600)
@@ -347,13 +462,19 @@ def provision(
     user, uid, gid = _broker_user()
     (out / "mosquitto.conf").write_text(_conf_text(out, port, bind, user), encoding="utf-8")
     _hand_over(out, uid, gid)
-    summary: dict[str, object] = {"dir": str(out), "broker": str(url),
-                                  "conf": str(out / "mosquitto.conf"),
-                                  "usernames": list(passwords), "broker_user": user}
+    summary: dict[str, object] = {
+        "dir": str(out),
+        "broker": str(url),
+        "conf": str(out / "mosquitto.conf"),
+        "usernames": list(passwords),
+        "broker_user": user,
+    }
     blocked = _unreachable(out, uid, gid)
     if blocked is not None:
-        summary["warning"] = (f"the broker's user {user} cannot enter {blocked}: run the broker "
-                              f"from a copy of {out} it can reach, or open {blocked} (o+x)")
+        summary["warning"] = (
+            f"the broker's user {user} cannot enter {blocked}: run the broker "
+            f"from a copy of {out} it can reach, or open {blocked} (o+x)"
+        )
     return summary
 
 
@@ -363,8 +484,11 @@ def _unreachable(out: Path, uid: int | None, gid: int | None) -> Path | None:
         return None
     for parent in out.parents:
         st = parent.stat()
-        if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)
-                or (st.st_gid == gid and st.st_mode & 0o010)):
+        if not (
+            st.st_mode & 0o001
+            or (st.st_uid == uid and st.st_mode & 0o100)
+            or (st.st_gid == gid and st.st_mode & 0o010)
+        ):
             return parent
     return None
 
@@ -398,8 +522,15 @@ def load_node_config(path: str | Path) -> NodeConfig:
         value = data.get(key)
         return None if value is None else str((path.parent / str(value)).resolve())
 
-    url = BrokerURL(base.scheme, base.host, base.port,
-                    data.get("username", base.username), data.get("password", base.password),
-                    ca_file=file("ca"), cert_file=file("cert"), key_file=file("key"))
+    url = BrokerURL(
+        base.scheme,
+        base.host,
+        base.port,
+        data.get("username", base.username),
+        data.get("password", base.password),
+        ca_file=file("ca"),
+        cert_file=file("cert"),
+        key_file=file("key"),
+    )
     run = data.get("run")
     return NodeConfig(role, node_id, None if run is None else str(run), url)

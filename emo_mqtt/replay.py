@@ -55,7 +55,8 @@ class NetworkReplay:
         self.seed = network.seed if network.seed is not None else seed
         self.link_class = {n: c for c, ids in nodes_by_class.items() for n in ids}
         self.timeline: list[NodeEvent] = network.timeline(
-            nodes_by_class, seed=self.seed, horizon_s=horizon_s)
+            nodes_by_class, seed=self.seed, horizon_s=horizon_s
+        )
         self.horizon_s = horizon_s
         self._outages = self._longest_outages()
         self.on_crash = on_crash
@@ -78,8 +79,10 @@ class NetworkReplay:
         for node, link_class in self.link_class.items():
             base = self.network.base_conditions(node, link_class)
             proxy = ShapingProxy(
-                self.broker.host, self.broker.port,
-                uplink=base.uplink(self.network.rto_s), downlink=base.downlink(self.network.rto_s),
+                self.broker.host,
+                self.broker.port,
+                uplink=base.uplink(self.network.rto_s),
+                downlink=base.downlink(self.network.rto_s),
                 seed=hash_seed(self.seed, node),
             )
             await proxy.start()
@@ -173,22 +176,32 @@ class NetworkReplay:
         for node, proxy in self.proxies.items():
             if not proxy.online:
                 proxy.set_online(True)
-                self.applied.append({"node": node, "action": "up", "source": "end of run",
-                                     "applied_s": round(now_s, 3)})
+                self.applied.append(
+                    {
+                        "node": node,
+                        "action": "up",
+                        "source": "end of run",
+                        "applied_s": round(now_s, 3),
+                    }
+                )
         self._down.clear()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per node: bytes relayed each way, connections, outages, connections cut."""
         return {
-            node: {"bytes_up": p.stats.bytes_up, "bytes_down": p.stats.bytes_down,
-                   "connections": p.stats.connections, "outages": p.stats.outages,
-                   "dropped_by_outage": p.stats.dropped_by_outage, "refused": p.stats.refused}
+            node: {
+                "bytes_up": p.stats.bytes_up,
+                "bytes_down": p.stats.bytes_down,
+                "connections": p.stats.connections,
+                "outages": p.stats.outages,
+                "dropped_by_outage": p.stats.dropped_by_outage,
+                "refused": p.stats.refused,
+            }
             for node, p in self.proxies.items()
         }
 
     async def close(self) -> None:
-        await asyncio.gather(*(p.close() for p in self.proxies.values()),
-                             return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in self.proxies.values()), return_exceptions=True)
 
 
 def hash_seed(seed: int, node: str) -> int:

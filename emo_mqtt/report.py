@@ -67,8 +67,9 @@ def _x_values(entry: dict[str, Any], axis: str) -> tuple[list[float], bool]:
     return [total * (r / n) for r in range(1, n + 1)], True
 
 
-def _plot(algorithms: dict[str, dict[str, Any]], axis: str, xlabel: str, title: str,
-          path: Path) -> bool:
+def _plot(
+    algorithms: dict[str, dict[str, Any]], axis: str, xlabel: str, title: str, path: Path
+) -> bool:
     """Draw one plot; whether any x values were estimated."""
     import matplotlib
 
@@ -87,9 +88,15 @@ def _plot(algorithms: dict[str, dict[str, Any]], axis: str, xlabel: str, title: 
                 continue
             estimated |= est
             label = name + (" (bytes estimated)" if est else "")
-            ax.plot(xs[:n], ys[:n], marker=_MARKERS[i % len(_MARKERS)],
-                    linestyle=_STYLES[i % len(_STYLES)], markersize=5, linewidth=1.8,
-                    label=label)
+            ax.plot(
+                xs[:n],
+                ys[:n],
+                marker=_MARKERS[i % len(_MARKERS)],
+                linestyle=_STYLES[i % len(_STYLES)],
+                markersize=5,
+                linewidth=1.8,
+                label=label,
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (per-round eval subset)")
         ax.set_title(title)
@@ -151,14 +158,19 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     run = config.get("run", {}) if isinstance(config, dict) else {}
     fleet = config.get("fleet", {}) if isinstance(config, dict) else {}
     lines = [f"# emo run: {run.get('name', Path(str(scenario)).stem)}", ""]
-    lines.append(f"Scenario `{scenario}`: {fleet.get('devices', '?')} devices, "
-                 f"{fleet.get('overlays', '?')} overlays, {run.get('rounds', '?')} rounds, "
-                 f"target accuracy {_fmt(run.get('target_accuracy'))}. Accuracy is on the whole "
-                 "test set for the model each algorithm deploys (the ensemble for EMO); bytes "
-                 "are MQTT payload bytes published by all the algorithm's nodes; time is "
-                 "seconds since the run started"
-                 + (", through the scenario's shaped network." if config.get("network")
-                    else " (no network shaping)."))
+    lines.append(
+        f"Scenario `{scenario}`: {fleet.get('devices', '?')} devices, "
+        f"{fleet.get('overlays', '?')} overlays, {run.get('rounds', '?')} rounds, "
+        f"target accuracy {_fmt(run.get('target_accuracy'))}. Accuracy is on the whole "
+        "test set for the model each algorithm deploys (the ensemble for EMO); bytes "
+        "are MQTT payload bytes published by all the algorithm's nodes; time is "
+        "seconds since the run started"
+        + (
+            ", through the scenario's shaped network."
+            if config.get("network")
+            else " (no network shaping)."
+        )
+    )
     lines += ["", "## Comparison", "", *_table(algorithms), ""]
     comps = summary.get("comparisons", {})
     if comps:
@@ -172,14 +184,20 @@ def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     lines.append("|---|" + "---:|" * len(kinds))
     for name, a in algorithms.items():
         by_kind = a.get("bytes_by_kind", {})
-        lines.append(f"| {name} | " + " | ".join(
-            f"{float(by_kind.get(k, 0)) / 1e6:.3f}" for k in kinds) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{float(by_kind.get(k, 0)) / 1e6:.3f}" for k in kinds)
+            + " |"
+        )
     lines += ["", "## Plots", ""]
     for (_, _, axis), path in zip(PLOTS, written, strict=True):
         lines += [f"![accuracy vs {axis}]({path.name})", ""]
     if estimated:
-        lines += ["Some summaries had no `bytes_per_round`: their bytes axis spreads the "
-                  "total evenly over the rounds (marked *bytes estimated*).", ""]
+        lines += [
+            "Some summaries had no `bytes_per_round`: their bytes axis spreads the "
+            "total evenly over the rounds (marked *bytes estimated*).",
+            "",
+        ]
     lines += ["The full figures are in [summary.json](summary.json)."]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")

@@ -53,6 +53,7 @@ from emo_mqtt.linkmodel import (
 #: Chunks waiting for their release time, per direction, before the relay stops reading.
 MAX_IN_FLIGHT_CHUNKS = 1024
 
+
 @dataclass
 class ProxyStats:
     """Counters of one proxy.

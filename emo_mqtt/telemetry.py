@@ -48,8 +48,9 @@ MAX_DEPTH = 32
 #: Largest payload accepted (bytes): our own metrics are a few kB.
 MAX_BYTES = 1 << 20
 #: Every ``TelemetryError.reason`` this module raises.
-REASONS = frozenset({"too_large", "not_utf8", "bad_json", "too_deep", "not_object",
-                     "bad_field", "missing_field"})
+REASONS = frozenset(
+    {"too_large", "not_utf8", "bad_json", "too_deep", "not_object", "bad_field", "missing_field"}
+)
 
 # A JSON string, loosened (any escape, any character, or running to the end of the text
 # unterminated): possessive, so it matches at every quote in linear time, never backtracks.
@@ -126,8 +127,7 @@ def _is_count(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     # parse_object only lets finite floats through; a caller's own dict may hold others.
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_str(value: Any) -> bool:
@@ -152,24 +152,45 @@ def _or_none(check: Check) -> Check:
 
 #: Known fields of ``status/<role>/<id>`` and their types (checked when present).
 STATUS_FIELDS: Mapping[str, Check] = {
-    "state": _is_str, "role": _is_str, "id": _is_str, "run": _is_str, "version": _is_str,
-    "round": _is_count, "time": _is_number,
+    "state": _is_str,
+    "role": _is_str,
+    "id": _is_str,
+    "run": _is_str,
+    "version": _is_str,
+    "round": _is_count,
+    "time": _is_number,
 }
 
 #: Known fields of ``metrics/<role>/<id>`` that consumers read, and their types.
 METRICS_FIELDS: Mapping[str, Check] = {
-    "role": _is_str, "id": _is_str, "run": _is_str, "algorithm": _is_str, "event": _is_str,
+    "role": _is_str,
+    "id": _is_str,
+    "run": _is_str,
+    "algorithm": _is_str,
+    "event": _is_str,
     "fl_model_sha256": _is_str,
-    "round": _is_count, "rounds": _is_count, "updates": _is_count, "reconnects": _is_count,
-    "bytes_out": _is_count, "bytes_in": _is_count, "messages_out": _is_count,
-    "messages_in": _is_count, "activation_bytes": _is_count,
-    "time": _is_number, "uptime_s": _is_number, "wall_s": _is_number,
+    "round": _is_count,
+    "rounds": _is_count,
+    "updates": _is_count,
+    "reconnects": _is_count,
+    "bytes_out": _is_count,
+    "bytes_in": _is_count,
+    "messages_out": _is_count,
+    "messages_in": _is_count,
+    "activation_bytes": _is_count,
+    "time": _is_number,
+    "uptime_s": _is_number,
+    "wall_s": _is_number,
     "train_wall_s": _is_number,
-    "accuracy": _or_none(_is_number), "fl_accuracy": _or_none(_is_number),
+    "accuracy": _or_none(_is_number),
+    "fl_accuracy": _or_none(_is_number),
     "loss": _or_none(_is_number),
     "final": _is_bool,
-    "bytes_out_by_kind": _is_counts, "bytes_in_by_kind": _is_counts, "rejected": _is_counts,
-    "cache": _is_object, "decision": _is_object,
+    "bytes_out_by_kind": _is_counts,
+    "bytes_in_by_kind": _is_counts,
+    "rejected": _is_counts,
+    "cache": _is_object,
+    "decision": _is_object,
 }
 
 #: Fields a metrics message must carry (not None) for its ``event``: what ``emo run``'s

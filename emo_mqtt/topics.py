@@ -282,11 +282,23 @@ def parse(value: str) -> ParsedTopic:
 
 
 #: Topic kinds whose publisher is not named in the topic: the server side's.
-_SERVER_SIDE = frozenset({Kind.SERVER_ROUND, Kind.SERVER_SFL_GRADIENTS, Kind.SERVER_DONE,
-                          Kind.CONTROL, Kind.INFER_RESPONSE})
-_ROLE_OF = {Kind.DEVICE_UPDATE: "device", Kind.DEVICE_ACTIVATIONS: "device",
-            Kind.DEVICE_SFL_ACTIVATIONS: "device", Kind.OVERLAY_MODEL: "overlay",
-            Kind.INFER_REQUEST: "client", Kind.BENCH: "bench"}
+_SERVER_SIDE = frozenset(
+    {
+        Kind.SERVER_ROUND,
+        Kind.SERVER_SFL_GRADIENTS,
+        Kind.SERVER_DONE,
+        Kind.CONTROL,
+        Kind.INFER_RESPONSE,
+    }
+)
+_ROLE_OF = {
+    Kind.DEVICE_UPDATE: "device",
+    Kind.DEVICE_ACTIVATIONS: "device",
+    Kind.DEVICE_SFL_ACTIVATIONS: "device",
+    Kind.OVERLAY_MODEL: "overlay",
+    Kind.INFER_REQUEST: "client",
+    Kind.BENCH: "bench",
+}
 
 
 @lru_cache(maxsize=4096)

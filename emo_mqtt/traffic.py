@@ -112,13 +112,14 @@ def read_log(path: str | Path) -> list[LogRow]:
         try:
             header = next(reader, None)
             if header is None:
-                raise ConfigError(f"{path}:1: empty file, expected the header "
-                                  f"{','.join(COLUMNS)}")
+                raise ConfigError(f"{path}:1: empty file, expected the header {','.join(COLUMNS)}")
             names = [name.strip() for name in header]
             missing = [c for c in COLUMNS if c not in names]
             if missing:
-                raise ConfigError(f"{path}:1: header lacks column(s) {', '.join(missing)} "
-                                  f"(expected {','.join(COLUMNS)})")
+                raise ConfigError(
+                    f"{path}:1: header lacks column(s) {', '.join(missing)} "
+                    f"(expected {','.join(COLUMNS)})"
+                )
             doubled = sorted({n for n in names if names.count(n) > 1})
             if doubled:
                 raise ConfigError(f"{path}:1: header repeats column(s) {', '.join(doubled)}")
@@ -127,8 +128,10 @@ def read_log(path: str | Path) -> list[LogRow]:
                     continue
                 line = reader.line_num
                 if len(fields) != len(names):
-                    raise ConfigError(f"{path}:{line}: {len(fields)} fields, expected "
-                                      f"{len(names)} ({','.join(names)})")
+                    raise ConfigError(
+                        f"{path}:{line}: {len(fields)} fields, expected "
+                        f"{len(names)} ({','.join(names)})"
+                    )
                 try:
                     rows.append(_row(dict(zip(names, fields, strict=True))))
                 except ValueError as exc:
@@ -187,8 +190,9 @@ def summarize_log(rows: Sequence[LogRow], bucket_s: float = DEFAULT_BUCKET_S) ->
     buckets: list[dict[str, Any]] = []
     if rows:
         count = int(max(r.time_s for r in rows) // bucket_s) + 1
-        buckets = [{"start_s": round(i * bucket_s, 6), "messages": 0, "bytes": 0}
-                   for i in range(count)]
+        buckets = [
+            {"start_s": round(i * bucket_s, 6), "messages": 0, "bytes": 0} for i in range(count)
+        ]
         for row in rows:
             bucket = buckets[min(int(row.time_s // bucket_s), count - 1)]
             bucket["messages"] += 1
@@ -242,8 +246,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         width = max([len(title), *map(len, table)])
         lines += ["", f"{title:<{width}} {'messages':>9} {'bytes':>13} {'share':>6}"]
         for name, entry in table.items():
-            lines.append(f"{name:<{width}} {entry['messages']:>9} {entry['bytes']:>13} "
-                         f"{100 * entry['bytes'] / total:>5.1f}%")
+            lines.append(
+                f"{name:<{width}} {entry['messages']:>9} {entry['bytes']:>13} "
+                f"{100 * entry['bytes'] / total:>5.1f}%"
+            )
     buckets: list[dict[str, Any]] = summary["buckets"]
     if buckets:
         peak = max(b["bytes"] for b in buckets) or 1
@@ -345,25 +351,29 @@ async def replay_log(
         size = payload_size(row.bytes, chunk_size)
         client_runs.setdefault(row.sender, new_run)
         plans.setdefault(row.sender, []).append(
-            (row.time_s / speed, f"emo/{new_run}/{rest}", size, row.qos, retain))
+            (row.time_s / speed, f"emo/{new_run}/{rest}", size, row.qos, retain)
+        )
     for plan in plans.values():
         plan.sort(key=lambda item: item[0])  # stable: log order among equal times
     total = sum(map(len, plans.values()))
     if skipped:
         say(f"replay: skipping {skipped} message(s) on topics outside emo/<run>/")
     if unretained:
-        say(f"replay: {unretained} retained message(s) larger than the chunk size "
-            f"({chunk_size} bytes) go out non-retained")
-    largest = max((size for plan in plans.values() for _t, _topic, size, _q, _r in plan),
-                  default=0)
+        say(
+            f"replay: {unretained} retained message(s) larger than the chunk size "
+            f"({chunk_size} bytes) go out non-retained"
+        )
+    largest = max((size for plan in plans.values() for _t, _topic, size, _q, _r in plan), default=0)
     buffer = memoryview(os.urandom(largest))  # every payload is a prefix of it
     sent = {sender: 0 for sender in plans}
     published_bytes = {sender: 0 for sender in plans}
     step = max(1, math.ceil(total / 10))
     clock = _ReplayClock()
     connected: dict[str, asyncio.Event] = {sender: asyncio.Event() for sender in plans}
-    say(f"replay: {total} messages from {len(plans)} sender(s) to {broker_url}, "
-        f"runs {', '.join(f'{a} -> {b}' for a, b in runs.items()) or '-'}, speed {speed:g}")
+    say(
+        f"replay: {total} messages from {len(plans)} sender(s) to {broker_url}, "
+        f"runs {', '.join(f'{a} -> {b}' for a, b in runs.items()) or '-'}, speed {speed:g}"
+    )
 
     async def replay_sender(sender: str, plan: list[tuple[float, str, int, int, bool]]) -> None:
         client_id = f"{client_runs[sender]}-replay-{sender}"
@@ -378,8 +388,10 @@ async def replay_log(
                 clock.done += 1
                 clock.last = time.monotonic()
                 if clock.done % step == 0 or clock.done == total:
-                    say(f"replay: {clock.done}/{total} messages "
-                        f"({100 * clock.done // total}%), {clock.last - clock.start:.1f} s")
+                    say(
+                        f"replay: {clock.done}/{total} messages "
+                        f"({100 * clock.done // total}%), {clock.last - clock.start:.1f} s"
+                    )
 
             async with asyncio.TaskGroup() as publishes:
                 for at, topic, size, qos, retain in plan:

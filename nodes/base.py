@@ -98,8 +98,15 @@ def json_safe(value: Any) -> Any:
 def status_payload(state: str, role: str, node_id: str, run: str, round: int = 0) -> bytes:
     """The retained status JSON of a node (its last will says ``offline``)."""
     return json.dumps(
-        {"state": state, "role": role, "id": node_id, "run": run,
-         "version": __version__, "round": round, "time": time.time()}
+        {
+            "state": state,
+            "role": role,
+            "id": node_id,
+            "run": run,
+            "version": __version__,
+            "round": round,
+            "time": time.time(),
+        }
     ).encode()
 
 
@@ -116,8 +123,13 @@ def node_bus(
     will = Message(status, status_payload("offline", role, node_id, run), 1, True)
     # A persistent session (clean_start False): QoS 1 messages queued while we are away wait
     # for us. A shaped run sizes publish deadlines to the node's link and outages (options).
-    return open_bus(broker, f"{run}-{role}-{node_id}", will=will, clean_start=False,
-                    options=options or BusOptions())
+    return open_bus(
+        broker,
+        f"{run}-{role}-{node_id}",
+        will=will,
+        clean_start=False,
+        options=options or BusOptions(),
+    )
 
 
 class NodeFailed(EmoError):
@@ -177,8 +189,9 @@ class Node:
         """
         self._seq += 1
         frame = codec.encode(body, kind=msg_kind, sender=self.node_id, run=self.run, seq=self._seq)
-        await self.bus.publish(topic(kind, self.run, node=node), frame, qos=qos, retain=retain,
-                               background=background)
+        await self.bus.publish(
+            topic(kind, self.run, node=node), frame, qos=qos, retain=retain, background=background
+        )
 
     async def publish_status(self, state: str) -> None:
         await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)
@@ -196,17 +209,23 @@ class Node:
         window = max(now - last_t, 1e-9)
         self._last_rates = (now, s.published_messages, s.published_bytes)
         return {
-            "role": self.role, "id": self.node_id, "run": self.run, "round": self.round,
-            "time": time.time(), "uptime_s": round(uptime, 3),
+            "role": self.role,
+            "id": self.node_id,
+            "run": self.run,
+            "round": self.round,
+            "time": time.time(),
+            "uptime_s": round(uptime, 3),
             "bytes_out": s.published_bytes,
             "bytes_out_by_kind": bytes_by_kind(s.bytes_out_by_topic),
             "bytes_in": s.received_bytes,
             "bytes_in_by_kind": dict(sorted(self.bytes_in_by_kind.items())),
-            "messages_out": s.published_messages, "messages_in": s.received_messages,
+            "messages_out": s.published_messages,
+            "messages_in": s.received_messages,
             "publish_rate_messages_per_s": round(s.published_messages / uptime, 3),
             "publish_rate_bytes_per_s": round(s.published_bytes / uptime, 1),
             "recent_publish_rate_messages_per_s": round(
-                (s.published_messages - last_msgs) / window, 3),
+                (s.published_messages - last_msgs) / window, 3
+            ),
             "recent_publish_rate_bytes_per_s": round((s.published_bytes - last_bytes) / window, 1),
             "rejected": dict(s.rejected),
             "reconnects": s.reconnects,
@@ -237,8 +256,9 @@ class Node:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("%s %s: background publish failed: %r", self.role, self.node_id,
-                        task.exception())
+            log.warning(
+                "%s %s: background publish failed: %r", self.role, self.node_id, task.exception()
+            )
 
     # -- incoming ---------------------------------------------------------------------------
     def on(self, kind: Kind, parse_body: Parser, handler: Handler) -> None:
@@ -287,9 +307,14 @@ class Node:
         """Log the exception being handled with its traceback, once per message kind."""
         if kind not in self._handler_failures:
             self._handler_failures.add(kind)
-            log.exception("%s %s: a message of kind %s on %s raised (further ones are "
-                          "counted in the metrics' rejected)", self.role, self.node_id, kind,
-                          where)
+            log.exception(
+                "%s %s: a message of kind %s on %s raised (further ones are "
+                "counted in the metrics' rejected)",
+                self.role,
+                self.node_id,
+                kind,
+                where,
+            )
 
     def _duplicate(self, envelope: codec.Envelope) -> bool:
         key = (envelope.sender, envelope.seq, envelope.time)

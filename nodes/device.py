@@ -58,7 +58,13 @@ class DeviceNode(Node):
     role = "device"
 
     def __init__(
-        self, bus: Bus, config: RunConfig, run: str, node_id: str, algorithm: str, data: Split,
+        self,
+        bus: Bus,
+        config: RunConfig,
+        run: str,
+        node_id: str,
+        algorithm: str,
+        data: Split,
     ) -> None:
         super().__init__(bus, config, run, node_id)
         #: Training speed relative to this machine: slower devices wait out the difference.
@@ -89,16 +95,26 @@ class DeviceNode(Node):
         self.activation_bytes = 0
         self.rounds_trained = 0
         self.last_loss = math.nan  # mean local training loss of the last round trained
-        self.on(Kind.SERVER_ROUND,
-                lambda body, _: RoundAnnouncement.from_body(body, limits=self.limits),
-                self._on_round)
-        self.on(Kind.SERVER_DONE, lambda body, _: Done.from_body(body, limits=self.limits),
-                self._on_done)
-        self.on(Kind.CONTROL, lambda body, _: Control.from_body(body, limits=self.limits),
-                self._on_control)
-        self.on(Kind.SERVER_SFL_GRADIENTS,
-                lambda body, _: SflGradients.from_body(body, limits=self.limits),
-                self._on_gradient)
+        self.on(
+            Kind.SERVER_ROUND,
+            lambda body, _: RoundAnnouncement.from_body(body, limits=self.limits),
+            self._on_round,
+        )
+        self.on(
+            Kind.SERVER_DONE,
+            lambda body, _: Done.from_body(body, limits=self.limits),
+            self._on_done,
+        )
+        self.on(
+            Kind.CONTROL,
+            lambda body, _: Control.from_body(body, limits=self.limits),
+            self._on_control,
+        )
+        self.on(
+            Kind.SERVER_SFL_GRADIENTS,
+            lambda body, _: SflGradients.from_body(body, limits=self.limits),
+            self._on_gradient,
+        )
 
     @property
     def decision(self) -> ControlDecision:
@@ -135,8 +151,14 @@ class DeviceNode(Node):
         action = self.strategy.on_round(msg)
         self.round = self.strategy.round
         if action is RoundAction.RESEND and self.strategy.last_update is not None:
-            self.spawn(self.send(Kind.DEVICE_UPDATE, self.strategy.last_update.to_body(),
-                                 msg_kind="update", node=self.node_id))
+            self.spawn(
+                self.send(
+                    Kind.DEVICE_UPDATE,
+                    self.strategy.last_update.to_body(),
+                    msg_kind="update",
+                    node=self.node_id,
+                )
+            )
             return
         if action is not RoundAction.TRAIN:
             return
@@ -156,8 +178,11 @@ class DeviceNode(Node):
         key = (msg.round, msg.batch)
         future = self._gradients.get(key)
         if future is None or future.done():
-            self.bus.reject("stale_gradient", topic(Kind.SERVER_SFL_GRADIENTS, self.run,
-                                                    node=self.node_id), f"no batch {key}")
+            self.bus.reject(
+                "stale_gradient",
+                topic(Kind.SERVER_SFL_GRADIENTS, self.run, node=self.node_id),
+                f"no batch {key}",
+            )
             return
         future.set_result(torch.as_tensor(np.asarray(msg.gradient)))
 
@@ -191,8 +216,9 @@ class DeviceNode(Node):
             try:
                 await self._flush_outbox(r, outbox)
             except EmoError as exc:  # a publish timed out or the bus closed: try the next
-                log.warning("device %s: round %d activations not published: %s",
-                            self.node_id, r, exc)
+                log.warning(
+                    "device %s: round %d activations not published: %s", self.node_id, r, exc
+                )
 
     # -- training ---------------------------------------------------------------------------
     async def _train_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
@@ -239,9 +265,9 @@ class DeviceNode(Node):
         if self.algorithm.uses_overlays:
             decision = await self._current_decision(r)
             # Its own stream: what is published never touches the training RNG.
-            capture = ActivationCapture(r, decision,
-                                        make_rng(c.run.seed, "activations", self.node_id, r),
-                                        outbox)
+            capture = ActivationCapture(
+                r, decision, make_rng(c.run.seed, "activations", self.node_id, r), outbox
+            )
         report, busy_s = await compute(
             _timed,
             train_local,
@@ -257,20 +283,28 @@ class DeviceNode(Node):
         await self._emulate_speed(busy_s)
         self.last_loss = float(report.loss)
         update = self.strategy.update(r, model, report.samples, report.loss)
-        await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update",
-                        node=self.node_id)
+        await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update", node=self.node_id)
         if capture is not None:
             self._queue_activations(r, outbox)
 
     async def _flush_outbox(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
         """Publish this round's activations in one message (chunked by the bus if large)."""
         msg = activations_message(r, outbox.pop_all(), tuple(self.model.activation_shape))
-        self.activation_bytes += int(msg.data.nbytes + msg.sample_ids.nbytes + msg.labels.nbytes
-                                     + (0 if msg.scale is None else msg.scale.nbytes))
+        self.activation_bytes += int(
+            msg.data.nbytes
+            + msg.sample_ids.nbytes
+            + msg.labels.nbytes
+            + (0 if msg.scale is None else msg.scale.nbytes)
+        )
         # In the background: on a slow uplink, the next round's FL update must not queue
         # behind megabytes of activations (FL never waits for the overlays).
-        await self.send(Kind.DEVICE_ACTIVATIONS, msg.to_body(), msg_kind=msg.KIND,
-                        node=self.node_id, background=True)
+        await self.send(
+            Kind.DEVICE_ACTIVATIONS,
+            msg.to_body(),
+            msg_kind=msg.KIND,
+            node=self.node_id,
+            background=True,
+        )
 
     async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
         client = SplitClient(self.config, self.data, r, weights, self.node_id)
@@ -282,8 +316,9 @@ class DeviceNode(Node):
             await self._emulate_speed(time.perf_counter() - began)
             future: asyncio.Future[torch.Tensor] = loop.create_future()
             self._gradients[(r, batch)] = future
-            await self.send(Kind.DEVICE_SFL_ACTIVATIONS, msg.to_body(), msg_kind=msg.KIND,
-                            node=self.node_id)
+            await self.send(
+                Kind.DEVICE_SFL_ACTIVATIONS, msg.to_body(), msg_kind=msg.KIND, node=self.node_id
+            )
             try:
                 grad = await asyncio.wait_for(future, self.config.sfl.gradient_timeout_s)
             except TimeoutError:
@@ -298,8 +333,7 @@ class DeviceNode(Node):
             await self._emulate_speed(time.perf_counter() - began)
         trunk, samples, loss = client.update()
         update = self.strategy.update(r, trunk, samples, loss)
-        await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update",
-                        node=self.node_id)
+        await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update", node=self.node_id)
 
 
 def _timed(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> tuple[R, float]:

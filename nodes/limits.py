@@ -25,8 +25,7 @@ def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = 
     """
     with torch.random.fork_rng(devices=[]):
         fl = build_fl_model(config.fl.model)
-        overlay = build_overlay_model(config.emo.overlay_model, fl.activation_shape,
-                                      fl.num_classes)
+        overlay = build_overlay_model(config.emo.overlay_model, fl.activation_shape, fl.num_classes)
     full = state_spec(state_to_numpy(fl))
     device_side = state_spec(state_to_numpy(fl.trunk)) if algorithm.is_split else full
     epochs, batch = config.fl.local_epochs, config.fl.batch_size

@@ -67,14 +67,21 @@ class OverlayNode(Node):
         self.resumed_version = 0
         # Read before the loop runs (a constructor cannot await); done once per process.
         self._load_checkpoint()
-        self.on(Kind.DEVICE_ACTIVATIONS,
-                lambda body, _: Activations.from_body(body, limits=self.limits),
-                self._on_activations)
-        self.on(Kind.SERVER_ROUND,
-                lambda body, _: RoundAnnouncement.from_body(body, limits=self.limits),
-                self._on_round)
-        self.on(Kind.SERVER_DONE, lambda body, _: Done.from_body(body, limits=self.limits),
-                self._on_done)
+        self.on(
+            Kind.DEVICE_ACTIVATIONS,
+            lambda body, _: Activations.from_body(body, limits=self.limits),
+            self._on_activations,
+        )
+        self.on(
+            Kind.SERVER_ROUND,
+            lambda body, _: RoundAnnouncement.from_body(body, limits=self.limits),
+            self._on_round,
+        )
+        self.on(
+            Kind.SERVER_DONE,
+            lambda body, _: Done.from_body(body, limits=self.limits),
+            self._on_done,
+        )
 
     # -- the strategy's state, as the node's attributes ---------------------------------------
     @property
@@ -102,12 +109,19 @@ class OverlayNode(Node):
         st = self.strategy
         s = st.cache.stats
         out.update(
-            version=st.version, resumed_version=self.resumed_version,
-            trained_round=st.trained_round, loss=st.last_loss,
+            version=st.version,
+            resumed_version=self.resumed_version,
+            trained_round=st.trained_round,
+            loss=st.last_loss,
             cache=st.cache.occupancy(self.round),
-            cache_stats={"offered": s.offered, "evicted": s.evicted, "purged": s.purged,
-                         "refilled": s.refilled, "sampled_entries": s.sampled_entries,
-                         "spilled": s.spilled},
+            cache_stats={
+                "offered": s.offered,
+                "evicted": s.evicted,
+                "purged": s.purged,
+                "refilled": s.refilled,
+                "sampled_entries": s.sampled_entries,
+                "spilled": s.spilled,
+            },
         )
         spill = st.cache.spill
         out.update(
@@ -132,8 +146,12 @@ class OverlayNode(Node):
             self.bus.reject("foreign_device", f"device/{device}/activations", env.sender)
             return
         if self.strategy.too_far_ahead(msg):
-            self.reject_message(msg.KIND, "ahead", f"device/{device}/activations",
-                                f"round {msg.round} while at {self.round}")
+            self.reject_message(
+                msg.KIND,
+                "ahead",
+                f"device/{device}/activations",
+                f"round {msg.round} while at {self.round}",
+            )
             return
         async with self.cache_lock:
             await asyncio.to_thread(self.strategy.store, device, msg)
@@ -150,12 +168,12 @@ class OverlayNode(Node):
         async with self.cache_lock:
             # Drawn in a worker thread (the spill tier may be read), one cache user at a time.
             batches = await asyncio.to_thread(st.replay_batches, r)
-        loss = (await compute(train_overlay_steps, st.model, st.optimizer, batches)
-                if batches else None)
+        loss = (
+            await compute(train_overlay_steps, st.model, st.optimizer, batches) if batches else None
+        )
         msg = st.trained(r, loss)
         if msg is not None:
-            await self.send(Kind.OVERLAY_MODEL, msg.to_body(), msg_kind=msg.KIND,
-                            node=self.node_id)
+            await self.send(Kind.OVERLAY_MODEL, msg.to_body(), msg_kind=msg.KIND, node=self.node_id)
             await self.publish_metrics()
 
     async def main(self) -> None:
@@ -184,11 +202,18 @@ class OverlayNode(Node):
             return
         arrays, meta = found
         if meta.get("run") != self.run or meta.get("id") != self.node_id:
-            log.warning("overlay %s: ignoring checkpoint of another run in %s", self.node_id,
-                        self.checkpoint_dir)
+            log.warning(
+                "overlay %s: ignoring checkpoint of another run in %s",
+                self.node_id,
+                self.checkpoint_dir,
+            )
             return
         self.strategy.restore(arrays, meta)
         self.resumed_version = self.strategy.version
-        log.info("overlay %s: resumed from version %d (round %d, %d cached entries)",
-                 self.node_id, self.strategy.version, self.strategy.trained_round,
-                 len(self.strategy.cache))
+        log.info(
+            "overlay %s: resumed from version %d (round %d, %d cached entries)",
+            self.node_id,
+            self.strategy.version,
+            self.strategy.trained_round,
+            len(self.strategy.cache),
+        )

@@ -91,15 +91,21 @@ class ServerNode(Node):
         self._overlay_event = asyncio.Event()
         self.final: dict[str, Any] = {}
         self.on_json(Kind.STATUS, self._on_status)
-        self.on(Kind.DEVICE_UPDATE,
-                lambda body, where: Update.from_body(body, limits=self.limits, sender=where.node),
-                self._on_update)
-        self.on(Kind.OVERLAY_MODEL,
-                lambda body, _: OverlayModelMsg.from_body(body, limits=self.limits),
-                self._on_overlay_model)
-        self.on(Kind.DEVICE_SFL_ACTIVATIONS,
-                lambda body, _: SflActivations.from_body(body, limits=self.limits),
-                self._on_sfl_activations)
+        self.on(
+            Kind.DEVICE_UPDATE,
+            lambda body, where: Update.from_body(body, limits=self.limits, sender=where.node),
+            self._on_update,
+        )
+        self.on(
+            Kind.OVERLAY_MODEL,
+            lambda body, _: OverlayModelMsg.from_body(body, limits=self.limits),
+            self._on_overlay_model,
+        )
+        self.on(
+            Kind.DEVICE_SFL_ACTIVATIONS,
+            lambda body, _: SflActivations.from_body(body, limits=self.limits),
+            self._on_sfl_activations,
+        )
 
     # -- what the strategy holds, as the node's attributes (tests, fleet, dashboards) --------
     @property
@@ -141,9 +147,13 @@ class ServerNode(Node):
     def metrics(self) -> dict[str, Any]:
         out = super().metrics()
         s = self.strategy
-        out.update(algorithm=self.algorithm.value, rejected_updates=s.rejected_updates,
-                   online=sorted(self.online), loss=s.last_loss,
-                   poisoned_overlays=s.poisoned_overlays)
+        out.update(
+            algorithm=self.algorithm.value,
+            rejected_updates=s.rejected_updates,
+            online=sorted(self.online),
+            loss=s.last_loss,
+            poisoned_overlays=s.poisoned_overlays,
+        )
         if s.history:
             last = s.history[-1]
             out["last_round"] = last
@@ -174,27 +184,38 @@ class ServerNode(Node):
             return
         self._update_event.set()
 
-    async def _on_overlay_model(self, where: ParsedTopic, env: Envelope,
-                                msg: OverlayModelMsg) -> None:
+    async def _on_overlay_model(
+        self, where: ParsedTopic, env: Envelope, msg: OverlayModelMsg
+    ) -> None:
         overlay = where.node or ""
         refused = self.strategy.on_overlay_model(overlay, msg)
         if refused is not None:
-            reason = "stale_overlay_model" if overlay in self.config.overlay_ids() else (
-                "unknown_overlay")
+            reason = (
+                "stale_overlay_model"
+                if overlay in self.config.overlay_ids()
+                else ("unknown_overlay")
+            )
             self.bus.reject(reason, f"overlay/{overlay}/model", refused)
             return
         self._overlay_event.set()
 
     def on_invalid(self, where: ParsedTopic, envelope: Envelope, error: MessageError) -> None:
         # A model with NaN/inf weights or loss is poisoned: out of the ensemble, flagged.
-        if (where.kind is Kind.OVERLAY_MODEL and error.reason == "non_finite"
-                and where.node in self.config.overlay_ids()):
-            log.warning("server: overlay %s sent a poisoned model (%s); it leaves the ensemble",
-                        where.node, error.detail)
+        if (
+            where.kind is Kind.OVERLAY_MODEL
+            and error.reason == "non_finite"
+            and where.node in self.config.overlay_ids()
+        ):
+            log.warning(
+                "server: overlay %s sent a poisoned model (%s); it leaves the ensemble",
+                where.node,
+                error.detail,
+            )
             self.strategy.poison(where.node)
 
-    async def _on_sfl_activations(self, where: ParsedTopic, env: Envelope,
-                                  msg: SflActivations) -> None:
+    async def _on_sfl_activations(
+        self, where: ParsedTopic, env: Envelope, msg: SflActivations
+    ) -> None:
         device = where.node or ""
         out = self.strategy.on_sfl_activations(device, msg)
         if isinstance(out, str):
@@ -205,9 +226,15 @@ class ServerNode(Node):
 
     async def publish(self, item: Outgoing) -> None:
         """Publish one message a strategy returned."""
-        await self.send(item.kind, item.message.to_body(), msg_kind=item.message.KIND,
-                        node=item.node, retain=item.retain, qos=item.qos,
-                        background=item.background)
+        await self.send(
+            item.kind,
+            item.message.to_body(),
+            msg_kind=item.message.KIND,
+            node=item.node,
+            retain=item.retain,
+            qos=item.qos,
+            background=item.background,
+        )
 
     # -- the run ----------------------------------------------------------------------------
     async def _wait_for_fleet(self) -> None:
@@ -225,8 +252,7 @@ class ServerNode(Node):
 
     async def _evaluate(self, final: bool) -> dict[str, Any]:
         s = self.strategy
-        return await compute(evaluate, s.model, self.plan, final, s.ensemble(),
-                             s.overlay_rounds())
+        return await compute(evaluate, s.model, self.plan, final, s.ensemble(), s.overlay_rounds())
 
     async def main(self) -> None:
         c = self.config
@@ -259,9 +285,13 @@ class ServerNode(Node):
         """
         while not collector.ready(time.monotonic()):
             if collector.failed(time.monotonic()):
-                log.warning("server: round %d closed at its deadline with %d of %d updates "
-                            "needed; the global model is unchanged", collector.round,
-                            len(collector.received), collector.min_updates)
+                log.warning(
+                    "server: round %d closed at its deadline with %d of %d updates "
+                    "needed; the global model is unchanged",
+                    collector.round,
+                    len(collector.received),
+                    collector.min_updates,
+                )
                 return None
             await wait_event(self._update_event, 0.25)
         if not collector.received:
@@ -288,8 +318,9 @@ class ServerNode(Node):
             log.warning("server: ignoring checkpoint of another run in %s", self.checkpoint_dir)
             return 0
         self.round = self.resumed_from = self.strategy.restore(arrays, meta)
-        log.info("server: resumed from the checkpoint of round %d in %s", self.round,
-                 self.checkpoint_dir)
+        log.info(
+            "server: resumed from the checkpoint of round %d in %s", self.round, self.checkpoint_dir
+        )
         return self.round
 
     async def _wait_for_overlays(self, r: int, timeout_s: float) -> None:
@@ -335,7 +366,12 @@ class ServerNode(Node):
         np.savez(self.out_dir / "fl_model.npz", allow_pickle=False, **state)
         if ensemble is not None:
             ensemble.save(self.out_dir / "ensemble.npz")
-        meta = {"run": self.run, "algorithm": self.algorithm.value,
-                "fl_model": self.config.fl.model, "history": self.history,
-                "final": self.final, "decisions": self.decisions}
+        meta = {
+            "run": self.run,
+            "algorithm": self.algorithm.value,
+            "fl_model": self.config.fl.model,
+            "history": self.history,
+            "final": self.final,
+            "decisions": self.decisions,
+        }
         (self.out_dir / "server.json").write_text(json.dumps(meta, indent=2, default=float))

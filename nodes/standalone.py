@@ -35,12 +35,17 @@ async def run_standalone(
         raise ConfigError(f"--algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
     known = {"server": ["server"], "overlay": config.overlay_ids(), "device": config.device_ids()}
     if node_id not in known[role]:
-        raise ConfigError(f"--id {node_id!r} is not a {role} of {config_path}: "
-                          f"use one of {', '.join(known[role])}")
+        raise ConfigError(
+            f"--id {node_id!r} is not a {role} of {config_path}: "
+            f"use one of {', '.join(known[role])}"
+        )
     if config.network.enabled:
         # The proxies live in `emo run`'s process; a standalone node uses its real network.
-        log.warning("%s: the [network] section is not applied by `emo node` (only `emo run` "
-                    "shapes links); this node uses the network it is on", config_path)
+        log.warning(
+            "%s: the [network] section is not applied by `emo node` (only `emo run` "
+            "shapes links); this node uses the network it is on",
+            config_path,
+        )
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     node: Node
@@ -49,12 +54,25 @@ async def run_standalone(
     # With --out, the server and overlays checkpoint there and resume after a restart.
     bus = node_bus(broker, run, role, node_id)
     if role == "server":
-        node = ServerNode(bus, config, run, algorithm, plan, node_id=node_id, out_dir=where,
-                          checkpoint_dir=None if where is None else where / "checkpoint" / "server")
+        node = ServerNode(
+            bus,
+            config,
+            run,
+            algorithm,
+            plan,
+            node_id=node_id,
+            out_dir=where,
+            checkpoint_dir=None if where is None else where / "checkpoint" / "server",
+        )
     elif role == "overlay":
-        node = OverlayNode(bus, config, run, node_id,
-                           spill_dir=None if where is None else where / "spill" / node_id,
-                           checkpoint_dir=None if where is None else where / "checkpoint" / node_id)
+        node = OverlayNode(
+            bus,
+            config,
+            run,
+            node_id,
+            spill_dir=None if where is None else where / "spill" / node_id,
+            checkpoint_dir=None if where is None else where / "checkpoint" / node_id,
+        )
     else:
         node = DeviceNode(bus, config, run, node_id, algorithm, plan.device(node_id))
     await node.run_node()

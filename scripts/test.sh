@@ -14,7 +14,7 @@ for arg in "$@"; do
 done
 bash scripts/setup.sh --dev
 . .venv/bin/activate
-echo "== ruff" && ruff check .
+echo "== ruff" && ruff check . && ruff format --check .
 echo "== imports" && lint-imports --no-cache
 echo "== mypy" && mypy
 if ((fast)); then

@@ -51,8 +51,9 @@ def _brokers_only_in_broker_tests(
         return
 
     def refuse(self: BrokerHandle) -> None:
-        pytest.fail(f"{request.node.nodeid} starts a broker: mark it @pytest.mark.broker",
-                    pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} starts a broker: mark it @pytest.mark.broker", pytrace=False
+        )
 
     monkeypatch.setattr(BrokerHandle, "start", refuse)
 
@@ -115,8 +116,12 @@ def fleet() -> Iterator[Fleet]:
         summary = provision(out, 2, 1, port=port, bind="127.0.0.1")
         assert "warning" not in summary, summary
         log = (out / "mosquitto.log").open("wb")
-        proc = subprocess.Popen([str(binary), "-c", str(out / "mosquitto.conf")],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(binary), "-c", str(out / "mosquitto.conf")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 10
             while True:

@@ -28,14 +28,25 @@ State = dict[str, np.ndarray]
 def honest(n: int, seed: int = 0) -> list[tuple[str, State, int]]:
     """``n`` honest updates scattered around 1.0 (and an integer counter)."""
     rng = np.random.default_rng(seed)
-    return [(f"dev{i:02d}", {"w": rng.normal(1.0, 0.1, size=(3, 4)).astype(np.float32),
-                             "steps": np.array(10 + i, dtype=np.int64)}, 100)
-            for i in range(n)]
+    return [
+        (
+            f"dev{i:02d}",
+            {
+                "w": rng.normal(1.0, 0.1, size=(3, 4)).astype(np.float32),
+                "steps": np.array(10 + i, dtype=np.int64),
+            },
+            100,
+        )
+        for i in range(n)
+    ]
 
 
 def poison(value: float, samples: int = 100) -> tuple[str, State, int]:
-    return ("dev99", {"w": np.full((3, 4), value, dtype=np.float32),
-                      "steps": np.array(0, dtype=np.int64)}, samples)
+    return (
+        "dev99",
+        {"w": np.full((3, 4), value, dtype=np.float32), "steps": np.array(0, dtype=np.int64)},
+        samples,
+    )
 
 
 def test_median_and_trimmed_mean_of_known_values() -> None:
@@ -57,8 +68,10 @@ def test_one_outlier_cannot_move_median_or_trimmed_mean_out_of_the_honest_range(
     ups = honest(7)
     lo = np.min([u[1]["w"] for u in ups], axis=0)
     hi = np.max([u[1]["w"] for u in ups], axis=0)
-    for aggregated in (coordinate_median([*ups, poison(outlier, 10**15)]),
-                       trimmed_mean([*ups, poison(outlier, 10**15)], 0.1)):
+    for aggregated in (
+        coordinate_median([*ups, poison(outlier, 10**15)]),
+        trimmed_mean([*ups, poison(outlier, 10**15)], 0.1),
+    ):
         assert np.all(aggregated["w"] >= lo) and np.all(aggregated["w"] <= hi)
     # FedAvg, by contrast, follows the outlier's claimed weight all the way.
     assert np.allclose(fedavg([*ups, poison(outlier, 10**15)])["w"], outlier, atol=1e-3)
@@ -83,8 +96,7 @@ def test_robust_aggregators_are_order_independent_and_validate() -> None:
             out = aggregate(list(perm), name)
             assert all(np.array_equal(out[k], ref[k]) for k in ref)
         assert ref["steps"].dtype == np.int64
-    bad = [*ups, ("dev50", {"w": np.full((3, 4), np.nan, np.float32),
-                            "steps": np.array(1)}, 100)]
+    bad = [*ups, ("dev50", {"w": np.full((3, 4), np.nan, np.float32), "steps": np.array(1)}, 100)]
     for name in AGGREGATORS:
         with pytest.raises(UpdateRejected, match="non-finite"):
             aggregate(bad, name)
@@ -109,8 +121,13 @@ def test_sample_weight_is_capped_by_the_data_plan() -> None:
     assert np.allclose(res.state["w"], expected, atol=1e-6)
     assert res.n_samples == 600
     # A device that has no share of the plan is refused, not weighed.
-    c = RoundCollector(round=1, expected=["dev00", "dev77"], min_updates=1, deadline_s=1.0,
-                       max_samples={"dev00": 200})
+    c = RoundCollector(
+        round=1,
+        expected=["dev00", "dev77"],
+        min_updates=1,
+        deadline_s=1.0,
+        max_samples={"dev00": 200},
+    )
     assert not c.add("dev77", ups[0][1], 10, now=0.0)
     assert "data plan" in c.rejected["dev77"]
 
@@ -119,8 +136,7 @@ def test_honest_caps_change_no_bit_of_fedavg() -> None:
     ups = honest(5, seed=8)
     caps = {d: n for d, _, n in ups}
     plain = RoundCollector(round=1, expected=caps, min_updates=5, deadline_s=1.0)
-    capped = RoundCollector(round=1, expected=caps, min_updates=5, deadline_s=1.0,
-                            max_samples=caps)
+    capped = RoundCollector(round=1, expected=caps, min_updates=5, deadline_s=1.0, max_samples=caps)
     for d, s, n in ups:
         assert plain.add(d, s, n, 0.0) and capped.add(d, s, n, 0.0)
     a, b = plain.result().state, capped.result().state
@@ -154,9 +170,15 @@ def test_norm_reference_is_not_zeroed_by_a_zero_update_round() -> None:
 
 
 def _collect(reference: State, update: State, norm_reference: float | None) -> bool:
-    c = RoundCollector(round=1, expected=["a"], min_updates=1, deadline_s=1.0,
-                       reference=reference, max_norm_ratio=10.0,
-                       norm_reference=norm_reference)
+    c = RoundCollector(
+        round=1,
+        expected=["a"],
+        min_updates=1,
+        deadline_s=1.0,
+        reference=reference,
+        max_norm_ratio=10.0,
+        norm_reference=norm_reference,
+    )
     if not c.add("a", update, 10, 0.0):
         raise UpdateRejected(c.rejected["a"])
     return True
@@ -164,17 +186,23 @@ def _collect(reference: State, update: State, norm_reference: float | None) -> b
 
 def test_collector_aggregator_choice_and_errors() -> None:
     ups = [*honest(4), poison(1e3)]
-    c = RoundCollector(round=1, expected=[u[0] for u in ups], min_updates=5, deadline_s=1.0,
-                       aggregator="median")
+    c = RoundCollector(
+        round=1, expected=[u[0] for u in ups], min_updates=5, deadline_s=1.0, aggregator="median"
+    )
     for d, s, n in ups:
         assert c.add(d, s, n, 0.0)
     assert np.all(c.result().state["w"] < 2.0)
     with pytest.raises(ConfigError, match="aggregator"):
-        RoundCollector(round=1, expected=["a"], min_updates=1, deadline_s=1.0,
-                       aggregator="krum")
+        RoundCollector(round=1, expected=["a"], min_updates=1, deadline_s=1.0, aggregator="krum")
     with pytest.raises(ConfigError, match="trim_fraction"):
-        RoundCollector(round=1, expected=["a"], min_updates=1, deadline_s=1.0,
-                       aggregator="trimmed_mean", trim_fraction=-0.1)
+        RoundCollector(
+            round=1,
+            expected=["a"],
+            min_updates=1,
+            deadline_s=1.0,
+            aggregator="trimmed_mean",
+            trim_fraction=-0.1,
+        )
 
 
 def test_scenario_selects_the_aggregator() -> None:

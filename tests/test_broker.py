@@ -319,8 +319,9 @@ def test_port_in_use_raises_with_log_tail() -> None:
 
 def test_run_foreground_forwards_sigterm() -> None:
     port = find_free_port()
-    code = ("import sys; from emo_mqtt.broker.launch import run_foreground as r; "
-            f"sys.exit(r({port}))")
+    code = (
+        f"import sys; from emo_mqtt.broker.launch import run_foreground as r; sys.exit(r({port}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     try:
         assert launch.wait_until(lambda: launch.port_open("127.0.0.1", port), 10)

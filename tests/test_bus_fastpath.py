@@ -51,8 +51,9 @@ class _Aiomqtt:
 def test_problems_names_each_difference() -> None:
     found = fastpath.problems(_Aiomqtt(), "3.0.0")
     assert "aiomqtt 3.0.0 is not a 2.x release" in found
-    assert any(p.startswith("aiomqtt.Client._on_message('self', 'message') differs")
-               for p in found), found
+    assert any(
+        p.startswith("aiomqtt.Client._on_message('self', 'message') differs") for p in found
+    ), found
     assert "aiomqtt.Client._on_socket_open is missing" in found
     assert "paho.Client._send_publish is missing" in found
     assert "paho.Client._sock is missing" not in found  # present: not reported
@@ -102,8 +103,9 @@ async def test_last_chunk_waits_for_the_others_acknowledgements(
     # a delayed ACK: the last frame goes only once every other frame is acknowledged, so
     # that it carries that ACK (docs/performance.md). Events, not timings, are checked.
     options = BusOptions(chunk_size=1040)  # 1000 bytes of data per frame: six frames
-    pub = MqttBus(mosquitto.url, f"lastchunk-{plain}", clean_start=True, plain=plain,
-                  options=options)
+    pub = MqttBus(
+        mosquitto.url, f"lastchunk-{plain}", clean_start=True, plain=plain, options=options
+    )
     events: list[tuple[str, int]] = []
     original = pub._publish_chunk
 

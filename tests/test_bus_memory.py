@@ -163,8 +163,15 @@ def test_options_are_validated() -> None:
 
 def tiny_chunk(n: int, declared: int) -> bytes:
     """A 41-byte chunk frame: one byte of a transfer (id ``n``) declaring ``declared`` bytes."""
-    head = struct.pack("<3sB16sQQI", CHUNK_MAGIC, CHUNK_VERSION, n.to_bytes(16, "big"),
-                       declared, 0, zlib.crc32(b"\x00"))
+    head = struct.pack(
+        "<3sB16sQQI",
+        CHUNK_MAGIC,
+        CHUNK_VERSION,
+        n.to_bytes(16, "big"),
+        declared,
+        0,
+        zlib.crc32(b"\x00"),
+    )
     return head + b"\x00"
 
 

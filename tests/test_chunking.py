@@ -377,8 +377,9 @@ def test_declared_sizes_are_reserved_not_allocated() -> None:
     tracemalloc.start()
     try:
         r.feed("t", _header_only(b"a" * 16, total, offset=0), 0.0, sender="s")
-        r.feed("t", _header_only(b"b" * 16, total // 64, offset=total // 64 - 1), 0.0,
-               sender="other")  # out of order: its last byte first
+        r.feed(
+            "t", _header_only(b"b" * 16, total // 64, offset=total // 64 - 1), 0.0, sender="other"
+        )  # out of order: its last byte first
         r.feed("t", _header_only(b"a" * 16, total, offset=total - 1), 0.0, sender="s")
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -391,12 +392,23 @@ def test_declared_sizes_are_reserved_not_allocated() -> None:
 def test_a_sender_over_its_transfer_cap_locks_out_only_itself() -> None:
     r = Reassembler(max_sender_bytes=10_000, max_sender_transfers=3)
     for i in range(3):
-        assert r.feed("emo/r/device/dev07/update", _header_only(bytes([i]) * 16, 3000), 0.0,
-                      sender="device/dev07") is None
+        assert (
+            r.feed(
+                "emo/r/device/dev07/update",
+                _header_only(bytes([i]) * 16, 3000),
+                0.0,
+                sender="device/dev07",
+            )
+            is None
+        )
     for i in range(3, 200):
         with pytest.raises(ChunkError, match="transfers in progress") as caught:
-            r.feed("emo/r/device/dev07/update", _header_only(bytes([i]) * 16, 1000), 0.0,
-                   sender="device/dev07")
+            r.feed(
+                "emo/r/device/dev07/update",
+                _header_only(bytes([i]) * 16, 1000),
+                0.0,
+                sender="device/dev07",
+            )
         assert caught.value.reason == "sender_transfers"
     assert r.stats.rejected == {"sender_transfers": 197}
     assert r.held_bytes == 3 and r.sender_pending_bytes("device/dev07") == 9000

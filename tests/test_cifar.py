@@ -40,8 +40,9 @@ def records(n: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) + seed) % 10
     pixels = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-    raw = b"".join(bytes([int(label)]) + img.tobytes() for label, img in zip(labels, pixels,
-                                                                             strict=True))
+    raw = b"".join(
+        bytes([int(label)]) + img.tobytes() for label, img in zip(labels, pixels, strict=True)
+    )
     return raw, labels, pixels
 
 
@@ -110,8 +111,14 @@ def cifar_config(data_dir: Path, **data: object) -> dict[str, object]:
         "run": {"rounds": 1, "seed": 3},
         "fleet": {"devices": 4, "overlays": 2},
         "fl": {"model": "cnn-small@3x32x32"},
-        "data": {"dataset": "cifar10", "data_dir": str(data_dir), "validation_samples": 100,
-                 "eval_samples_per_round": 100, "samples_per_device": 0, **data},
+        "data": {
+            "dataset": "cifar10",
+            "data_dir": str(data_dir),
+            "validation_samples": 100,
+            "eval_samples_per_round": 100,
+            "samples_per_device": 0,
+            **data,
+        },
     }
 
 
@@ -129,9 +136,15 @@ def test_one_training_step_on_cifar_through_the_data_plan(
     model = build_fl_model(config.fl.model)
     before = {k: v.copy() for k, v in state_to_numpy(model).items()}
     captured: list[torch.Tensor] = []
-    report = train_local(model, data, epochs=1, batch_size=len(data), lr=0.1,
-                         generator=make_generator(0, "t"),
-                         on_activations=lambda _i, acts, _y: captured.append(acts))
+    report = train_local(
+        model,
+        data,
+        epochs=1,
+        batch_size=len(data),
+        lr=0.1,
+        generator=make_generator(0, "t"),
+        on_activations=lambda _i, acts, _y: captured.append(acts),
+    )
     assert report.batches == 1 and np.isfinite(report.loss)
     after = state_to_numpy(model)
     assert any(not np.array_equal(before[k], after[k]) for k in before)
@@ -150,16 +163,28 @@ def test_the_plan_refuses_a_fleet_the_copy_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         plan_data(config)
     text = str(err.value)
-    for part in ("fleet.devices 30", "data.min_samples_per_device 10", "300 training samples",
-                 "only 200 are available", "300 in cifar10 minus data.validation_samples 100"):
+    for part in (
+        "fleet.devices 30",
+        "data.min_samples_per_device 10",
+        "300 training samples",
+        "only 200 are available",
+        "300 in cifar10 minus data.validation_samples 100",
+    ):
         assert part in text, text
 
 
 @pytest.mark.parametrize("partition", ["iid", "shards"])
 def test_other_partitions_and_size_skew_on_cifar(tmp_path: Path, partition: str) -> None:
     write_cifar(tmp_path)
-    config = from_dict(cifar_config(tmp_path, partition=partition, shards_per_device=2,
-                                    size_skew="lognormal", samples_per_device=40))
+    config = from_dict(
+        cifar_config(
+            tmp_path,
+            partition=partition,
+            shards_per_device=2,
+            size_skew="lognormal",
+            samples_per_device=40,
+        )
+    )
     plan = plan_data(config)
     sizes = [len(plan.device(d)) for d in config.device_ids()]
     assert sum(sizes) == 160 and min(sizes) >= 10
@@ -181,18 +206,33 @@ def test_paper_cifar10_scenario_is_the_paper_run_on_cifar(
 # took an input shape (commit 2169867): Fashion-MNIST's models must stay bit-identical.
 MODEL_STATES = [
     ("cnn-small", None, "00b6a48f8a7fe30e2875e12e11a7eb59d408bc35ab53b82d9bc6f276bb31740c"),
-    ("cnn-small", "overlay-cnn",
-     "49455f97db8e5bccf5577f0f505b7bdb0cf6f513546e2362d82ae04382da4fb4"),
-    ("cnn-small", "overlay-mlp",
-     "b944659ece912cc62e59d660f7e617e212ea82f8c922e377012a57a0c901eaa6"),
+    (
+        "cnn-small",
+        "overlay-cnn",
+        "49455f97db8e5bccf5577f0f505b7bdb0cf6f513546e2362d82ae04382da4fb4",
+    ),
+    (
+        "cnn-small",
+        "overlay-mlp",
+        "b944659ece912cc62e59d660f7e617e212ea82f8c922e377012a57a0c901eaa6",
+    ),
     ("cnn-small-late", None, "03543e8ac52630265f87dda9eee518f744b1ffa6f22a043874adc2cf3c9d1a3c"),
-    ("cnn-small-late", "overlay-cnn",
-     "644df3d6e9503d0df2bfe565dab420df6071f782715b02db2095a0950bfc6333"),
-    ("cnn-small-late", "overlay-mlp",
-     "8cd288d548c2a59069b30d15b1028ff6a39dd480c68c4fc9a38c5b6f74f3fbf3"),
+    (
+        "cnn-small-late",
+        "overlay-cnn",
+        "644df3d6e9503d0df2bfe565dab420df6071f782715b02db2095a0950bfc6333",
+    ),
+    (
+        "cnn-small-late",
+        "overlay-mlp",
+        "8cd288d548c2a59069b30d15b1028ff6a39dd480c68c4fc9a38c5b6f74f3fbf3",
+    ),
     ("mlp-small", None, "ddd0c7c9e0fc01f4a54051e41917e4e46791735c6b90f8c24e47ee3b605ff222"),
-    ("mlp-small", "overlay-mlp",
-     "0d9fba0d5350ffba9359dc7c12a11db03fff5c57a908e0ba4e1489a11e7143fd"),
+    (
+        "mlp-small",
+        "overlay-mlp",
+        "0d9fba0d5350ffba9359dc7c12a11db03fff5c57a908e0ba4e1489a11e7143fd",
+    ),
 ]
 
 
@@ -205,8 +245,9 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 @pytest.mark.parametrize(("fl_name", "overlay", "digest"), MODEL_STATES)
-def test_fashion_models_initialise_as_before(fl_name: str, overlay: str | None,
-                                             digest: str) -> None:
+def test_fashion_models_initialise_as_before(
+    fl_name: str, overlay: str | None, digest: str
+) -> None:
     torch.manual_seed(7)
     fl = build_fl_model(fl_name)
     if overlay is None:

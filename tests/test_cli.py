@@ -236,7 +236,8 @@ def test_bad_broker_url_for_bench_exits_2(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_an_unreachable_broker_is_one_line_before_any_data_is_loaded(
-    capsys: pytest.CaptureFixture[str], tiny_scenario: Callable[[str], Path],
+    capsys: pytest.CaptureFixture[str],
+    tiny_scenario: Callable[[str], Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import emo_mqtt.fleet
@@ -251,8 +252,9 @@ def test_an_unreachable_broker_is_one_line_before_any_data_is_loaded(
         code = main(["run", str(tiny_scenario("unreach")), "--broker", f"tcp://127.0.0.1:{port}"])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == f"emo: error: cannot reach the broker at tcp://127.0.0.1:{port}: " \
-        "Connection refused"
+    assert (
+        err == f"emo: error: cannot reach the broker at tcp://127.0.0.1:{port}: Connection refused"
+    )
 
 
 def test_algorithms_may_be_written_with_spaces(
@@ -260,16 +262,33 @@ def test_algorithms_may_be_written_with_spaces(
 ) -> None:
     # An unknown name is reported by the config check, before any broker is needed: the
     # message lists what was parsed, which shows that "fl, emo" became ["fl", "emo"].
-    assert main(["run", str(tiny_scenario("spaces")), "--algorithms", "fl, emo, nope",
-                 "--broker", "mqtt://127.0.0.1:9"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_scenario("spaces")),
+                "--algorithms",
+                "fl, emo, nope",
+                "--broker",
+                "mqtt://127.0.0.1:9",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown 'nope'" in err and "' emo'" not in err
 
 
 @pytest.mark.parametrize(
     ("argv", "level"),
-    [(["topics"], 0), (["-v", "topics"], 1), (["topics", "-v"], 1),
-     (["topics", "-vv"], 2), (["bench", "bus", "-v"], 1), (["-v", "topics", "-vv"], 2)],
+    [
+        (["topics"], 0),
+        (["-v", "topics"], 1),
+        (["topics", "-v"], 1),
+        (["topics", "-vv"], 2),
+        (["bench", "bus", "-v"], 1),
+        (["-v", "topics", "-vv"], 2),
+    ],
 )
 def test_verbose_goes_before_or_after_the_subcommand(argv: list[str], level: int) -> None:
     from emo_mqtt.cli import build_parser
@@ -287,6 +306,19 @@ def test_infer_refuses_a_negative_limit(capsys: pytest.CaptureFixture[str]) -> N
 def test_a_device_node_needs_its_id(
     capsys: pytest.CaptureFixture[str], tiny_scenario: Callable[[str], Path]
 ) -> None:
-    assert main(["node", "device", "--broker", "mqtt://127.0.0.1:9", "--run", "t1",
-                 "--config", str(tiny_scenario("noid"))]) == 2
+    assert (
+        main(
+            [
+                "node",
+                "device",
+                "--broker",
+                "mqtt://127.0.0.1:9",
+                "--run",
+                "t1",
+                "--config",
+                str(tiny_scenario("noid")),
+            ]
+        )
+        == 2
+    )
     assert "emo node device needs --id" in capsys.readouterr().err

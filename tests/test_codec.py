@@ -426,8 +426,10 @@ MALFORMED = [
     (raw_frame(envelope({"x": tensor_ext(), "y": tensor_ext()}), bytes(16)), "expected 8"),
     (raw_frame(envelope({"x": tensor_ext(), "y": tensor_ext(offset=16)}), bytes(24)), "expec"),
     (
-        raw_frame(envelope({"x": tensor_ext(code=9), "y": tensor_ext(code=9, offset=8)}),
-                  bytes(2) + b"\x01" + bytes(7)),
+        raw_frame(
+            envelope({"x": tensor_ext(code=9), "y": tensor_ext(code=9, offset=8)}),
+            bytes(2) + b"\x01" + bytes(7),
+        ),
         "non-zero padding",
     ),
     (raw_frame(envelope({"x": tensor_ext(dims=(1,) * 33)})), "ndim 33 exceeds 32"),

@@ -105,8 +105,7 @@ def test_scenarios_readme_documents_every_network_key() -> None:
     assert "## `[network]`" in text
     network = text.split("## `[network]`", 1)[1]
     top = _known_keys({"zzz": 1})
-    event = _known_keys({"events": [{"at_s": 0, "target": "dev00", "action": "up",
-                                     "zzz": 1}]})
+    event = _known_keys({"events": [{"at_s": 0, "target": "dev00", "action": "up", "zzz": 1}]})
     duty = _known_keys({"duty_cycle": [{"zzz": 1}]})
     availability = _known_keys({"availability": {"zzz": 1}})
     node = _known_keys({"nodes": {"dev00": {"zzz": 1}}})
@@ -122,8 +121,14 @@ def test_scenarios_readme_documents_every_network_key() -> None:
         assert f"`{column}`" in network.split("### CSV trace", 1)[1], f"trace column {column}"
     for action in ACTIONS:
         assert f"`{action}`" in network, f"action {action}"
-    for section in ("### Link classes", "### Events", "### CSV trace", "### Duty cycles",
-                    "### FedScale availability", "### Compute speed"):
+    for section in (
+        "### Link classes",
+        "### Events",
+        "### CSV trace",
+        "### Duty cycles",
+        "### FedScale availability",
+        "### Compute speed",
+    ):
         assert section in network, section
     fleet = text.split("## `[fleet]`", 1)[1].split("\n## ", 1)[0]
     assert "| `device_compute_speed` |" in fleet
@@ -135,26 +140,42 @@ def test_scenarios_readme_documents_every_network_key() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"data": {"partition": "shards", "shards_per_device": 0}},
-         "data.shards_per_device: must be at least 1, got 0"),
-        ({"data": {"min_samples_per_device": 0}},
-         "data.min_samples_per_device: must be at least 1"),
+        (
+            {"data": {"partition": "shards", "shards_per_device": 0}},
+            "data.shards_per_device: must be at least 1, got 0",
+        ),
+        (
+            {"data": {"min_samples_per_device": 0}},
+            "data.min_samples_per_device: must be at least 1",
+        ),
         ({"data": {"size_skew": "zipf"}}, "data.size_skew: 'zipf' is not one of"),
         ({"data": {"size_sigma": -1}}, "data.size_sigma: must be > 0, got -1.0"),
         ({"data": {"size_exponent": 0}}, "data.size_exponent: must be > 0"),
-        ({"data": {"samples_per_device": 5}},
-         "data.samples_per_device: 5 is below data.min_samples_per_device 10"),
+        (
+            {"data": {"samples_per_device": 5}},
+            "data.samples_per_device: 5 is below data.min_samples_per_device 10",
+        ),
         ({"data": {"dataset": "cifar100"}}, "data.dataset: 'cifar100' is not one of"),
-        ({"data": {"dataset": "cifar10"}},
-         "fl.model 'cnn-small' takes 1x28x28 images but data.dataset 'cifar10' has 3x32x32: "
-         'use fl.model = "cnn-small@3x32x32"'),
+        (
+            {"data": {"dataset": "cifar10"}},
+            "fl.model 'cnn-small' takes 1x28x28 images but data.dataset 'cifar10' has 3x32x32: "
+            'use fl.model = "cnn-small@3x32x32"',
+        ),
         ({"fl": {"model": "mlp-small@3x32x32"}}, 'use fl.model = "mlp-small"'),
         ({"fl": {"model": "cnn-small@3x32"}}, "fl.model: model 'cnn-small@3x32'"),
         ({"data": {"validation_samples": 60_000}}, "data.validation_samples: 60000 leaves no"),
-        ({"fleet": {"devices": 10, "overlays": 2},
-          "data": {"partition": "shards", "shards_per_device": 3,
-                   "min_samples_per_device": 5800, "samples_per_device": 0}},
-         "give shards of 1933 samples, a device 5799: below data.min_samples_per_device 5800"),
+        (
+            {
+                "fleet": {"devices": 10, "overlays": 2},
+                "data": {
+                    "partition": "shards",
+                    "shards_per_device": 3,
+                    "min_samples_per_device": 5800,
+                    "samples_per_device": 0,
+                },
+            },
+            "give shards of 1933 samples, a device 5799: below data.min_samples_per_device 5800",
+        ),
     ],
 )
 def test_bad_data_values_are_named(raw: dict[str, object], message: str) -> None:
@@ -165,25 +186,56 @@ def test_bad_data_values_are_named(raw: dict[str, object], message: str) -> None
 
 def test_fleet_too_large_for_the_data_is_refused_naming_the_numbers() -> None:
     with pytest.raises(ConfigError) as err:
-        from_dict({"fleet": {"devices": 1000},
-                   "data": {"min_samples_per_device": 100, "validation_samples": 2000}})
+        from_dict(
+            {
+                "fleet": {"devices": 1000},
+                "data": {"min_samples_per_device": 100, "validation_samples": 2000},
+            }
+        )
     text = str(err.value)
-    for number in ("1000 devices", "data.min_samples_per_device 100", "100000 training samples",
-                   "fashion-mnist has 58000", "60000 minus data.validation_samples 2000"):
+    for number in (
+        "1000 devices",
+        "data.min_samples_per_device 100",
+        "100000 training samples",
+        "fashion-mnist has 58000",
+        "60000 minus data.validation_samples 2000",
+    ):
         assert number in text, text
     # The same fleet with a minimum the data holds is accepted; CIFAR-10 holds fewer.
-    assert from_dict({"fleet": {"devices": 1000},
-                      "data": {"min_samples_per_device": 58}}).data.min_samples_per_device == 58
+    assert (
+        from_dict(
+            {"fleet": {"devices": 1000}, "data": {"min_samples_per_device": 58}}
+        ).data.min_samples_per_device
+        == 58
+    )
     with pytest.raises(ConfigError, match="cifar10 has 48000"):
-        from_dict({"fleet": {"devices": 1000}, "fl": {"model": "cnn-small@3x32x32"},
-                   "data": {"dataset": "cifar10", "min_samples_per_device": 49}})
+        from_dict(
+            {
+                "fleet": {"devices": 1000},
+                "fl": {"model": "cnn-small@3x32x32"},
+                "data": {"dataset": "cifar10", "min_samples_per_device": 49},
+            }
+        )
 
 
 def test_new_data_keys_are_read() -> None:
-    c = from_dict({"data": {"partition": "shards", "shards_per_device": 3, "size_skew": "powerlaw",
-                            "size_exponent": 2.5, "size_sigma": 0.5, "min_samples_per_device": 20}})
-    assert (c.data.partition, c.data.shards_per_device, c.data.size_skew) == ("shards", 3,
-                                                                               "powerlaw")
+    c = from_dict(
+        {
+            "data": {
+                "partition": "shards",
+                "shards_per_device": 3,
+                "size_skew": "powerlaw",
+                "size_exponent": 2.5,
+                "size_sigma": 0.5,
+                "min_samples_per_device": 20,
+            }
+        }
+    )
+    assert (c.data.partition, c.data.shards_per_device, c.data.size_skew) == (
+        "shards",
+        3,
+        "powerlaw",
+    )
     assert c.data.size_exponent == 2.5 and c.data.size_sigma == 0.5
     assert c.data.min_samples_per_device == 20
     assert c.to_dict()["data"]["size_skew"] == "powerlaw"

@@ -37,8 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def status(run: str, role: str, node: str, state: str = "online") -> tuple[str, bytes]:
-    body = {"state": state, "role": role, "id": node, "run": run, "version": "0.1.0",
-            "round": 0, "time": 1000.0}
+    body = {
+        "state": state,
+        "role": role,
+        "id": node,
+        "run": run,
+        "version": "0.1.0",
+        "round": 0,
+        "time": 1000.0,
+    }
     return f"emo/{run}/status/{role}/{node}", json.dumps(body).encode()
 
 
@@ -63,20 +70,41 @@ def fleet() -> FleetState:
         status("q-emo", "device", "dev0"),
         status("q-emo", "device", "dev1"),
         status("q-emo", "overlay", "ovl0"),
-        metrics("q-emo", "device", "dev0", round=1, bytes_out_by_kind={"weights": 100,
-                "activations": 50}, rejected={"bad_payload": 0},
-                decision={"fraction": 0.5, "precision": "fp16", "interval": 2},
-                activation_bytes=50),
-        metrics("q-emo", "overlay", "ovl0", round=1, loss=float("nan"),
-                bytes_out_by_kind={"weights": 1000},
-                cache={"entries": 10, "capacity": 100, "bytes": 640, "mean_staleness": 0.5}),
-        metrics("q-emo", "server", "server", event="round", round=1, accuracy=0.5,
-                fl_accuracy=0.4, updates=2, wall_s=1.0, bytes_out_by_kind={"weights": 10},
-                rejected={"duplicate": 3}),
+        metrics(
+            "q-emo",
+            "device",
+            "dev0",
+            round=1,
+            bytes_out_by_kind={"weights": 100, "activations": 50},
+            rejected={"bad_payload": 0},
+            decision={"fraction": 0.5, "precision": "fp16", "interval": 2},
+            activation_bytes=50,
+        ),
+        metrics(
+            "q-emo",
+            "overlay",
+            "ovl0",
+            round=1,
+            loss=float("nan"),
+            bytes_out_by_kind={"weights": 1000},
+            cache={"entries": 10, "capacity": 100, "bytes": 640, "mean_staleness": 0.5},
+        ),
+        metrics(
+            "q-emo",
+            "server",
+            "server",
+            event="round",
+            round=1,
+            accuracy=0.5,
+            fl_accuracy=0.4,
+            updates=2,
+            wall_s=1.0,
+            bytes_out_by_kind={"weights": 10},
+            rejected={"duplicate": 3},
+        ),
         status("q-emo", "device", "dev1", "offline"),
         status("q-fl", "server", "server"),
-        metrics("q-fl", "server", "server", event="round", round=1, accuracy=0.3,
-                fl_accuracy=0.3),
+        metrics("q-fl", "server", "server", event="round", round=1, accuracy=0.3, fl_accuracy=0.3),
     ]:
         assert state.ingest(*message)
     return state
@@ -90,8 +118,9 @@ def test_fleet_state_snapshot() -> None:
     assert run["online"] == {"device": 1, "overlay": 1, "server": 1}
     assert run["total"] == {"device": 2, "overlay": 1, "server": 1}
     assert (run["online_count"], run["node_count"]) == (3, 4)
-    assert run["accuracy"] == [{"round": 1, "accuracy": 0.5, "fl_accuracy": 0.4,
-                                "wall_s": 1.0, "updates": 2.0}]
+    assert run["accuracy"] == [
+        {"round": 1, "accuracy": 0.5, "fl_accuracy": 0.4, "wall_s": 1.0, "updates": 2.0}
+    ]
     assert run["latest_accuracy"] == 0.5 and not run["done"]
     assert run["bytes_by_kind"] == {"activations": 50, "weights": 1110}
     assert run["bytes"][-1]["by_kind"] == run["bytes_by_kind"]
@@ -106,8 +135,11 @@ def test_fleet_state_snapshot() -> None:
 
 def test_fleet_state_done_and_restart() -> None:
     state = fleet()
-    state.ingest(*metrics("q-emo", "server", "server", event="done", accuracy=0.8658,
-                          fl_accuracy=0.7, rounds=1))
+    state.ingest(
+        *metrics(
+            "q-emo", "server", "server", event="done", accuracy=0.8658, fl_accuracy=0.7, rounds=1
+        )
+    )
     run = state.snapshot()["runs"]["q-emo"]
     assert run["done"] and run["latest_accuracy"] == 0.8658
     offline = [a for a in state.snapshot()["alerts"] if a["kind"] == "offline"]
@@ -128,15 +160,33 @@ def test_fleet_state_never_raises() -> None:
     assert not state.ingest("other/topic", b"{}")
     assert not state.ingest("emo/r1/status/wizard/d0", b"{}")  # unknown role
     # Wrong types in known fields: the message is skipped, not half taken.
-    for wrong in ({"round": "x"}, {"bytes_out_by_kind": [1]}, {"rejected": {"a": "many"}},
-                  {"rejected": {"b": -1}}, {"cache": None}):
+    for wrong in (
+        {"round": "x"},
+        {"bytes_out_by_kind": [1]},
+        {"rejected": {"a": "many"}},
+        {"rejected": {"b": -1}},
+        {"cache": None},
+    ):
         assert not state.ingest(*metrics("r1", "device", "d0", **wrong))
     # Unknown fields and wrong values inside known objects are the consumer's to clean.
-    assert state.ingest(*metrics("r1", "device", "d0", rejected={"c": 2}, hue="blue",
-                                 decision={"fraction": "half"}, loss=float("nan")))
+    assert state.ingest(
+        *metrics(
+            "r1",
+            "device",
+            "d0",
+            rejected={"c": 2},
+            hue="blue",
+            decision={"fraction": "half"},
+            loss=float("nan"),
+        )
+    )
     assert (state.malformed, state.ignored, state.messages) == (8, 3, 1)
-    assert state.malformed_by_reason == {"bad_json": 1, "not_object": 1, "not_utf8": 1,
-                                         "bad_field": 5}
+    assert state.malformed_by_reason == {
+        "bad_json": 1,
+        "not_object": 1,
+        "not_utf8": 1,
+        "bad_field": 5,
+    }
     snap = state.snapshot()
     json.dumps(snap, allow_nan=False)
     assert snap["runs"]["r1"]["rejected"] == {"c": 2}
@@ -218,23 +268,35 @@ async def wait_for_state(port: int, check: Any, timeout: float = 10) -> dict[str
 async def test_http_endpoints(mosquitto: BrokerHandle) -> None:
     port = free_port()
     run = f"dash-http-{os.getpid()}"
-    async with dashboard(mosquitto.url, port), open_bus(
-        mosquitto.url, f"dash-test-{os.getpid()}", clean_start=True
-    ) as bus:
+    async with (
+        dashboard(mosquitto.url, port),
+        open_bus(mosquitto.url, f"dash-test-{os.getpid()}", clean_start=True) as bus,
+    ):
         # SSE: the first event is the current snapshot.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert b"200 OK" in head and b"text/event-stream" in head
 
-        for message in [status(run, "server", "server"), status(run, "device", "d0"),
-                        metrics(run, "server", "server", event="round", round=1,
-                                accuracy=0.75, fl_accuracy=0.7,
-                                bytes_out_by_kind={"weights": 123}),
-                        (f"emo/{run}/metrics/device/d0", b"{broken")]:
+        for message in [
+            status(run, "server", "server"),
+            status(run, "device", "d0"),
+            metrics(
+                run,
+                "server",
+                "server",
+                event="round",
+                round=1,
+                accuracy=0.75,
+                fl_accuracy=0.7,
+                bytes_out_by_kind={"weights": 123},
+            ),
+            (f"emo/{run}/metrics/device/d0", b"{broken"),
+        ]:
             await bus.publish(*message, retain=message[0].split("/")[2] == "status")
-        state = await wait_for_state(port, lambda s: run in s["runs"] and s["malformed"] >= 1
-                                     and s["runs"][run]["accuracy"])
+        state = await wait_for_state(
+            port, lambda s: run in s["runs"] and s["malformed"] >= 1 and s["runs"][run]["accuracy"]
+        )
         assert state["connected"] and state["broker"] == mosquitto.url
         assert state["runs"][run]["online_count"] == 2
         assert state["runs"][run]["latest_accuracy"] == 0.75
@@ -262,8 +324,14 @@ async def test_http_endpoints(mosquitto: BrokerHandle) -> None:
         code, _, _ = await http(port, b"HEAD /api/state HTTP/1.1\r\n\r\n")
         assert code == 200
 
-        for path in ("/nope", "/static/", "/static/../server.py", "/static/..%2fserver.py",
-                     "/static/__init__.py", "/api/state/x"):
+        for path in (
+            "/nope",
+            "/static/",
+            "/static/../server.py",
+            "/static/..%2fserver.py",
+            "/static/__init__.py",
+            "/api/state/x",
+        ):
             assert (await get(port, path))[0] == 404, path
         assert (await http(port, b"GARBAGE\r\n\r\n"))[0] == 400
         assert (await http(port, b"GET nothing HTTP/1.1\r\n\r\n"))[0] == 400
@@ -280,10 +348,19 @@ async def test_http_endpoints(mosquitto: BrokerHandle) -> None:
 
 # ----------------------------------------------------------------------- the browser
 SHORT_RUN = {
-    "run": {"name": "dash", "seed": 3, "rounds": 2, "algorithms": ["fl", "emo"],
-            "target_accuracy": 0.5},
-    "data": {"alpha": 0.5, "samples_per_device": 300, "validation_samples": 500,
-             "eval_samples_per_round": 500},
+    "run": {
+        "name": "dash",
+        "seed": 3,
+        "rounds": 2,
+        "algorithms": ["fl", "emo"],
+        "target_accuracy": 0.5,
+    },
+    "data": {
+        "alpha": 0.5,
+        "samples_per_device": 300,
+        "validation_samples": 500,
+        "eval_samples_per_round": 500,
+    },
     "fleet": {"devices": 4, "overlays": 2, "min_updates": 2, "round_deadline_s": 60},
     "emo": {"overlay_steps_per_round": 20, "cache_entries": 2000},
 }
@@ -300,11 +377,22 @@ async def chromium(url: str, tmp: Path, *extra: str) -> str:
     if not Path(CHROMIUM).exists():
         pytest.fail(CHROMIUM_MISSING, pytrace=False)
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}",
-        "--timeout=15000", *extra, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--timeout=15000",
+        *extra,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -347,8 +435,13 @@ async def test_dashboard_in_chromium(mosquitto: BrokerHandle, tmp_path: Path) ->
         assert "no overlay in this run" not in dom
 
         shot = tmp_path / "dash.png"
-        await chromium(f"http://127.0.0.1:{port}/", tmp_path, f"--screenshot={shot}",
-                       "--window-size=1280,1000", "--hide-scrollbars")
+        await chromium(
+            f"http://127.0.0.1:{port}/",
+            tmp_path,
+            f"--screenshot={shot}",
+            "--window-size=1280,1000",
+            "--hide-scrollbars",
+        )
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if os.environ.get("EMO_UPDATE_SCREENSHOT") == "1":
             shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
@@ -363,7 +456,7 @@ async def test_broker_loss_is_shown_and_survived(fresh_mosquitto: BrokerHandle) 
         fresh_mosquitto.stop()
         state = await wait_for_state(port, lambda s: not s["connected"])
         assert not state["connected"], "the page says when the broker is gone"
-        assert (await get(port, "/")) [0] == 200, "and the page is still served"
+        assert (await get(port, "/"))[0] == 200, "and the page is still served"
         fresh_mosquitto.start()
         async with open_bus(fresh_mosquitto.url, "dash-loss", clean_start=True) as bus:
             await bus.publish(*status("dash-loss", "server", "server"), retain=True)

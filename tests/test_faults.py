@@ -34,8 +34,7 @@ from emo_mqtt.topics import Kind
 ROUNDS = 4
 BASE: dict[str, Any] = {
     "run": {"name": "faults", "rounds": ROUNDS, "algorithms": ["fl"]},
-    "data": {"samples_per_device": 200, "validation_samples": 300,
-             "eval_samples_per_round": 300},
+    "data": {"samples_per_device": 200, "validation_samples": 300, "eval_samples_per_round": 300},
     "fleet": {"devices": 4, "overlays": 2, "min_updates": 2, "round_deadline_s": 30},
     "emo": {"overlay_steps_per_round": 5, "cache_entries": 1000},
 }
@@ -71,8 +70,13 @@ async def crash(node: Node, task: asyncio.Task[None]) -> None:
 
 
 async def fleet(
-    url: str, config: RunConfig, algorithm: str, plan: DataPlan, *,
-    during: During | None = None, checkpoint_dir: Path | None = None,
+    url: str,
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    *,
+    during: During | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[ServerNode, list[Node], Any]:
     """Run one fleet to its end with ``during`` running beside it; (server, others, result).
 
@@ -80,8 +84,7 @@ async def fleet(
     run when it replaced the server, else anything.
     """
     await reset_run(url, config, algorithm)
-    server, others = build_nodes(url, config, algorithm, plan, None,
-                                 checkpoint_dir=checkpoint_dir)
+    server, others = build_nodes(url, config, algorithm, plan, None, checkpoint_dir=checkpoint_dir)
     tasks = {n.node_id: asyncio.create_task(n.run_node()) for n in others}
     tasks["server"] = asyncio.create_task(server.run_node())
     side = asyncio.create_task(during(server, others, tasks)) if during else None
@@ -92,8 +95,9 @@ async def fleet(
             if isinstance(result, ServerNode):
                 server = result
         await asyncio.wait_for(tasks["server"], timeout=80)
-        await asyncio.wait_for(asyncio.gather(*(tasks[n.node_id] for n in others),
-                                              return_exceptions=True), timeout=30)
+        await asyncio.wait_for(
+            asyncio.gather(*(tasks[n.node_id] for n in others), return_exceptions=True), timeout=30
+        )
     finally:
         for task in tasks.values():
             task.cancel()
@@ -139,7 +143,8 @@ def test_broker_restart_mid_round_loses_nothing(
         await until(lambda: server.bus.stats.reconnects >= 1, "the server reconnecting")
 
     server, others, _ = asyncio.run(
-        fleet(fresh_mosquitto.url, config_with(), "fl", plan, during=restart))
+        fleet(fresh_mosquitto.url, config_with(), "fl", plan, during=restart)
+    )
     assert_complete(server)
     assert all(n.bus.stats.reconnects >= 1 for n in [server, *others])
     assert server.final["fl_model_sha256"] == clean_hash
@@ -151,8 +156,9 @@ def test_device_crash_mid_round_closes_at_deadline(
     """dev03 dies while training round 2: rounds 2.. close at their deadline with 3 updates."""
     config = config_with(round_deadline_s=1.5)
 
-    async def kill_dev03(server: ServerNode, others: list[Node],
-                         tasks: dict[str, asyncio.Task[None]]) -> None:
+    async def kill_dev03(
+        server: ServerNode, others: list[Node], tasks: dict[str, asyncio.Task[None]]
+    ) -> None:
         dev = next(n for n in others if n.node_id == "dev03")
         send, dying = dev.send, asyncio.Event()
 
@@ -185,8 +191,9 @@ def test_overlay_crash_leaves_fl_untouched_and_resumes_from_checkpoint(
     ckpt = tmp_path / "ckpt"
     seen: dict[str, Any] = {}
 
-    async def kill_ovl0(server: ServerNode, others: list[Node],
-                        tasks: dict[str, asyncio.Task[None]]) -> OverlayNode:
+    async def kill_ovl0(
+        server: ServerNode, others: list[Node], tasks: dict[str, asyncio.Task[None]]
+    ) -> OverlayNode:
         old = next(n for n in others if n.node_id == "ovl0")
         assert isinstance(old, OverlayNode)
         meta = ckpt / "emo" / "ovl0" / "overlay.json"
@@ -195,16 +202,22 @@ def test_overlay_crash_leaves_fl_untouched_and_resumes_from_checkpoint(
         seen["checkpoint"] = json.loads(meta.read_text())
         await asyncio.sleep(0.5)  # the fleet carries on without it
         run = run_id(config, "emo")
-        new = OverlayNode(node_bus(fresh_mosquitto.url, run, "overlay", "ovl0"), config, run,
-                          "ovl0", checkpoint_dir=ckpt / "emo" / "ovl0")
+        new = OverlayNode(
+            node_bus(fresh_mosquitto.url, run, "overlay", "ovl0"),
+            config,
+            run,
+            "ovl0",
+            checkpoint_dir=ckpt / "emo" / "ovl0",
+        )
         seen["restored_entries"] = len(new.cache)
         seen["restored_version"] = new.resumed_version
         tasks["ovl0"] = asyncio.create_task(new.run_node())
         seen["new"] = new
         return new
 
-    server, _, _ = asyncio.run(fleet(fresh_mosquitto.url, config, "emo", plan, during=kill_ovl0,
-                                     checkpoint_dir=ckpt))
+    server, _, _ = asyncio.run(
+        fleet(fresh_mosquitto.url, config, "emo", plan, during=kill_ovl0, checkpoint_dir=ckpt)
+    )
     assert_complete(server)
     assert server.final["fl_model_sha256"] == clean_hash  # FL never noticed
     new: OverlayNode = seen["new"]
@@ -222,8 +235,9 @@ def test_server_restart_resumes_from_checkpoint(
     config = config_with()
     ckpt = tmp_path / "ckpt"
 
-    async def kill_server(server: ServerNode, others: list[Node],
-                          tasks: dict[str, asyncio.Task[None]]) -> ServerNode:
+    async def kill_server(
+        server: ServerNode, others: list[Node], tasks: dict[str, asyncio.Task[None]]
+    ) -> ServerNode:
         collect, dying = server._collect, asyncio.Event()
 
         async def collect_or_die(collector: RoundCollector) -> Any:
@@ -241,13 +255,20 @@ def test_server_restart_resumes_from_checkpoint(
         meta = json.loads((ckpt / "fl" / "server" / "server.json").read_text())
         assert meta["round"] == 2
         run = run_id(config, "fl")
-        new = ServerNode(node_bus(fresh_mosquitto.url, run, "server", "server"), config, run,
-                         "fl", plan, checkpoint_dir=ckpt / "fl" / "server")
+        new = ServerNode(
+            node_bus(fresh_mosquitto.url, run, "server", "server"),
+            config,
+            run,
+            "fl",
+            plan,
+            checkpoint_dir=ckpt / "fl" / "server",
+        )
         tasks["server"] = asyncio.create_task(new.run_node())
         return new
 
-    server, _, _ = asyncio.run(fleet(fresh_mosquitto.url, config, "fl", plan,
-                                     during=kill_server, checkpoint_dir=ckpt))
+    server, _, _ = asyncio.run(
+        fleet(fresh_mosquitto.url, config, "fl", plan, during=kill_server, checkpoint_dir=ckpt)
+    )
     assert server.resumed_from == 2
     assert_complete(server)
     assert [h["round"] for h in server.history[:2]] == [1, 2]  # from the checkpoint
@@ -281,8 +302,12 @@ def test_duplicated_and_replayed_updates_never_count_twice(
                     await bus.publish(message.topic, frame)  # the same envelope, twice
                     await bus.publish(message.topic, frame)
                     # The same update in a new envelope (as a device sending it again).
-                    await bus.publish(message.topic, encode(
-                        env.body, kind="update", sender=env.sender, run=run, seq=10_000 + sent))
+                    await bus.publish(
+                        message.topic,
+                        encode(
+                            env.body, kind="update", sender=env.sender, run=run, seq=10_000 + sent
+                        ),
+                    )
                     sent += 4
                     kept.append((message.topic, frame))
 
@@ -330,9 +355,16 @@ def test_forged_updates_never_reach_the_average(
                 r = int(env.body["round"])
                 for state in forgeries(env.body["weights"]):
                     sent += 1
-                    await bus.publish(f"emo/{run}/device/dev00/update", encode(
-                        {"round": r, "weights": state, "samples": 200, "loss": 0.1},
-                        kind="update", sender="dev00", run=run, seq=1_000_000 + sent))
+                    await bus.publish(
+                        f"emo/{run}/device/dev00/update",
+                        encode(
+                            {"round": r, "weights": state, "samples": 200, "loss": 0.1},
+                            kind="update",
+                            sender="dev00",
+                            run=run,
+                            seq=1_000_000 + sent,
+                        ),
+                    )
                 if r >= ROUNDS:
                     break
         return sent

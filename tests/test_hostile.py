@@ -71,8 +71,15 @@ async def _until(condition: Callable[[], bool], what: str, within_s: float = TIM
 
 def _tiny_chunk(n: int, declared: int, offset: int = 0) -> bytes:
     """41 bytes: a chunk header of transfer ``n`` declaring ``declared`` bytes, one data byte."""
-    head = struct.pack("<3sB16sQQI", CHUNK_MAGIC, CHUNK_VERSION, n.to_bytes(16, "big"),
-                       declared, offset, zlib.crc32(b"\x00"))
+    head = struct.pack(
+        "<3sB16sQQI",
+        CHUNK_MAGIC,
+        CHUNK_VERSION,
+        n.to_bytes(16, "big"),
+        declared,
+        offset,
+        zlib.crc32(b"\x00"),
+    )
     return head + b"\x00"
 
 
@@ -125,8 +132,9 @@ BAD_TELEMETRY: dict[str, bytes] = {
     "too_deep": b"[" * 5000 + b"]" * 5000,
     "not_object": b"[1]",
     "bad_json": b'{"state": "online", "round": ',
-    "bad_field": json.dumps({"state": "online", "round": "three", "bytes_out": -1,
-                             "rejected": {"x": "many"}}).encode(),
+    "bad_field": json.dumps(
+        {"state": "online", "round": "three", "bytes_out": -1, "rejected": {"x": "many"}}
+    ).encode(),
 }
 
 
@@ -141,8 +149,9 @@ async def _plant(bus: MqttBus, run: str, device: str) -> None:
 async def _clear(bus: MqttBus, run: str, device: str) -> None:
     for n in range(len(BAD_TELEMETRY)):
         for kind in (Kind.STATUS, Kind.METRICS):
-            await bus.publish(topic(kind, run, node=f"{device}{n}", role="device"), b"",
-                              retain=True)
+            await bus.publish(
+                topic(kind, run, node=f"{device}{n}", role="device"), b"", retain=True
+            )
 
 
 def _server_metrics(run: str, **body: object) -> tuple[str, bytes]:
@@ -160,25 +169,54 @@ async def test_monitor_skips_and_counts_telemetry_that_is_not_ours(
         await monitor.start()
         try:
             # A device forging the server's events on its own metrics topic.
-            await attacker.publish(topic(Kind.METRICS, run, node="dev77", role="device"),
-                                   json.dumps({"event": "done", "accuracy": 1.0,
-                                               "fl_accuracy": 1.0,
-                                               "fl_model_sha256": "forged"}).encode())
+            await attacker.publish(
+                topic(Kind.METRICS, run, node="dev77", role="device"),
+                json.dumps(
+                    {
+                        "event": "done",
+                        "accuracy": 1.0,
+                        "fl_accuracy": 1.0,
+                        "fl_model_sha256": "forged",
+                    }
+                ).encode(),
+            )
             async with MqttBus(mosquitto.url, f"{run}-server", clean_start=True) as server:
-                round_ = {"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5,
-                          "updates": 2, "wall_s": 1.0, "bytes_out": 100}
+                round_ = {
+                    "event": "round",
+                    "round": 1,
+                    "accuracy": 0.5,
+                    "fl_accuracy": 0.5,
+                    "updates": 2,
+                    "wall_s": 1.0,
+                    "bytes_out": 100,
+                }
                 await server.publish(*_server_metrics(run, **round_))
                 await server.publish(*_server_metrics(run, event="round", round=2))  # no acc
-                await server.publish(*_server_metrics(
-                    run, event="done", accuracy=0.5, fl_accuracy=0.5, final=True,
-                    fl_model_sha256="abc", bytes_out=200, rejected={"duplicate": 1}))
+                await server.publish(
+                    *_server_metrics(
+                        run,
+                        event="done",
+                        accuracy=0.5,
+                        fl_accuracy=0.5,
+                        final=True,
+                        fl_model_sha256="abc",
+                        bytes_out=200,
+                        rejected={"duplicate": 1},
+                    )
+                )
                 await _until(lambda: monitor.done is not None, "the server's done event")
             await _until(lambda: sum(monitor.skipped.values()) == 6, "every bad message")
         finally:
             await monitor.close()
             await _clear(attacker, run, "dev7")
-    assert monitor.skipped == {"too_deep": 1, "not_object": 1, "bad_json": 1,
-                               "bad_field": 1, "not_server": 1, "missing_field": 1}
+    assert monitor.skipped == {
+        "too_deep": 1,
+        "not_object": 1,
+        "bad_json": 1,
+        "bad_field": 1,
+        "not_server": 1,
+        "missing_field": 1,
+    }
     assert monitor.done is not None and monitor.done["fl_model_sha256"] == "abc"
     assert [h["round"] for h in monitor.history] == [1]
     assert monitor.bytes_so_far() == 200
@@ -203,22 +241,27 @@ async def test_dashboard_survives_retained_bad_telemetry_and_counts_it(
     run = "hostile-dash"
     async with MqttBus(mosquitto.url, f"{run}-dev77", clean_start=True) as attacker:
         await _plant(attacker, run, "dev7")
-        await attacker.publish(topic(Kind.STATUS, run, node="dev00", role="device"),
-                               json.dumps({"state": "online", "round": 1}).encode(),
-                               retain=True)
+        await attacker.publish(
+            topic(Kind.STATUS, run, node="dev00", role="device"),
+            json.dumps({"state": "online", "round": 1}).encode(),
+            retain=True,
+        )
         try:
             # Twice: `emo dashboard` restarted finds the same retained messages again.
             for _ in range(2):
                 port = find_free_port()
                 stop, ready = asyncio.Event(), asyncio.Event()
                 task = asyncio.create_task(
-                    serve_dashboard(mosquitto.url, "127.0.0.1", port, ready=ready, stop=stop))
+                    serve_dashboard(mosquitto.url, "127.0.0.1", port, ready=ready, stop=stop)
+                )
                 await asyncio.wait_for(ready.wait(), TIMEOUT_S)
                 deadline = time.monotonic() + TIMEOUT_S
                 while True:
                     state = await _api_state(port)
-                    if state["malformed_by_reason"].get("bad_field", 0) >= 2 and run in state[
-                            "runs"]:
+                    if (
+                        state["malformed_by_reason"].get("bad_field", 0) >= 2
+                        and run in state["runs"]
+                    ):
                         break
                     assert time.monotonic() < deadline, state
                     await asyncio.sleep(0.05)
@@ -226,13 +269,18 @@ async def test_dashboard_survives_retained_bad_telemetry_and_counts_it(
                 stop.set()
                 await asyncio.wait_for(task, TIMEOUT_S)
                 # Retained: 4 bad payloads on a status and a metrics topic each.
-                assert state["malformed_by_reason"] == {"bad_field": 2, "bad_json": 2,
-                                                        "not_object": 2, "too_deep": 2}
+                assert state["malformed_by_reason"] == {
+                    "bad_field": 2,
+                    "bad_json": 2,
+                    "not_object": 2,
+                    "too_deep": 2,
+                }
                 assert state["runs"][run]["online"] == {"device": 1}
         finally:
             await _clear(attacker, run, "dev7")
-            await attacker.publish(topic(Kind.STATUS, run, node="dev00", role="device"), b"",
-                                   retain=True)
+            await attacker.publish(
+                topic(Kind.STATUS, run, node="dev00", role="device"), b"", retain=True
+            )
 
 
 # ----------------------------------------------------------------- provisioned identities
@@ -294,6 +342,8 @@ async def test_a_certificate_acts_only_as_its_own_identity(fleet: Fleet) -> None
         assert dev00.connected and dev00.stats.reconnects == 0
     # The publish as dev00 was dropped by the ACLs: the broker took the connection for
     # dev01 (the certificate's CN), whose update arrived.
-    assert (got.topic, bytes(got.payload)) == (topic(Kind.DEVICE_UPDATE, run, node="dev01"),
-                                               b"as dev01")
+    assert (got.topic, bytes(got.payload)) == (
+        topic(Kind.DEVICE_UPDATE, run, node="dev01"),
+        b"as dev01",
+    )
     assert bytes(real.payload) == b"real dev00"

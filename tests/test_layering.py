@@ -13,12 +13,29 @@ import sys
 import pytest
 
 PURE = [
-    "emo_mqtt.errors", "emo_mqtt.codec", "emo_mqtt.topics", "emo_mqtt.chunking",
-    "emo_mqtt.cache", "emo_mqtt.spill", "emo_mqtt.controller", "emo_mqtt.fedavg",
-    "emo_mqtt.ensemble", "emo_mqtt.linkmodel", "emo_mqtt.netscenario", "emo_mqtt.config",
-    "emo_mqtt.dataplan", "emo_mqtt.data", "emo_mqtt.models", "emo_mqtt.training",
-    "emo_mqtt.partition", "emo_mqtt.seeds", "emo_mqtt.cifar", "emo_mqtt.messages",
-    "emo_mqtt.algorithms", "emo_mqtt.strategies", "emo_mqtt.telemetry",
+    "emo_mqtt.errors",
+    "emo_mqtt.codec",
+    "emo_mqtt.topics",
+    "emo_mqtt.chunking",
+    "emo_mqtt.cache",
+    "emo_mqtt.spill",
+    "emo_mqtt.controller",
+    "emo_mqtt.fedavg",
+    "emo_mqtt.ensemble",
+    "emo_mqtt.linkmodel",
+    "emo_mqtt.netscenario",
+    "emo_mqtt.config",
+    "emo_mqtt.dataplan",
+    "emo_mqtt.data",
+    "emo_mqtt.models",
+    "emo_mqtt.training",
+    "emo_mqtt.partition",
+    "emo_mqtt.seeds",
+    "emo_mqtt.cifar",
+    "emo_mqtt.messages",
+    "emo_mqtt.algorithms",
+    "emo_mqtt.strategies",
+    "emo_mqtt.telemetry",
 ]
 
 
@@ -28,17 +45,21 @@ def loaded_after(imports: list[str], *, besides: tuple[str, ...] = ()) -> set[st
     code = "import sys\n" + "".join(f"import {m}\n" for m in besides)
     code += "before = set(sys.modules)\n" + "".join(f"import {m}\n" for m in imports)
     code += "print('\\n'.join(set(sys.modules) - before))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120
+    )
     return set(out.stdout.split())
 
 
 def test_the_pure_core_loads_no_event_loop_client_bus_or_nodes() -> None:
     # torch itself imports asyncio: what counts is what our modules add to their libraries.
     loaded = loaded_after(PURE, besides=("numpy", "torch", "msgpack"))
-    forbidden = {m for m in loaded
-                 if m.split(".")[0] in {"asyncio", "aiomqtt", "paho"}
-                 or m.startswith(("emo_mqtt.bus", "emo_mqtt.nodes", "emo_mqtt.shaping"))}
+    forbidden = {
+        m
+        for m in loaded
+        if m.split(".")[0] in {"asyncio", "aiomqtt", "paho"}
+        or m.startswith(("emo_mqtt.bus", "emo_mqtt.nodes", "emo_mqtt.shaping"))
+    }
     assert not forbidden, f"the pure core pulled in {sorted(forbidden)}"
 
 

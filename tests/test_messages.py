@@ -30,13 +30,21 @@ from emo_mqtt.messages import (
     state_spec,
 )
 
-STATE = {"w": np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32),
-         "n": np.array(1, np.int64)}
+STATE = {"w": np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32), "n": np.array(1, np.int64)}
 SPEC = state_spec(STATE)
-LIMITS = Limits(round_weights=SPEC, done_weights=SPEC, overlay_weights=SPEC,
-                activation_shape=(4,), num_classes=10, max_samples={"dev00": 100},
-                default_max_samples=200, max_sample_id=100, max_batch=10, max_batch_size=8,
-                node_ids=frozenset({"dev00", "dev01"}))
+LIMITS = Limits(
+    round_weights=SPEC,
+    done_weights=SPEC,
+    overlay_weights=SPEC,
+    activation_shape=(4,),
+    num_classes=10,
+    max_samples={"dev00": 100},
+    default_max_samples=200,
+    max_sample_id=100,
+    max_batch=10,
+    max_batch_size=8,
+    node_ids=frozenset({"dev00", "dev01"}),
+)
 
 
 def wire(body: dict[str, Any]) -> dict[str, Any]:
@@ -57,10 +65,17 @@ def good_messages() -> list[Any]:
         Update(2, STATE, 50, 0.5),
         Update(2, STATE, 50, float("nan")),
         Activations(1, np.array([0, 5]), np.array([1, 9]), acts, None, True),
-        Activations(1, np.array([0, 5]), np.array([1, 9]), acts.astype(np.int8),
-                    np.ones(2, np.float32), False),
-        OverlayModelMsg(3, 2, {k: fp16(v) if v.dtype.kind == "f" else v
-                               for k, v in STATE.items()}, 1.5, 40),
+        Activations(
+            1,
+            np.array([0, 5]),
+            np.array([1, 9]),
+            acts.astype(np.int8),
+            np.ones(2, np.float32),
+            False,
+        ),
+        OverlayModelMsg(
+            3, 2, {k: fp16(v) if v.dtype.kind == "f" else v for k, v in STATE.items()}, 1.5, 40
+        ),
         Control(2, ControlDecision(0.5, "int8", 2, "drift")),
         SflActivations(1, 3, acts, np.array([0, 1])),
         SflGradients(1, 3, acts),
@@ -88,10 +103,19 @@ def test_topics_name_their_kind() -> None:
     assert info.value.reason == "wrong_kind"
 
 
-@pytest.mark.parametrize(("value", "why"), [
-    (float("inf"), "bad_type"), (2**63, "out_of_range"), (True, "bad_type"), ("1", "bad_type"),
-    (-1, "out_of_range"), (0, "out_of_range"), (1.0, "bad_type"), (None, "bad_type"),
-])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (float("inf"), "bad_type"),
+        (2**63, "out_of_range"),
+        (True, "bad_type"),
+        ("1", "bad_type"),
+        (-1, "out_of_range"),
+        (0, "out_of_range"),
+        (1.0, "bad_type"),
+        (None, "bad_type"),
+    ],
+)
 def test_rounds_are_bounded_ints(value: Any, why: str) -> None:
     assert reason(Update, {"round": value, "weights": STATE, "samples": 5, "loss": 0.1}) == why
 
@@ -107,74 +131,152 @@ def test_updates() -> None:
     assert reason(Update, {k: v for k, v in body.items() if k != "weights"}) == "missing_field"
     nan = {**STATE, "w": np.full((3, 2), np.nan, np.float32)}
     assert reason(Update, {**body, "weights": nan}) == "non_finite"
-    assert reason(Update, {**body, "weights": {**STATE, "w": np.ones((2, 3), np.float32)}}
-                  ) == "bad_shape"
+    assert (
+        reason(Update, {**body, "weights": {**STATE, "w": np.ones((2, 3), np.float32)}})
+        == "bad_shape"
+    )
     assert reason(Update, {**body, "weights": {**STATE, "w": np.ones((3, 2))}}) == "bad_dtype"
     assert reason(Update, {**body, "weights": {"w": STATE["w"]}}) == "bad_shape"
     assert reason(Update, {**body, "weights": [1, 2]}) == "bad_type"
 
 
 def test_activations() -> None:
-    body = {"round": 1, "sample_ids": np.array([0, 1]), "labels": np.array([1, 2]),
-            "data": np.ones((2, 4), np.float32), "scale": None, "last": True}
+    body = {
+        "round": 1,
+        "sample_ids": np.array([0, 1]),
+        "labels": np.array([1, 2]),
+        "data": np.ones((2, 4), np.float32),
+        "scale": None,
+        "last": True,
+    }
     assert reason(Activations, {**body, "labels": np.array([1, 1000])}) == "out_of_range"
     assert reason(Activations, {**body, "labels": np.array([1, -1])}) == "out_of_range"
     assert reason(Activations, {**body, "labels": np.array([1.0, 2.0])}) == "bad_dtype"
     assert reason(Activations, {**body, "sample_ids": np.array([0, 100])}) == "out_of_range"
     assert reason(Activations, {**body, "data": np.ones((2, 5), np.float32)}) == "bad_shape"
     assert reason(Activations, {**body, "data": np.ones((3, 4), np.float32)}) == "bad_shape"
-    assert reason(Activations, {**body, "data": np.full((2, 4), np.nan, np.float32)}
-                  ) == "non_finite"
+    assert (
+        reason(Activations, {**body, "data": np.full((2, 4), np.nan, np.float32)}) == "non_finite"
+    )
     assert reason(Activations, {**body, "data": np.ones((2, 4), np.int8)}) == "missing_field"
-    assert reason(Activations, {**body, "data": np.ones((2, 4), np.int8),
-                                "scale": np.array([1.0, np.inf], np.float32)}) == "non_finite"
+    assert (
+        reason(
+            Activations,
+            {
+                **body,
+                "data": np.ones((2, 4), np.int8),
+                "scale": np.array([1.0, np.inf], np.float32),
+            },
+        )
+        == "non_finite"
+    )
     assert reason(Activations, {**body, "round": 2**63}) == "out_of_range"
     assert reason(Activations, {**body, "last": 1}) == "bad_type"
     many = np.arange(201) % 100
-    assert reason(Activations, {**body, "sample_ids": many, "labels": many % 10,
-                                "data": np.ones((201, 4), np.float32)}) == "too_long"
+    assert (
+        reason(
+            Activations,
+            {
+                **body,
+                "sample_ids": many,
+                "labels": many % 10,
+                "data": np.ones((201, 4), np.float32),
+            },
+        )
+        == "too_long"
+    )
 
 
 def test_overlay_models_and_splitfed() -> None:
     poisoned = {**STATE, "w": np.full((3, 2), np.nan, np.float32)}
     body = {"round": 1, "version": 1, "weights": poisoned, "loss": 1.0, "entries": 3}
     assert reason(OverlayModelMsg, body) == "non_finite"
-    assert reason(OverlayModelMsg, {**body, "weights": STATE, "loss": float("nan")}
-                  ) == "non_finite"
-    sfl = {"round": 1, "batch": 0, "activations": np.ones((2, 4), np.float32),
-           "labels": np.array([0, 1])}
-    assert reason(SflActivations, {**sfl, "activations": np.ones((2, 5), np.float32)}
-                  ) == "bad_shape"
-    assert reason(SflActivations, {**sfl, "activations": np.full((2, 4), np.inf, np.float32)}
-                  ) == "non_finite"
+    assert reason(OverlayModelMsg, {**body, "weights": STATE, "loss": float("nan")}) == "non_finite"
+    sfl = {
+        "round": 1,
+        "batch": 0,
+        "activations": np.ones((2, 4), np.float32),
+        "labels": np.array([0, 1]),
+    }
+    assert (
+        reason(SflActivations, {**sfl, "activations": np.ones((2, 5), np.float32)}) == "bad_shape"
+    )
+    assert (
+        reason(SflActivations, {**sfl, "activations": np.full((2, 4), np.inf, np.float32)})
+        == "non_finite"
+    )
     assert reason(SflActivations, {**sfl, "batch": 10}) == "out_of_range"
     assert reason(SflActivations, {**sfl, "labels": np.arange(9)}) == "out_of_range"
-    assert reason(Control, {"round": 1, "decision": {"fraction": 2.0, "precision": "int8",
-                                                     "interval": 1}}) == "out_of_range"
-    assert reason(Control, {"round": 1, "decision": {"fraction": 0.5, "precision": "int4",
-                                                     "interval": 1}}) == "out_of_range"
-    assert reason(RoundAnnouncement, {"round": 1, "algorithm": "fl", "sampled": ["dev09"],
-                                      "deadline_s": 1.0, "weights": STATE}) == "out_of_range"
+    assert (
+        reason(
+            Control, {"round": 1, "decision": {"fraction": 2.0, "precision": "int8", "interval": 1}}
+        )
+        == "out_of_range"
+    )
+    assert (
+        reason(
+            Control, {"round": 1, "decision": {"fraction": 0.5, "precision": "int4", "interval": 1}}
+        )
+        == "out_of_range"
+    )
+    assert (
+        reason(
+            RoundAnnouncement,
+            {
+                "round": 1,
+                "algorithm": "fl",
+                "sampled": ["dev09"],
+                "deadline_s": 1.0,
+                "weights": STATE,
+            },
+        )
+        == "out_of_range"
+    )
 
 
 def test_torch_tensors_are_read_as_arrays() -> None:
     torch = pytest.importorskip("torch")
-    body = wire({"round": 1, "batch": 0, "activations": torch.ones(2, 4),
-                 "labels": torch.tensor([0, 1])})
+    body = wire(
+        {"round": 1, "batch": 0, "activations": torch.ones(2, 4), "labels": torch.tensor([0, 1])}
+    )
     msg = SflActivations.from_body(body, limits=LIMITS)
     assert isinstance(msg.activations, np.ndarray) and msg.activations.shape == (2, 4)
 
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
-fields = st.sampled_from(["round", "weights", "samples", "loss", "sample_ids", "labels", "data",
-                          "scale", "last", "version", "entries", "decision", "batch",
-                          "activations", "gradient", "reason", "request_id", "images",
-                          "probs", "sampled", "algorithm", "deadline_s", "error"])
+fields = st.sampled_from(
+    [
+        "round",
+        "weights",
+        "samples",
+        "loss",
+        "sample_ids",
+        "labels",
+        "data",
+        "scale",
+        "last",
+        "version",
+        "entries",
+        "decision",
+        "batch",
+        "activations",
+        "gradient",
+        "reason",
+        "request_id",
+        "images",
+        "probs",
+        "sampled",
+        "algorithm",
+        "deadline_s",
+        "error",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -39,8 +39,12 @@ def _net(network: dict[str, Any], base_dir: Path | None = None) -> NetworkConfig
     return parse_network(network, base_dir or Path.cwd(), DEVICES, OVERLAYS)
 
 
-def _timeline(net: NetworkConfig, seed: int = 1, horizon_s: float = 100.0,
-              fleet: dict[str, list[str]] | None = None) -> list[NodeEvent]:
+def _timeline(
+    net: NetworkConfig,
+    seed: int = 1,
+    horizon_s: float = 100.0,
+    fleet: dict[str, list[str]] | None = None,
+) -> list[NodeEvent]:
     return net.timeline(fleet or FLEET, seed=seed, horizon_s=horizon_s)
 
 
@@ -67,15 +71,25 @@ def test_no_network_section_is_disabled() -> None:
 
 
 def test_link_classes_and_node_tables() -> None:
-    c = _config({
-        "seed": 5, "rto_s": 0.3,
-        "device": {"up_mbps": 2, "down_mbps": 10, "latency_ms": 40, "jitter_ms": 15,
-                   "loss": 0.01},
-        "overlay": {"up_mbps": 50},
-        "server": {"latency_ms": 1},
-        "nodes": {"dev01": {"up_mbps": 0.5, "loss": 0.05, "compute_speed": 0.25},
-                  "ovl1": {"latency_ms": 80}},
-    })
+    c = _config(
+        {
+            "seed": 5,
+            "rto_s": 0.3,
+            "device": {
+                "up_mbps": 2,
+                "down_mbps": 10,
+                "latency_ms": 40,
+                "jitter_ms": 15,
+                "loss": 0.01,
+            },
+            "overlay": {"up_mbps": 50},
+            "server": {"latency_ms": 1},
+            "nodes": {
+                "dev01": {"up_mbps": 0.5, "loss": 0.05, "compute_speed": 0.25},
+                "ovl1": {"latency_ms": 80},
+            },
+        }
+    )
     net = c.network
     assert net.enabled and net.seed == 5 and net.rto_s == 0.3
     dev00 = net.base_conditions("dev00", "device")
@@ -96,8 +110,12 @@ def test_link_classes_and_node_tables() -> None:
 
 
 def test_fleet_device_compute_speed_is_the_default_per_device() -> None:
-    c = from_dict({"fleet": {"devices": 3, "overlays": 1, "device_compute_speed": 0.5},
-                   "network": {"nodes": {"dev02": {"compute_speed": 2.0}}}})
+    c = from_dict(
+        {
+            "fleet": {"devices": 3, "overlays": 1, "device_compute_speed": 0.5},
+            "network": {"nodes": {"dev02": {"compute_speed": 2.0}}},
+        }
+    )
     assert c.compute_speed("dev00") == 0.5
     # Accepted, but a device cannot run faster than this machine (nodes/device.py waits only
     # when the speed is below 1).
@@ -107,13 +125,17 @@ def test_fleet_device_compute_speed_is_the_default_per_device() -> None:
 
 
 def test_events_parse_with_defaults() -> None:
-    net = _net({"events": [
-        {"at_s": 1, "target": "dev00", "action": "down", "for_s": 2},
-        {"at_s": 3.5, "target": "device", "action": "link", "up_mbps": 1, "latency_ms": 50},
-        {"at_s": 4, "target": "broker", "action": "down"},
-        {"at_s": 5, "target": "ovl0", "action": "crash", "for_s": 10},
-        {"at_s": 6, "target": "all", "action": "up"},
-    ]})
+    net = _net(
+        {
+            "events": [
+                {"at_s": 1, "target": "dev00", "action": "down", "for_s": 2},
+                {"at_s": 3.5, "target": "device", "action": "link", "up_mbps": 1, "latency_ms": 50},
+                {"at_s": 4, "target": "broker", "action": "down"},
+                {"at_s": 5, "target": "ovl0", "action": "crash", "for_s": 10},
+                {"at_s": 6, "target": "all", "action": "up"},
+            ]
+        }
+    )
     first, link, broker, crash, _ = net.events
     assert (first.at_s, first.target, first.action, first.for_s) == (1.0, "dev00", "down", 2.0)
     assert first.source == "network.events[0]"
@@ -132,38 +154,58 @@ def test_csv_trace(tmp_path: Path) -> None:
     )
     net = _net({"trace": "t.csv"}, tmp_path)
     a, b = net.events
-    assert (a.at_s, a.target, a.action, a.link, a.for_s) == (1.5, "dev00", "link",
-                                                             (("up_mbps", 0.5),), None)
+    assert (a.at_s, a.target, a.action, a.link, a.for_s) == (
+        1.5,
+        "dev00",
+        "link",
+        (("up_mbps", 0.5),),
+        None,
+    )
     assert (b.at_s, b.target, b.action, b.for_s) == (2.0, "dev01", "down", 3.0)
     assert a.source.startswith("t.csv:")
     # Events written in the file and in [[network.events]] all end up on the timeline.
-    both = _net({"trace": "t.csv", "events": [{"at_s": 0, "target": "dev02",
-                                                "action": "down"}]}, tmp_path)
+    both = _net(
+        {"trace": "t.csv", "events": [{"at_s": 0, "target": "dev02", "action": "down"}]}, tmp_path
+    )
     assert len(both.events) == 3
 
 
 def test_every_trace_column_is_accepted(tmp_path: Path) -> None:
-    (tmp_path / "t.csv").write_text(",".join(TRACE_COLUMNS) + "\n"
-                                    + "1,dev00,link,2,1,2,3,4,0.5\n")
+    (tmp_path / "t.csv").write_text(",".join(TRACE_COLUMNS) + "\n" + "1,dev00,link,2,1,2,3,4,0.5\n")
     (ev,) = _net({"trace": "t.csv"}, tmp_path).events
-    assert dict(ev.link) == {"up_mbps": 1.0, "down_mbps": 2.0, "latency_ms": 3.0,
-                             "jitter_ms": 4.0, "loss": 0.5}
+    assert dict(ev.link) == {
+        "up_mbps": 1.0,
+        "down_mbps": 2.0,
+        "latency_ms": 3.0,
+        "jitter_ms": 4.0,
+        "loss": 0.5,
+    }
     assert ev.for_s == 2.0
     assert set(TRACE_COLUMNS) == {"time_s", "target", "action", "for_s", *LINK_KEYS}
 
 
 def test_duty_cycle_parses() -> None:
-    net = _net({"duty_cycle": [{"target": "device", "period_s": 30, "on_s": 20},
-                               {"target": "ovl0", "period_s": 10, "on_s": 5,
-                                "phase": "aligned"}]})
+    net = _net(
+        {
+            "duty_cycle": [
+                {"target": "device", "period_s": 30, "on_s": 20},
+                {"target": "ovl0", "period_s": 10, "on_s": 5, "phase": "aligned"},
+            ]
+        }
+    )
     a, b = net.duty_cycles
     assert (a.target, a.period_s, a.on_s, a.phase) == ("device", 30.0, 20.0, "random")
     assert b.phase == "aligned" and b.source == "network.duty_cycle[1]"
 
 
 TRACE = {
-    "1": {"active": [0, 100], "inactive": [50, 150], "finish_time": 200, "duration": 100,
-          "model": "Pixel 3"},
+    "1": {
+        "active": [0, 100],
+        "inactive": [50, 150],
+        "finish_time": 200,
+        "duration": 100,
+        "model": "Pixel 3",
+    },
     "2": {"active": [20], "inactive": [180], "finish_time": 200},
     "3": {"active": [0], "inactive": [200], "finish_time": 200},
     "4": {"active": [], "inactive": [], "finish_time": 200},
@@ -178,9 +220,12 @@ def test_availability_json_and_plain_pickle(tmp_path: Path, name: str) -> None:
     av = net.availability
     assert av is not None
     assert av.time_scale == 0.5 and av.offset_s == 10.0 and av.source == name
-    assert av.clients == (("1", ((0.0, 50.0), (100.0, 150.0)), 200.0),
-                          ("2", ((20.0, 180.0),), 200.0), ("3", ((0.0, 200.0),), 200.0),
-                          ("4", (), 200.0))
+    assert av.clients == (
+        ("1", ((0.0, 50.0), (100.0, 150.0)), 200.0),
+        ("2", ((20.0, 180.0),), 200.0),
+        ("3", ((0.0, 200.0),), 200.0),
+        ("4", (), 200.0),
+    )
 
 
 def test_shipped_sample_trace_is_in_fedscale_format() -> None:
@@ -188,8 +233,9 @@ def test_shipped_sample_trace_is_in_fedscale_format() -> None:
     assert len(trace) == 20
     for entry in trace.values():
         assert set(entry) == {"active", "inactive", "finish_time", "duration", "model"}
-        assert entry["duration"] == sum(b - a for a, b in zip(entry["active"],
-                                                              entry["inactive"], strict=True))
+        assert entry["duration"] == sum(
+            b - a for a, b in zip(entry["active"], entry["inactive"], strict=True)
+        )
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -216,69 +262,121 @@ def test_shipped_sample_trace_is_in_fedscale_format() -> None:
         ({"nodes": {"dev99": {"loss": 0.1}}}, "network.nodes.dev99: 'dev99' is not a node"),
         ({"nodes": {"dev00": 3}}, "[network.nodes.dev00] must be a table"),
         ({"nodes": {"dev00": {"speed": 1}}}, "network.nodes.dev00: unknown key(s) ['speed']"),
-        ({"nodes": {"ovl0": {"compute_speed": 0.5}}},
-         "network.nodes.ovl0.compute_speed: only devices"),
-        ({"nodes": {"server": {"compute_speed": 0.5}}},
-         "network.nodes.server.compute_speed: only devices"),
+        (
+            {"nodes": {"ovl0": {"compute_speed": 0.5}}},
+            "network.nodes.ovl0.compute_speed: only devices",
+        ),
+        (
+            {"nodes": {"server": {"compute_speed": 0.5}}},
+            "network.nodes.server.compute_speed: only devices",
+        ),
         ({"nodes": {"dev00": {"compute_speed": 0}}}, "network.nodes.dev00.compute_speed"),
         ({"nodes": {"dev00": {"compute_speed": -1}}}, "network.nodes.dev00.compute_speed"),
         ({"events": {"at_s": 1}}, "network.events must be an array of tables"),
         ({"events": [{"at_s": 1, "target": "dev00"}]}, "network.events[0]: missing key 'action'"),
         ({"events": [{"target": "dev00", "action": "down"}]}, "missing key 'at_s'"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "down", "when": 2}]},
-         "network.events[0]: unknown key(s) ['when']"),
-        ({"events": [{"at_s": -1, "target": "dev00", "action": "down"}]},
-         "network.events[0].at_s: -1 must be >= 0"),
-        ({"events": [{"at_s": "soon", "target": "dev00", "action": "down"}]},
-         "network.events[0].at_s: expected a number"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "explode"}]},
-         "network.events[0].action: 'explode' is not one of"),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "down", "when": 2}]},
+            "network.events[0]: unknown key(s) ['when']",
+        ),
+        (
+            {"events": [{"at_s": -1, "target": "dev00", "action": "down"}]},
+            "network.events[0].at_s: -1 must be >= 0",
+        ),
+        (
+            {"events": [{"at_s": "soon", "target": "dev00", "action": "down"}]},
+            "network.events[0].at_s: expected a number",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "explode"}]},
+            "network.events[0].action: 'explode' is not one of",
+        ),
         ({"events": [{"at_s": 1, "target": 3, "action": "down"}]}, "network.events[0].target"),
-        ({"events": [{"at_s": 1, "target": "dev42", "action": "down"}]},
-         "network.events[0]: target 'dev42' is not a node of this fleet"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 0}]},
-         "network.events[0].for_s: 0 must be > 0"),
-        ({"events": [{"at_s": 1, "target": "server", "action": "crash"}]},
-         "network.events[0]: the server cannot crash"),
-        ({"events": [{"at_s": 1, "target": "all", "action": "restart"}]},
-         "network.events[0]: the server cannot crash"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "link"}]},
-         "network.events[0]: action 'link' needs at least one of"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "down", "loss": 0.1}]},
-         "network.events[0]: link keys ['loss'] only go with action 'link'"),
-        ({"events": [{"at_s": 1, "target": "dev00", "action": "link", "loss": 2}]},
-         "network.events[0].loss"),
-        ({"events": [{"at_s": 1, "target": "broker", "action": "crash"}]},
-         "network.events[0]: the broker target takes only 'down' or 'up'"),
-        ({"events": [{"at_s": 1, "target": "broker", "action": "link", "loss": 0.1}]},
-         "the broker target takes only"),
+        (
+            {"events": [{"at_s": 1, "target": "dev42", "action": "down"}]},
+            "network.events[0]: target 'dev42' is not a node of this fleet",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 0}]},
+            "network.events[0].for_s: 0 must be > 0",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "server", "action": "crash"}]},
+            "network.events[0]: the server cannot crash",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "all", "action": "restart"}]},
+            "network.events[0]: the server cannot crash",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "link"}]},
+            "network.events[0]: action 'link' needs at least one of",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "down", "loss": 0.1}]},
+            "network.events[0]: link keys ['loss'] only go with action 'link'",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "dev00", "action": "link", "loss": 2}]},
+            "network.events[0].loss",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "broker", "action": "crash"}]},
+            "network.events[0]: the broker target takes only 'down' or 'up'",
+        ),
+        (
+            {"events": [{"at_s": 1, "target": "broker", "action": "link", "loss": 0.1}]},
+            "the broker target takes only",
+        ),
         ({"trace": 3}, "network.trace: expected a CSV file's path"),
         ({"trace": "missing.csv"}, "network.trace: cannot read trace"),
         ({"duty_cycle": {"target": "device"}}, "network.duty_cycle must be an array of tables"),
-        ({"duty_cycle": [{"target": "device", "period_s": 10}]},
-         "network.duty_cycle[0]: missing key 'on_s'"),
-        ({"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 5, "every": 1}]},
-         "network.duty_cycle[0]: unknown key(s) ['every']"),
-        ({"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 10}]},
-         "network.duty_cycle[0].on_s: must be shorter than period_s"),
-        ({"duty_cycle": [{"target": "device", "period_s": 0, "on_s": 1}]},
-         "network.duty_cycle[0].period_s"),
-        ({"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 0}]},
-         "network.duty_cycle[0].on_s"),
-        ({"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 5, "phase": "late"}]},
-         "network.duty_cycle[0].phase: 'late' is not one of"),
-        ({"duty_cycle": [{"target": 1, "period_s": 10, "on_s": 5}]},
-         "network.duty_cycle[0].target"),
-        ({"duty_cycle": [{"target": "dev77", "period_s": 10, "on_s": 5}]},
-         "network.duty_cycle[0]: target 'dev77' is not a node"),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 10}]},
+            "network.duty_cycle[0]: missing key 'on_s'",
+        ),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 5, "every": 1}]},
+            "network.duty_cycle[0]: unknown key(s) ['every']",
+        ),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 10}]},
+            "network.duty_cycle[0].on_s: must be shorter than period_s",
+        ),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 0, "on_s": 1}]},
+            "network.duty_cycle[0].period_s",
+        ),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 0}]},
+            "network.duty_cycle[0].on_s",
+        ),
+        (
+            {"duty_cycle": [{"target": "device", "period_s": 10, "on_s": 5, "phase": "late"}]},
+            "network.duty_cycle[0].phase: 'late' is not one of",
+        ),
+        (
+            {"duty_cycle": [{"target": 1, "period_s": 10, "on_s": 5}]},
+            "network.duty_cycle[0].target",
+        ),
+        (
+            {"duty_cycle": [{"target": "dev77", "period_s": 10, "on_s": 5}]},
+            "network.duty_cycle[0]: target 'dev77' is not a node",
+        ),
         ({"availability": "trace.json"}, "[network.availability] must be a table"),
         ({"availability": {}}, "network.availability.file: the trace file's path is required"),
-        ({"availability": {"file": "x.json", "scale": 1}},
-         "network.availability: unknown key(s) ['scale']"),
-        ({"availability": {"file": "x.json", "format": "flower"}},
-         "network.availability.format: only 'fedscale'"),
-        ({"availability": {"file": "x.json", "time_scale": 0}},
-         "network.availability.time_scale: 0 must be > 0"),
+        (
+            {"availability": {"file": "x.json", "scale": 1}},
+            "network.availability: unknown key(s) ['scale']",
+        ),
+        (
+            {"availability": {"file": "x.json", "format": "flower"}},
+            "network.availability.format: only 'fedscale'",
+        ),
+        (
+            {"availability": {"file": "x.json", "time_scale": 0}},
+            "network.availability.time_scale: 0 must be > 0",
+        ),
         ({"availability": {"file": "x.json", "offset_s": -1}}, "network.availability.offset_s"),
         ({"availability": {"file": "missing.json"}}, "network.availability: cannot read"),
     ],
@@ -309,8 +407,7 @@ def test_bad_network_values_are_named(network: Any, message: str) -> None:
         ("time_s,target,action,loss\n1,dev00,down,0.1\n", "t.csv:2: link keys ['loss']"),
         ("time_s,target,action\n1,dev99,down\n", "t.csv:2: target 'dev99' is not a node"),
         ("time_s,target,action\n1,server,crash\n", "t.csv:2: the server cannot crash"),
-        ("time_s,target,action\n1,dev00,down\nnan,dev00,up\n",
-         "t.csv:3.at_s: expected a number"),
+        ("time_s,target,action\n1,dev00,down\nnan,dev00,up\n", "t.csv:3.at_s: expected a number"),
     ],
 )
 def test_bad_csv_traces_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
@@ -321,8 +418,9 @@ def test_bad_csv_traces_name_file_and_line(tmp_path: Path, text: str, message: s
 
 
 def test_csv_line_numbers_count_comment_and_blank_lines(tmp_path: Path) -> None:
-    (tmp_path / "t.csv").write_text("# comment\ntime_s,target,action\n\n1,dev00,down\n"
-                                    "2,dev00,reboot\n")
+    (tmp_path / "t.csv").write_text(
+        "# comment\ntime_s,target,action\n\n1,dev00,down\n2,dev00,reboot\n"
+    )
     with pytest.raises(ConfigError, match=r"t\.csv:5"):
         _net({"trace": "t.csv"}, tmp_path)
 
@@ -336,22 +434,38 @@ def test_csv_line_numbers_count_comment_and_blank_lines(tmp_path: Path) -> None:
         ({"7": {"active": [0], "inactive": [10]}}, "trace.json client 7: missing 'finish_time'"),
         ({"7": {"inactive": [10], "finish_time": 20}}, "trace.json client 7: missing 'active'"),
         ({"7": {"active": [0], "finish_time": 20}}, "client 7: missing 'inactive'"),
-        ({"7": {"active": [0, 15], "inactive": [10], "finish_time": 20}},
-         "client 7: 2 'active' times but 1 'inactive' ones"),
-        ({"7": {"active": [0, 5], "inactive": [10, 15], "finish_time": 20}},
-         "client 7: active/inactive times must alternate and increase"),
-        ({"7": {"active": [10], "inactive": [10], "finish_time": 20}},
-         "client 7: active/inactive times must alternate and increase"),
-        ({"7": {"active": [12], "inactive": [10], "finish_time": 20}},
-         "must alternate and increase"),
-        ({"7": {"active": [-1], "inactive": [10], "finish_time": 20}},
-         "client 7.active: -1 must be >= 0"),
-        ({"7": {"active": [0], "inactive": [10], "finish_time": 0}},
-         "client 7.finish_time: 0 must be > 0"),
-        ({"7": {"active": ["x"], "inactive": [10], "finish_time": 20}},
-         "client 7.active: expected a number"),
-        ({"7": {"active": [0], "inactive": [30], "finish_time": 20}},
-         "client 7: an 'inactive' time is after finish_time"),
+        (
+            {"7": {"active": [0, 15], "inactive": [10], "finish_time": 20}},
+            "client 7: 2 'active' times but 1 'inactive' ones",
+        ),
+        (
+            {"7": {"active": [0, 5], "inactive": [10, 15], "finish_time": 20}},
+            "client 7: active/inactive times must alternate and increase",
+        ),
+        (
+            {"7": {"active": [10], "inactive": [10], "finish_time": 20}},
+            "client 7: active/inactive times must alternate and increase",
+        ),
+        (
+            {"7": {"active": [12], "inactive": [10], "finish_time": 20}},
+            "must alternate and increase",
+        ),
+        (
+            {"7": {"active": [-1], "inactive": [10], "finish_time": 20}},
+            "client 7.active: -1 must be >= 0",
+        ),
+        (
+            {"7": {"active": [0], "inactive": [10], "finish_time": 0}},
+            "client 7.finish_time: 0 must be > 0",
+        ),
+        (
+            {"7": {"active": ["x"], "inactive": [10], "finish_time": 20}},
+            "client 7.active: expected a number",
+        ),
+        (
+            {"7": {"active": [0], "inactive": [30], "finish_time": 20}},
+            "client 7: an 'inactive' time is after finish_time",
+        ),
         ({"7": {"active": 3, "inactive": [10], "finish_time": 20}}, "client 7:"),
     ],
 )
@@ -377,11 +491,14 @@ def test_bad_json_and_bad_pickle_are_refused(tmp_path: Path) -> None:
         _net({"availability": {"file": "bad.pkl"}}, tmp_path)
 
 
-@pytest.mark.parametrize("payload", [
-    collections.OrderedDict(),
-    {"1": collections.OrderedDict(active=[0], inactive=[1], finish_time=2)},
-    {"1": {"active": [0], "inactive": [1], "finish_time": 2, "when": Path("/tmp")}},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        collections.OrderedDict(),
+        {"1": collections.OrderedDict(active=[0], inactive=[1], finish_time=2)},
+        {"1": {"active": [0], "inactive": [1], "finish_time": 2, "when": Path("/tmp")}},
+    ],
+)
 def test_a_pickle_that_names_a_class_is_refused(tmp_path: Path, payload: Any) -> None:
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(payload))
     with pytest.raises(ConfigError, match=r"refusing to load .* from a trace pickle"):
@@ -402,16 +519,20 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
 
 # -- trace paths -----------------------------------------------------------------------------
-def test_trace_paths_are_relative_to_the_scenario_file(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trace_paths_are_relative_to_the_scenario_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "scen"
     (folder / "traces").mkdir(parents=True)
     (folder / "traces" / "t.csv").write_text("time_s,target,action,for_s\n1,dev00,down,2\n")
-    shutil.copy(ROOT / "scenarios/traces/fedscale_availability_sample.json",
-                folder / "traces" / "avail.json")
+    shutil.copy(
+        ROOT / "scenarios/traces/fedscale_availability_sample.json",
+        folder / "traces" / "avail.json",
+    )
     (folder / "s.toml").write_text(
         '[fleet]\ndevices = 4\noverlays = 2\n[network]\ntrace = "traces/t.csv"\n'
-        '[network.availability]\nfile = "traces/avail.json"\ntime_scale = 0.01\n')
+        '[network.availability]\nfile = "traces/avail.json"\ntime_scale = 0.01\n'
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -425,23 +546,25 @@ def test_trace_paths_are_relative_to_the_scenario_file(tmp_path: Path,
 
 # -- the timeline ----------------------------------------------------------------------------
 def test_events_resolve_targets_and_for_s_undoes_them() -> None:
-    net = _net({
-        "device": {"up_mbps": 2, "latency_ms": 40},
-        "nodes": {"dev01": {"latency_ms": 100}},
-        "events": [
-            {"at_s": 1, "target": "dev00", "action": "down", "for_s": 2},
-            {"at_s": 2, "target": "ovl1", "action": "crash", "for_s": 5},
-            {"at_s": 4, "target": "device", "action": "link", "up_mbps": 0.5, "for_s": 3},
-            {"at_s": 20, "target": "ovl0", "action": "up", "for_s": 1},
-            {"at_s": 30, "target": "ovl0", "action": "restart", "for_s": 1},
-        ],
-    })
+    net = _net(
+        {
+            "device": {"up_mbps": 2, "latency_ms": 40},
+            "nodes": {"dev01": {"latency_ms": 100}},
+            "events": [
+                {"at_s": 1, "target": "dev00", "action": "down", "for_s": 2},
+                {"at_s": 2, "target": "ovl1", "action": "crash", "for_s": 5},
+                {"at_s": 4, "target": "device", "action": "link", "up_mbps": 0.5, "for_s": 3},
+                {"at_s": 20, "target": "ovl0", "action": "up", "for_s": 1},
+                {"at_s": 30, "target": "ovl0", "action": "restart", "for_s": 1},
+            ],
+        }
+    )
     tl = _timeline(net)
-    assert _simple(tl)[:3] == [(1.0, "dev00", "down"), (2.0, "ovl1", "crash"),
-                               (3.0, "dev00", "up")]
+    assert _simple(tl)[:3] == [(1.0, "dev00", "down"), (2.0, "ovl1", "crash"), (3.0, "dev00", "up")]
     links = [e for e in tl if e.action == "link"]
     assert [(e.at_s, e.node) for e in links] == [(4.0, d) for d in DEVICES] + [
-        (7.0, d) for d in DEVICES]
+        (7.0, d) for d in DEVICES
+    ]
     # A link event sets its keys on top of the node's base conditions (class, then own table);
     # its undo brings the base conditions back.
     by = {(e.at_s, e.node): e.conditions for e in links}
@@ -455,17 +578,31 @@ def test_events_resolve_targets_and_for_s_undoes_them() -> None:
     undo = next(e for e in tl if e.at_s == 3.0)
     assert undo.source == "network.events[0] (after for_s)"
     assert [e.at_s for e in tl] == sorted(e.at_s for e in tl)
-    assert tl[0].to_dict() == {"at_s": 1.0, "node": "dev00", "action": "down",
-                               "source": "network.events[0]"}
+    assert tl[0].to_dict() == {
+        "at_s": 1.0,
+        "node": "dev00",
+        "action": "down",
+        "source": "network.events[0]",
+    }
     assert by[4.0, "dev00"] is not None
-    assert links[0].to_dict()["conditions"] == {"up_mbps": 0.5, "down_mbps": None,
-                                                "latency_ms": 40.0, "jitter_ms": 0.0,
-                                                "loss": 0.0}
+    assert links[0].to_dict()["conditions"] == {
+        "up_mbps": 0.5,
+        "down_mbps": None,
+        "latency_ms": 40.0,
+        "jitter_ms": 0.0,
+        "loss": 0.0,
+    }
 
 
 def test_broker_and_all_targets_expand_to_every_node() -> None:
-    net = _net({"events": [{"at_s": 5, "target": "broker", "action": "down", "for_s": 10},
-                           {"at_s": 30, "target": "all", "action": "link", "latency_ms": 9}]})
+    net = _net(
+        {
+            "events": [
+                {"at_s": 5, "target": "broker", "action": "down", "for_s": 10},
+                {"at_s": 30, "target": "all", "action": "link", "latency_ms": 9},
+            ]
+        }
+    )
     tl = _timeline(net)
     every = DEVICES + OVERLAYS + ["server"]
     assert sorted(e.node for e in tl if e.at_s == 5) == sorted(every)
@@ -487,8 +624,7 @@ def test_an_event_on_an_overlay_is_skipped_in_a_fleet_without_overlays() -> None
 def test_events_past_the_horizon_are_dropped() -> None:
     net = _net({"events": [{"at_s": 5, "target": "dev00", "action": "down", "for_s": 10}]})
     assert _simple(_timeline(net, horizon_s=10)) == [(5.0, "dev00", "down")]
-    assert _simple(_timeline(net, horizon_s=15)) == [(5.0, "dev00", "down"),
-                                                     (15.0, "dev00", "up")]
+    assert _simple(_timeline(net, horizon_s=15)) == [(5.0, "dev00", "down"), (15.0, "dev00", "up")]
 
 
 def _down_at(events: list[NodeEvent], node: str, t: float) -> bool:
@@ -514,40 +650,49 @@ def test_duty_cycle_is_down_exactly_off_its_window() -> None:
             t = i / 10 + 0.05  # avoid the exact switching instants
             expected = ((t - offset) % period) >= on
             assert _down_at(tl, node, t) == expected, (node, t, offset)
-    offsets = {next(e.at_s for e in tl if e.node == n and e.action == "up") % period
-               for n in DEVICES}
+    offsets = {
+        next(e.at_s for e in tl if e.node == n and e.action == "up") % period for n in DEVICES
+    }
     assert len(offsets) == len(DEVICES)  # each device its own random phase
     assert all(e.node in DEVICES for e in tl)
 
 
 def test_aligned_duty_cycle_starts_on_at_zero() -> None:
-    net = _net({"duty_cycle": [{"target": "ovl0", "period_s": 10, "on_s": 4,
-                                "phase": "aligned"}]})
+    net = _net({"duty_cycle": [{"target": "ovl0", "period_s": 10, "on_s": 4, "phase": "aligned"}]})
     assert _simple(_timeline(net, horizon_s=25)) == [
-        (4.0, "ovl0", "down"), (10.0, "ovl0", "up"), (14.0, "ovl0", "down"),
-        (20.0, "ovl0", "up"), (24.0, "ovl0", "down")]
+        (4.0, "ovl0", "down"),
+        (10.0, "ovl0", "up"),
+        (14.0, "ovl0", "down"),
+        (20.0, "ovl0", "up"),
+        (24.0, "ovl0", "down"),
+    ]
 
 
 def test_the_timeline_is_deterministic_and_seeded(tmp_path: Path) -> None:
-    _availability_file(tmp_path, {str(i): {"active": [i], "inactive": [i + 50],
-                                           "finish_time": 100} for i in range(10)})
-    raw = {"duty_cycle": [{"target": "device", "period_s": 30, "on_s": 20}],
-           "availability": {"file": "trace.json", "time_scale": 0.5},
-           "events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 1}]}
+    _availability_file(
+        tmp_path,
+        {str(i): {"active": [i], "inactive": [i + 50], "finish_time": 100} for i in range(10)},
+    )
+    raw = {
+        "duty_cycle": [{"target": "device", "period_s": 30, "on_s": 20}],
+        "availability": {"file": "trace.json", "time_scale": 0.5},
+        "events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 1}],
+    }
     a = _net(raw, tmp_path)
     b = _net(raw, tmp_path)
     assert _timeline(a, seed=1) == _timeline(a, seed=1) == _timeline(b, seed=1)
     assert _timeline(a, seed=1) != _timeline(a, seed=2)
-    duty = {s: [e.at_s for e in _timeline(_net({"duty_cycle": raw["duty_cycle"]}), seed=s)]
-            for s in (1, 2)}
+    duty = {
+        s: [e.at_s for e in _timeline(_net({"duty_cycle": raw["duty_cycle"]}), seed=s)]
+        for s in (1, 2)
+    }
     assert duty[1] != duty[2]
 
 
 def test_availability_time_scale_offset_and_wrap_around(tmp_path: Path) -> None:
     # One client per device, so that every one is picked; client k is active [k, k + 4) of
     # a 10 s trace, which wraps around.
-    trace = {f"c{k}": {"active": [k], "inactive": [k + 4], "finish_time": 10}
-             for k in range(4)}
+    trace = {f"c{k}": {"active": [k], "inactive": [k + 4], "finish_time": 10} for k in range(4)}
     _availability_file(tmp_path, trace)
     net = _net({"availability": {"file": "trace.json", "time_scale": 2.0}}, tmp_path)
     tl = _timeline(net, horizon_s=50)
@@ -570,22 +715,24 @@ def test_availability_time_scale_offset_and_wrap_around(tmp_path: Path) -> None:
     assert len(at_zero) == 3 and {e.action for e in at_zero} == {"down"}
 
     # offset_s (trace seconds) shifts the start; past finish_time the trace wraps around.
-    shifted = _net({"availability": {"file": "trace.json", "time_scale": 1.0,
-                                     "offset_s": 12}}, tmp_path)
+    shifted = _net(
+        {"availability": {"file": "trace.json", "time_scale": 1.0, "offset_s": 12}}, tmp_path
+    )
     tl = _timeline(shifted, horizon_s=30)
     # Check every device against one of the clients, at many instants.
     for node in DEVICES:
         matches = []
         for k in range(4):
-            ok = all(_down_at(tl, node, t) == (not (k <= (12 + t) % 10 < k + 4))
-                     for t in [x / 4 + 0.1 for x in range(120)])
+            ok = all(
+                _down_at(tl, node, t) == (not (k <= (12 + t) % 10 < k + 4))
+                for t in [x / 4 + 0.1 for x in range(120)]
+            )
             matches.append(ok)
         assert matches.count(True) == 1, node
 
 
 def test_availability_interval_across_the_wrap_stays_up(tmp_path: Path) -> None:
-    trace = {f"c{k}": {"active": [0, 8], "inactive": [2, 10], "finish_time": 10}
-             for k in range(4)}
+    trace = {f"c{k}": {"active": [0, 8], "inactive": [2, 10], "finish_time": 10} for k in range(4)}
     _availability_file(tmp_path, trace)
     net = _net({"availability": {"file": "trace.json"}}, tmp_path)
     tl = _timeline(net, horizon_s=25)
@@ -597,8 +744,11 @@ def test_availability_interval_across_the_wrap_stays_up(tmp_path: Path) -> None:
 
 # -- the section in a RunConfig --------------------------------------------------------------
 def test_overrides_and_to_dict_keep_the_network_section() -> None:
-    network = {"seed": 3, "device": {"up_mbps": 2.0},
-               "events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 2}]}
+    network = {
+        "seed": 3,
+        "device": {"up_mbps": 2.0},
+        "events": [{"at_s": 1, "target": "dev00", "action": "down", "for_s": 2}],
+    }
     c = _config(network)
     d = c.to_dict()
     assert d["network"] == network
@@ -629,8 +779,7 @@ def test_shipped_network_scenarios_load_and_plan() -> None:
 
 
 def test_availability_has_no_down_and_up_at_the_same_instant(tmp_path: Path) -> None:
-    trace = {f"c{k}": {"active": [0, 8], "inactive": [2, 10], "finish_time": 10}
-             for k in range(4)}
+    trace = {f"c{k}": {"active": [0, 8], "inactive": [2, 10], "finish_time": 10} for k in range(4)}
     _availability_file(tmp_path, trace)
     tl = _timeline(_net({"availability": {"file": "trace.json"}}, tmp_path), horizon_s=25)
     mine = [(e.at_s, e.action) for e in tl if e.node == "dev00"]

@@ -29,8 +29,7 @@ from emo_mqtt.topics import Kind, topic
 
 RAW: dict[str, Any] = {
     "run": {"name": "hostile", "rounds": 2},
-    "data": {"samples_per_device": 120, "validation_samples": 300,
-             "eval_samples_per_round": 300},
+    "data": {"samples_per_device": 120, "validation_samples": 300, "eval_samples_per_round": 300},
     "fleet": {"devices": 3, "overlays": 1, "min_updates": 3, "round_deadline_s": 60},
     "emo": {"overlay_steps_per_round": 4, "cache_entries": 1000},
 }
@@ -46,10 +45,12 @@ def plan(config: RunConfig) -> DataPlan:
     return plan_data(config)
 
 
-def run(config: RunConfig, algorithm: str, plan: DataPlan, broker: MemoryBroker,
-        out: Path | None = None) -> dict[str, Any]:
-    return asyncio.run(run_algorithm(broker, config, algorithm, plan, out_dir=out,
-                                     say=lambda _: None))
+def run(
+    config: RunConfig, algorithm: str, plan: DataPlan, broker: MemoryBroker, out: Path | None = None
+) -> dict[str, Any]:
+    return asyncio.run(
+        run_algorithm(broker, config, algorithm, plan, out_dir=out, say=lambda _: None)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,9 @@ def test_every_algorithm_runs_on_the_memory_bus(clean: dict[str, dict[str, Any]]
     assert clean["sfl_v1"]["bytes_by_kind"]["gradients"] > 0
 
 
-async def rogue(broker: MemoryBroker, config: RunConfig, algorithm: str,
-                attacks: list[tuple[str, bytes]]) -> None:
+async def rogue(
+    broker: MemoryBroker, config: RunConfig, algorithm: str, attacks: list[tuple[str, bytes]]
+) -> None:
     """Once round 1 is announced, publish every attack as dev00 (or ovl0)."""
     r = run_id(config, algorithm)
     async with open_bus(broker, "rogue", clean_start=True) as bus:
@@ -83,20 +85,27 @@ async def rogue(broker: MemoryBroker, config: RunConfig, algorithm: str,
             await bus.publish(where.replace("RUN", r), payload)
 
 
-def frame(body: dict[str, Any], kind: str, sender: str, algorithm: str, config: RunConfig,
-          seq: int) -> bytes:
+def frame(
+    body: dict[str, Any], kind: str, sender: str, algorithm: str, config: RunConfig, seq: int
+) -> bytes:
     return encode(body, kind=kind, sender=sender, run=run_id(config, algorithm), seq=seq)
 
 
-def hostile_run(config: RunConfig, algorithm: str, plan: DataPlan,
-                attacks: list[tuple[str, bytes]], out: Path | None = None) -> dict[str, Any]:
+def hostile_run(
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    attacks: list[tuple[str, bytes]],
+    out: Path | None = None,
+) -> dict[str, Any]:
     broker = MemoryBroker()
 
     async def scenario() -> dict[str, Any]:
         side = asyncio.create_task(rogue(broker, config, algorithm, attacks))
         try:
-            return await run_algorithm(broker, config, algorithm, plan, out_dir=out,
-                                       say=lambda _: None)
+            return await run_algorithm(
+                broker, config, algorithm, plan, out_dir=out, say=lambda _: None
+            )
         finally:
             side.cancel()
 
@@ -108,8 +117,9 @@ def test_hostile_updates_never_stop_or_change_fl(
 ) -> None:
     limits = limits_for(config, Algorithm.FL, plan)
     assert limits.round_weights is not None
-    zeros = {k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in
-             limits.round_weights.items()}
+    zeros = {
+        k: np.zeros(shape, np.dtype(dtype)) for k, (shape, dtype) in limits.round_weights.items()
+    }
     update = "emo/RUN/device/dev00/update"
     bodies = [
         {"round": float("inf"), "weights": zeros, "samples": 10, "loss": 0.1},
@@ -118,8 +128,10 @@ def test_hostile_updates_never_stop_or_change_fl(
         {"round": 1, "weights": zeros, "samples": True, "loss": 0.1},
         {"round": 1, "weights": [1], "samples": 10, "loss": 0.1},
     ]
-    attacks = [(update, frame(b, "update", "dev00", "fl", config, 10_000 + i))
-               for i, b in enumerate(bodies)]
+    attacks = [
+        (update, frame(b, "update", "dev00", "fl", config, 10_000 + i))
+        for i, b in enumerate(bodies)
+    ]
     # A frame of another kind on the update topic.
     attacks.append((update, frame({"round": 1}, "round", "dev00", "fl", config, 20_000)))
     # A status nested 5,000 deep (json.loads raises RecursionError on it).
@@ -142,15 +154,29 @@ def test_hostile_splitfed_batches_are_refused(
     assert shape is not None
     where = "emo/RUN/device/dev00/sfl/activations"
     bodies = [
-        {"round": 1, "batch": 0, "activations": np.ones((4, 3), np.float32),
-         "labels": np.zeros(4, np.int64)},
-        {"round": 1, "batch": 0, "activations": np.full((4, *shape), np.nan, np.float32),
-         "labels": np.zeros(4, np.int64)},
-        {"round": 1, "batch": 0, "activations": np.ones((4, *shape), np.float32),
-         "labels": np.full(4, 1000, np.int64)},
+        {
+            "round": 1,
+            "batch": 0,
+            "activations": np.ones((4, 3), np.float32),
+            "labels": np.zeros(4, np.int64),
+        },
+        {
+            "round": 1,
+            "batch": 0,
+            "activations": np.full((4, *shape), np.nan, np.float32),
+            "labels": np.zeros(4, np.int64),
+        },
+        {
+            "round": 1,
+            "batch": 0,
+            "activations": np.ones((4, *shape), np.float32),
+            "labels": np.full(4, 1000, np.int64),
+        },
     ]
-    attacks = [(where, frame(b, "sfl.activations", "dev00", "sfl", config, 30_000 + i))
-               for i, b in enumerate(bodies)]
+    attacks = [
+        (where, frame(b, "sfl.activations", "dev00", "sfl", config, 30_000 + i))
+        for i, b in enumerate(bodies)
+    ]
     entry = hostile_run(config, "sfl", plan, attacks)
     rejected = entry["rejected"]
     assert rejected.get("sfl.activations:bad_shape", 0) == 1, rejected
@@ -165,24 +191,47 @@ def test_poisoned_overlay_and_activations(
 ) -> None:
     limits = limits_for(config, Algorithm.EMO, plan)
     assert limits.overlay_weights is not None and limits.activation_shape is not None
-    nan = {k: np.full(shape, np.nan, np.dtype(dtype)) if np.dtype(dtype).kind == "f"
-           else np.zeros(shape, np.dtype(dtype))
-           for k, (shape, dtype) in limits.overlay_weights.items()}
+    nan = {
+        k: np.full(shape, np.nan, np.dtype(dtype))
+        if np.dtype(dtype).kind == "f"
+        else np.zeros(shape, np.dtype(dtype))
+        for k, (shape, dtype) in limits.overlay_weights.items()
+    }
     acts = "emo/RUN/device/dev00/activations"
     n = 64
-    good = {"sample_ids": np.arange(n), "labels": np.arange(n) % 10,
-            "data": np.ones((n, *limits.activation_shape), np.float32), "scale": None,
-            "last": False}
+    good = {
+        "sample_ids": np.arange(n),
+        "labels": np.arange(n) % 10,
+        "data": np.ones((n, *limits.activation_shape), np.float32),
+        "scale": None,
+        "last": False,
+    }
     attacks = [
-        ("emo/RUN/overlay/ovl0/model", frame(
-            {"round": 1, "version": 99, "weights": nan, "loss": 0.5, "entries": 1},
-            "overlay.model", "ovl0", "emo", config, 40_000)),
+        (
+            "emo/RUN/overlay/ovl0/model",
+            frame(
+                {"round": 1, "version": 99, "weights": nan, "loss": 0.5, "entries": 1},
+                "overlay.model",
+                "ovl0",
+                "emo",
+                config,
+                40_000,
+            ),
+        ),
         (acts, frame({**good, "round": 2**63}, "activations", "dev00", "emo", config, 40_001)),
-        (acts, frame({**good, "round": 1, "labels": np.full(n, 1000)}, "activations",
-                     "dev00", "emo", config, 40_002)),
+        (
+            acts,
+            frame(
+                {**good, "round": 1, "labels": np.full(n, 1000)},
+                "activations",
+                "dev00",
+                "emo",
+                config,
+                40_002,
+            ),
+        ),
         # A valid round far in the future would never go stale in the cache.
-        (acts, frame({**good, "round": 2**31 - 1}, "activations", "dev00", "emo", config,
-                     40_003)),
+        (acts, frame({**good, "round": 2**31 - 1}, "activations", "dev00", "emo", config, 40_003)),
     ]
     entry = hostile_run(config, "emo", plan, attacks, out=tmp_path)
     rejected = entry["rejected"]

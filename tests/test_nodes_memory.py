@@ -44,11 +44,17 @@ def test_a_silent_device_never_stalls_a_round() -> None:
         assert h["wall_s"] >= 3.9 * h["round"]  # closed by the deadline, not by dev02
 
 
-@pytest.mark.parametrize(("model", "scaling"), [("overlay-cnn", "vertical"),
-                                                 ("overlay-mlp", "horizontal")])
+@pytest.mark.parametrize(
+    ("model", "scaling"), [("overlay-cnn", "vertical"), ("overlay-mlp", "horizontal")]
+)
 def test_both_scalings_train_and_ensemble(model: str, scaling: str) -> None:
-    config = from_dict({**SMALL, "fleet": {**SMALL["fleet"], "round_deadline_s": 30},
-                        "emo": {**SMALL["emo"], "overlay_model": model, "scaling": scaling}})
+    config = from_dict(
+        {
+            **SMALL,
+            "fleet": {**SMALL["fleet"], "round_deadline_s": 30},
+            "emo": {**SMALL["emo"], "overlay_model": model, "scaling": scaling},
+        }
+    )
     plan = plan_data(config)
     summary = asyncio.run(run_algorithm(MemoryBroker(), config, "emo", plan, say=lambda _: None))
     members = summary["member_accuracy"]
@@ -87,8 +93,17 @@ def test_a_round_below_min_updates_closes_at_its_deadline_unaggregated() -> None
 
 def test_a_slower_device_waits_out_the_difference() -> None:
     """compute_speed 0.25: after each training a device waits three times its compute time."""
-    config = from_dict({**SMALL, "fleet": {**SMALL["fleet"], "round_deadline_s": 30,
-                                           "min_updates": 3, "device_compute_speed": 0.25}})
+    config = from_dict(
+        {
+            **SMALL,
+            "fleet": {
+                **SMALL["fleet"],
+                "round_deadline_s": 30,
+                "min_updates": 3,
+                "device_compute_speed": 0.25,
+            },
+        }
+    )
     plan = plan_data(config)
     broker = MemoryBroker()
 

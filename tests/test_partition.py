@@ -58,8 +58,11 @@ def test_shipped_scenarios_keep_their_partitions(name: str, seed: int, digest: s
 
 
 def test_every_shipped_fashion_scenario_is_pinned() -> None:
-    shipped = {p.name for p in (ROOT / "scenarios").glob("*.toml")
-               if load_config(p).data.dataset == "fashion-mnist"}
+    shipped = {
+        p.name
+        for p in (ROOT / "scenarios").glob("*.toml")
+        if load_config(p).data.dataset == "fashion-mnist"
+    }
     assert shipped == {name for name, _, _ in PINNED}
 
 
@@ -102,8 +105,9 @@ def mean_entropy(y: np.ndarray, parts: list[np.ndarray]) -> float:
     return float(-(p * logs).sum(axis=1).mean())
 
 
-@pytest.mark.parametrize(("n_devices", "alpha", "seed"),
-                         [(8, 0.3, 1), (8, 0.1, 2), (20, 0.5, 3), (50, 1.0, 4)])
+@pytest.mark.parametrize(
+    ("n_devices", "alpha", "seed"), [(8, 0.3, 1), (8, 0.1, 2), (20, 0.5, 3), (50, 1.0, 4)]
+)
 def test_a_draw_that_meets_the_minimum_is_the_legacy_draw(
     n_devices: int, alpha: float, seed: int
 ) -> None:
@@ -134,14 +138,16 @@ def test_dirichlet_big_fleets_meet_the_minimum_fast(n_devices: int, minimum: int
 
 def test_dirichlet_skew_falls_as_alpha_rises_at_1000_devices() -> None:
     y = pool_labels()
-    entropies = [mean_entropy(y, partition_dirichlet(y, 1000, a, seed=1))
-                 for a in (0.05, 0.3, 1.0, 10.0)]
+    entropies = [
+        mean_entropy(y, partition_dirichlet(y, 1000, a, seed=1)) for a in (0.05, 0.3, 1.0, 10.0)
+    ]
     iid = mean_entropy(y, partition_iid(y, 1000, seed=1))
     assert entropies == sorted(entropies) and len(set(entropies)) == 4
     # Rebalancing keeps strong skew strong: at alpha 0.3 a device sees about half the
     # label entropy of an IID device of the same size.
     assert entropies[1] < 0.65 * iid
     assert entropies[-1] > 0.9 * iid
+
     # A KS-style check on the label mix of device sizes: the share of each device's
     # dominant label, whose distribution shifts down as alpha rises.
     def dominant_share(alpha: float) -> np.ndarray:

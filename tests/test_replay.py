@@ -27,8 +27,7 @@ pytestmark = pytest.mark.broker
 
 FLEET: dict[str, Any] = {
     "run": {"name": "netrep", "seed": 5, "rounds": 3, "algorithms": ["fl"]},
-    "data": {"samples_per_device": 200, "validation_samples": 300,
-             "eval_samples_per_round": 300},
+    "data": {"samples_per_device": 200, "validation_samples": 300, "eval_samples_per_round": 300},
     # Every round waits for all four updates: a lost update would stall it to the deadline
     # and close it with three, which the test would see.
     "fleet": {"devices": 4, "overlays": 1, "min_updates": 4, "round_deadline_s": 40},
@@ -48,8 +47,9 @@ def test_a_shaped_uplink_is_slower_by_the_amount_asked(mosquitto: BrokerHandle) 
     payload = bytes(1_000_000)
 
     async def publish_through(node: str) -> float:
-        replay = NetworkReplay(config.network, mosquitto.url, fleet_node_ids(config, "fl"),
-                               seed=1, horizon_s=60)
+        replay = NetworkReplay(
+            config.network, mosquitto.url, fleet_node_ids(config, "fl"), seed=1, horizon_s=60
+        )
         async with replay, open_bus(replay.url(node), f"netrep-{node}", clean_start=True) as bus:
             began = time.monotonic()
             await bus.publish("emo/netrep/bench/x", payload)
@@ -75,8 +75,7 @@ def test_outages_in_a_trace_reconnect_nodes_without_losing_a_qos1_update(
     the same run without a network: nothing was lost and nothing counted twice.
     """
     plan = plan_data(_config(None))
-    clean = asyncio.run(run_algorithm(mosquitto.url, _config(None), "fl", plan,
-                                      say=lambda _: None))
+    clean = asyncio.run(run_algorithm(mosquitto.url, _config(None), "fl", plan, say=lambda _: None))
     # dev01's 24 kB update takes ~4 s at 0.05 Mbit/s (6.25 kB/s): the cuts at 2 s and 7 s
     # land while it is uploading (the message log below checks that they did).
     network = {
@@ -90,14 +89,14 @@ def test_outages_in_a_trace_reconnect_nodes_without_losing_a_qos1_update(
     }
     config = _config(network)
     out = tmp_path / "out"
-    entry = asyncio.run(run_algorithm(mosquitto.url, config, "fl", plan, out_dir=out,
-                                      say=lambda _: None))
+    entry = asyncio.run(
+        run_algorithm(mosquitto.url, config, "fl", plan, out_dir=out, say=lambda _: None)
+    )
 
     assert entry["rounds"] == 3
     assert _fl_hash(entry) == _fl_hash(clean)
     applied = [(e["node"], e["action"]) for e in entry["network"]["events"]]
-    assert applied[:4] == [("dev01", "down"), ("dev01", "up"), ("dev01", "down"),
-                           ("dev01", "up")]
+    assert applied[:4] == [("dev01", "down"), ("dev01", "up"), ("dev01", "down"), ("dev01", "up")]
     links = entry["network"]["links"]
     assert links["dev01"]["outages"] >= 2 and links["dev01"]["dropped_by_outage"] >= 2
     assert links["dev01"]["connections"] >= 3  # it reconnected after each cut
@@ -107,8 +106,9 @@ def test_outages_in_a_trace_reconnect_nodes_without_losing_a_qos1_update(
     updates = [r for r in rows if r["sender"] == "dev01" and r["topic"].endswith("/update")]
     assert len(updates) == 3
     cuts = [(2.0, 3.5), (7.0, 8.5)]
-    assert any(float(u["time_s"]) < a and float(u["ack_s"]) > b
-               for u in updates for a, b in cuts), updates
+    assert any(
+        float(u["time_s"]) < a and float(u["ack_s"]) > b for u in updates for a, b in cuts
+    ), updates
     # After each reconnect dev01 said it was online again (the broker had published its will).
     statuses = [r for r in rows if r["sender"] == "dev01" and "/status/" in r["topic"]]
     assert len(statuses) >= 4, statuses  # online, online after each cut, offline at the end
@@ -122,15 +122,18 @@ def test_a_bad_network_section_is_refused_before_anything_starts(
     assert main(["run", str(path), "--broker", "mqtt://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "network.device.up_mbps" in err and "-2" in err
-    path.write_text('[run]\nname = "bad"\n[[network.events]]\nat_s = 1\ntarget = "dev99"\n'
-                    'action = "down"\n')
+    path.write_text(
+        '[run]\nname = "bad"\n[[network.events]]\nat_s = 1\ntarget = "dev99"\naction = "down"\n'
+    )
     assert main(["run", str(path), "--broker", "mqtt://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "network.events[0]" in err and "dev99" in err
 
 
 def test_an_overlay_crash_in_the_timeline_restarts_it_from_its_checkpoint(
-    mosquitto: BrokerHandle, tmp_path: Path, one_torch_thread: None,
+    mosquitto: BrokerHandle,
+    tmp_path: Path,
+    one_torch_thread: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """ovl0 crashes mid-run and comes back 1 s later: from its checkpoint, training on.
@@ -154,17 +157,21 @@ def test_an_overlay_crash_in_the_timeline_restarts_it_from_its_checkpoint(
         await play(self, started)
 
     monkeypatch.setattr(NetworkReplay, "run_timeline", after_first_checkpoint)
-    raw = {**FLEET, "run": {**FLEET["run"], "name": "netcrash", "rounds": 5,
-                            "algorithms": ["emo"]},
-           "fleet": {**FLEET["fleet"], "device_compute_speed": 0.05},
-           "emo": {"overlay_steps_per_round": 10}}
-    raw["network"] = {"events": [{"at_s": 2.5, "target": "ovl0", "action": "crash",
-                                  "for_s": 1.0}]}
+    raw = {
+        **FLEET,
+        "run": {**FLEET["run"], "name": "netcrash", "rounds": 5, "algorithms": ["emo"]},
+        "fleet": {**FLEET["fleet"], "device_compute_speed": 0.05},
+        "emo": {"overlay_steps_per_round": 10},
+    }
+    raw["network"] = {"events": [{"at_s": 2.5, "target": "ovl0", "action": "crash", "for_s": 1.0}]}
     config = from_dict(raw)
     out = tmp_path / "out"
     lines: list[str] = []
-    entry = asyncio.run(run_algorithm(mosquitto.url, config, "emo", plan_data(config),
-                                      out_dir=out, say=lines.append))
+    entry = asyncio.run(
+        run_algorithm(
+            mosquitto.url, config, "emo", plan_data(config), out_dir=out, say=lines.append
+        )
+    )
     assert entry["rounds"] == 5
     events = {e["action"]: e for e in entry["network"]["events"] if e["node"] == "ovl0"}
     assert set(events) == {"crash", "restart"}
@@ -188,12 +195,16 @@ def test_each_node_gets_its_proxy_with_the_broker_login() -> None:
     config = _config({"device": {"up_mbps": 1.0}})
 
     async def urls() -> list[str]:
-        replay = NetworkReplay(config.network, "mqtt://us%40er:p%3Ass@127.0.0.1:9",
-                               fleet_node_ids(config, "fl"), seed=1, horizon_s=10)
+        replay = NetworkReplay(
+            config.network,
+            "mqtt://us%40er:p%3Ass@127.0.0.1:9",
+            fleet_node_ids(config, "fl"),
+            seed=1,
+            horizon_s=10,
+        )
         async with replay:
             return [replay.url(n) for n in ("server", "dev00", "dev01")]
 
     parsed = [parse_broker_url(u) for u in asyncio.run(urls())]
     assert len({u.port for u in parsed}) == 3  # one proxy each
-    assert all((u.host, u.username, u.password) == ("127.0.0.1", "us@er", "p:ss")
-               for u in parsed)
+    assert all((u.host, u.username, u.password) == ("127.0.0.1", "us@er", "p:ss") for u in parsed)

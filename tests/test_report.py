@@ -25,19 +25,21 @@ from emo_mqtt.topics import Kind, subscription
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-
-
 def _synthetic_summary(with_bytes_per_round: bool = True) -> dict[str, Any]:
     algorithms: dict[str, Any] = {}
     for i, name in enumerate(["fl", "sfl", "emo"]):
         acc = [0.5 + 0.3 * (1 - math.exp(-r / (2 + i))) for r in range(1, 6)]
         entry: dict[str, Any] = {
-            "accuracy": acc[-1], "fl_accuracy": acc[-1] - 0.01 * i,
-            "accuracy_per_round": acc, "fl_accuracy_per_round": acc,
+            "accuracy": acc[-1],
+            "fl_accuracy": acc[-1] - 0.01 * i,
+            "accuracy_per_round": acc,
+            "fl_accuracy_per_round": acc,
             "time_per_round_s": [1.5 * r * (1 + i) for r in range(1, 6)],
             "bytes": 5_000_000 * (1 + i),
             "bytes_by_kind": {"weights": 4_000_000, "activations": 1_000_000 * i},
-            "wall_s": 7.5 * (1 + i), "sim_time_s": 7.5 * (1 + i), "rounds": 5,
+            "wall_s": 7.5 * (1 + i),
+            "sim_time_s": 7.5 * (1 + i),
+            "rounds": 5,
             "time_to_target_s": None,
         }
         if with_bytes_per_round:
@@ -45,8 +47,10 @@ def _synthetic_summary(with_bytes_per_round: bool = True) -> dict[str, Any]:
         algorithms[name] = entry
     return {
         "scenario": "scenarios/synthetic.toml",
-        "config": {"run": {"name": "synthetic", "rounds": 5, "target_accuracy": 0.9},
-                   "fleet": {"devices": 4, "overlays": 2}},
+        "config": {
+            "run": {"name": "synthetic", "rounds": 5, "target_accuracy": 0.9},
+            "fleet": {"devices": 4, "overlays": 2},
+        },
         "algorithms": algorithms,
         "comparisons": {"emo_minus_fl_points": 1.23, "sfl_bytes_over_emo_bytes": 0.67},
     }
@@ -93,9 +97,23 @@ def test_emo_run_jsonl_prints_events_and_writes_the_report(
     scenario = tiny_scenario("tiny")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "emo_mqtt.cli", "run", str(scenario), "--rounds", "2",
-         "--algorithms", "fl", "--jsonl", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "emo_mqtt.cli",
+            "run",
+            str(scenario),
+            "--rounds",
+            "2",
+            "--algorithms",
+            "fl",
+            "--jsonl",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
@@ -116,19 +134,61 @@ def test_emo_run_jsonl_prints_events_and_writes_the_report(
 
 
 #: The metric names docs/monitoring.md promises, by role.
-COMMON = {"role", "id", "run", "round", "time", "uptime_s", "bytes_out", "bytes_out_by_kind",
-          "bytes_in", "bytes_in_by_kind", "messages_out", "messages_in",
-          "publish_rate_messages_per_s", "publish_rate_bytes_per_s",
-          "recent_publish_rate_messages_per_s", "recent_publish_rate_bytes_per_s",
-          "rejected", "reconnects", "final"}
+COMMON = {
+    "role",
+    "id",
+    "run",
+    "round",
+    "time",
+    "uptime_s",
+    "bytes_out",
+    "bytes_out_by_kind",
+    "bytes_in",
+    "bytes_in_by_kind",
+    "messages_out",
+    "messages_in",
+    "publish_rate_messages_per_s",
+    "publish_rate_bytes_per_s",
+    "recent_publish_rate_messages_per_s",
+    "recent_publish_rate_bytes_per_s",
+    "rejected",
+    "reconnects",
+    "final",
+}
 BY_ROLE = {
-    "device": {"algorithm", "rounds_trained", "loss", "activation_bytes", "outbox_bytes",
-               "outbox_evicted", "decision", "decision_round"},
-    "overlay": {"loss", "version", "trained_round", "cache", "cache_stats", "spill_bytes",
-                "spill_blocks", "spill_capacity_bytes", "spill_entries_written",
-                "spill_entries_dropped", "spill_entries_taken"},
-    "server": {"algorithm", "online", "loss", "accuracy", "fl_accuracy", "last_round",
-               "controller_decisions", "rejected_updates"},
+    "device": {
+        "algorithm",
+        "rounds_trained",
+        "loss",
+        "activation_bytes",
+        "outbox_bytes",
+        "outbox_evicted",
+        "decision",
+        "decision_round",
+    },
+    "overlay": {
+        "loss",
+        "version",
+        "trained_round",
+        "cache",
+        "cache_stats",
+        "spill_bytes",
+        "spill_blocks",
+        "spill_capacity_bytes",
+        "spill_entries_written",
+        "spill_entries_dropped",
+        "spill_entries_taken",
+    },
+    "server": {
+        "algorithm",
+        "online",
+        "loss",
+        "accuracy",
+        "fl_accuracy",
+        "last_round",
+        "controller_decisions",
+        "rejected_updates",
+    },
 }
 
 
@@ -142,13 +202,18 @@ def _strict_json(payload: bytes) -> dict[str, Any]:
 
 
 def test_every_node_publishes_the_documented_metrics(tmp_path: Path) -> None:
-    config = from_dict({
-        "run": {"name": "metrics", "rounds": 2},
-        "data": {"samples_per_device": 150, "validation_samples": 300,
-                 "eval_samples_per_round": 300},
-        "fleet": {"devices": 2, "overlays": 1, "round_deadline_s": 30},
-        "emo": {"overlay_steps_per_round": 5, "cache_entries": 100, "spill_mib": 4},
-    })
+    config = from_dict(
+        {
+            "run": {"name": "metrics", "rounds": 2},
+            "data": {
+                "samples_per_device": 150,
+                "validation_samples": 300,
+                "eval_samples_per_round": 300,
+            },
+            "fleet": {"devices": 2, "overlays": 1, "round_deadline_s": 30},
+            "emo": {"overlay_steps_per_round": 5, "cache_entries": 100, "spill_mib": 4},
+        }
+    )
     plan = plan_data(config)
     broker = MemoryBroker()
     final: dict[str, dict[str, Any]] = {}
@@ -165,8 +230,9 @@ def test_every_node_publishes_the_documented_metrics(tmp_path: Path) -> None:
 
             watcher = asyncio.create_task(watch())
             try:
-                return await run_algorithm(broker, config, "emo", plan, out_dir=tmp_path,
-                                           say=lambda _: None)
+                return await run_algorithm(
+                    broker, config, "emo", plan, out_dir=tmp_path, say=lambda _: None
+                )
             finally:
                 watcher.cancel()
 

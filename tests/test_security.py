@@ -51,20 +51,28 @@ async def _received(bus: MqttBus, seconds: float) -> list[Message]:
 
 def test_acl_file_is_least_privilege() -> None:
     acl = acl_text(4, 2, run="r1")
-    blocks = {b.splitlines()[0]: b.splitlines()[1:] for b in acl.split("\n\n") if
-              b.startswith("user ")}
+    blocks = {
+        b.splitlines()[0]: b.splitlines()[1:] for b in acl.split("\n\n") if b.startswith("user ")
+    }
     # Overlay ovl1 serves dev01 and dev03 (dealt in turn) and reads nothing else of devices.
     ovl1 = blocks["user overlay-ovl1"]
     assert [t for t in ovl1 if "/device/" in t] == [
-        "topic read emo/r1/device/dev01/activations", "topic read emo/r1/device/dev03/activations"]
+        "topic read emo/r1/device/dev01/activations",
+        "topic read emo/r1/device/dev03/activations",
+    ]
     dev = blocks["user device-dev02"]
     assert all("dev02" in t or t.endswith(("/server/round", "/server/done")) for t in dev)
     assert not any(t.startswith("topic write") and "/server/" in t for t in dev)
     assert all(t.startswith("topic read") for t in blocks["user monitor"])
     # Only the server writes server/* and control/*.
-    writers = [u for u, lines in blocks.items() if any(
-        line.startswith("topic write") and ("/server/" in line or "/control/" in line)
-        for line in lines)]
+    writers = [
+        u
+        for u, lines in blocks.items()
+        if any(
+            line.startswith("topic write") and ("/server/" in line or "/control/" in line)
+            for line in lines
+        )
+    ]
     assert writers == ["user server-server"]
 
 
@@ -72,8 +80,27 @@ def test_cli_provision_writes_a_usable_fleet(tmp_path: Path) -> None:
     from emo_mqtt.cli import main
 
     out = tmp_path / "f"
-    assert main(["fleet", "provision", "--devices", "3", "--overlays", "2", "--out", str(out),
-                 "--run", "r9", "--host", "broker.example", "--port", "9883"]) == 0
+    assert (
+        main(
+            [
+                "fleet",
+                "provision",
+                "--devices",
+                "3",
+                "--overlays",
+                "2",
+                "--out",
+                str(out),
+                "--run",
+                "r9",
+                "--host",
+                "broker.example",
+                "--port",
+                "9883",
+            ]
+        )
+        == 0
+    )
     node = load_node_config(out / "nodes" / "device-dev02" / "node.json")
     assert (node.role, node.node_id, node.run) == ("device", "dev02", "r9")
     assert str(node.broker) == "mqtts://device-dev02@broker.example:9883"
@@ -83,9 +110,20 @@ def test_cli_provision_writes_a_usable_fleet(tmp_path: Path) -> None:
     assert "topic read emo/r9/device/dev01/activations" in (out / "acl").read_text()
     conf = (out / "mosquitto.conf").read_text()
     assert "allow_anonymous false" in conf and "require_certificate true" in conf
-    san = subprocess.run(["openssl", "x509", "-in", str(out / "broker" / "broker.crt"),
-                          "-noout", "-ext", "subjectAltName"], capture_output=True,
-                         text=True, check=True).stdout
+    san = subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-in",
+            str(out / "broker" / "broker.crt"),
+            "-noout",
+            "-ext",
+            "subjectAltName",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "IP Address:127.0.0.1" in san and "DNS:localhost" in san
     assert "DNS:broker.example" in san
     # A second provisioning into the same directory would replace the CA: refused.
@@ -96,8 +134,12 @@ def test_provisioned_conf_binds_identities_and_never_runs_as_root(tmp_path: Path
     out = tmp_path / "f"
     summary = provision(out, 1, 0)
     lines = (out / "mosquitto.conf").read_text().splitlines()
-    for line in ("require_certificate true", "use_identity_as_username true",
-                 "use_username_as_clientid true", "allow_anonymous false"):
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+    ):
         assert line in lines
     users = [line for line in lines if line.startswith("user ")]
     assert users == [f"user {summary['broker_user']}"] and users != ["user root"]
@@ -117,10 +159,13 @@ def test_provisioned_conf_binds_identities_and_never_runs_as_root(tmp_path: Path
     assert not list(out.glob(".passwd-*"))
 
 
-@pytest.mark.parametrize("fake", [
-    "exit 3",  # the tool fails
-    "exit 0",  # the tool claims success but hashes nothing
-])
+@pytest.mark.parametrize(
+    "fake",
+    [
+        "exit 3",  # the tool fails
+        "exit 0",  # the tool claims success but hashes nothing
+    ],
+)
 def test_password_hashing_that_fails_fails_provisioning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: str
 ) -> None:
@@ -142,10 +187,28 @@ def test_password_hashing_that_fails_fails_provisioning(
 def _forged_cert(where: Path, cn: str) -> tuple[Path, Path]:
     """A client certificate for ``cn`` from a CA the fleet never heard of."""
     key, crt = where / f"{cn}.key", where / f"{cn}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(crt), "-days", "1", "-subj", f"/CN={cn}"], capture_output=True,
-                   check=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={cn}",
+        ],
+        capture_output=True,
+        check=True,
+    )
     return key, crt
 
 
@@ -201,18 +264,19 @@ def test_acl_denials_really_happen(fleet: Fleet) -> None:
             # dev01's activations reach its overlay, never dev00.
             await dev1.publish(topic(Kind.DEVICE_ACTIVATIONS, RUN, node="dev01"), b"acts")
             srv_got, ovl_got, d0_got, d1_got = await asyncio.gather(
-                _received(server, 1.0), _received(overlay, 1.0), _received(dev0, 1.0),
-                _received(dev1, 1.0))
+                _received(server, 1.0),
+                _received(overlay, 1.0),
+                _received(dev0, 1.0),
+                _received(dev1, 1.0),
+            )
         assert [(m.topic, bytes(m.payload)) for m in srv_got] == [
-            (f"emo/{RUN}/device/dev00/update", b"own")]
+            (f"emo/{RUN}/device/dev00/update", b"own")
+        ]
         assert [bytes(m.payload) for m in d1_got] == [b"real round"]
         assert [bytes(m.payload) for m in d0_got] == [b"real round"]  # no activations of dev01
         assert [bytes(m.payload) for m in ovl_got] == [b"acts"]
 
     asyncio.run(main())
-
-
-
 
 
 def test_full_run_over_tls_with_provisioned_nodes(
@@ -225,19 +289,41 @@ def test_full_run_over_tls_with_provisioned_nodes(
         # One run after the other, each with its own run id: an identity is one connection
         # at a time (the broker takes the certificate's CN as the client id).
         for algorithm in ("fl", "emo"):
-            common = ["--run", f"{RUN}-{algorithm}", "--config", str(scenario),
-                      "--algorithm", algorithm]
-            members = [("device", "device-dev00"), ("device", "device-dev01"),
-                       ("server", "server-server")]
+            common = [
+                "--run",
+                f"{RUN}-{algorithm}",
+                "--config",
+                str(scenario),
+                "--algorithm",
+                algorithm,
+            ]
+            members = [
+                ("device", "device-dev00"),
+                ("device", "device-dev01"),
+                ("server", "server-server"),
+            ]
             if algorithm == "emo":
                 members.append(("overlay", "overlay-ovl0"))
             for role, user in members:
                 extra = ["--out", str(tmp_path / algorithm)] if role == "server" else []
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "emo_mqtt.cli", "node", role,
-                     "--node-config", str(nodes / user / "node.json"), *common, *extra],
-                    stderr=subprocess.PIPE, text=True))
-            for proc in procs[-len(members):]:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "emo_mqtt.cli",
+                            "node",
+                            role,
+                            "--node-config",
+                            str(nodes / user / "node.json"),
+                            *common,
+                            *extra,
+                        ],
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+            for proc in procs[-len(members) :]:
                 _, err = proc.communicate(timeout=300)
                 assert proc.returncode == 0, err
                 # No node was ever kicked off by another connection of its identity.
@@ -251,8 +337,11 @@ def test_full_run_over_tls_with_provisioned_nodes(
         assert [h["round"] for h in meta["history"]] == [1, 2]
         assert all(h["updates"] == 2 for h in meta["history"])
 
-def test_monitor_reads_status_and_metrics_only(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
-                                               ) -> None:
+
+def test_monitor_reads_status_and_metrics_only(
+    fleet: Fleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A dashboard gets its TLS files from the environment and its login from the URL.
     files = fleet.dir / "nodes" / "monitor"
     monkeypatch.setenv("EMO_MQTT_CA", str(files / "ca.crt"))
@@ -271,8 +360,7 @@ def test_monitor_reads_status_and_metrics_only(fleet: Fleet, monkeypatch: pytest
             await dev0.subscribe(topic(Kind.SERVER_ROUND, RUN))
             await monitor.publish(topic(Kind.SERVER_ROUND, RUN), b"from monitor")  # denied
             await dev0.publish(topic(Kind.METRICS, RUN, node="dev00", role="device"), b"{}")
-            mon_got, d0_got = await asyncio.gather(_received(monitor, 1.0),
-                                                   _received(dev0, 1.0))
+            mon_got, d0_got = await asyncio.gather(_received(monitor, 1.0), _received(dev0, 1.0))
         # (Retained statuses of earlier runs on this broker arrive too: status is readable.)
         assert all("/status/" in m.topic for m in mon_got if m.retain)
         assert [m.topic for m in mon_got if not m.retain] == [f"emo/{RUN}/metrics/device/dev00"]

@@ -106,8 +106,9 @@ async def _sink_server() -> tuple[asyncio.Server, int]:
 
 async def test_uplink_bandwidth_paces_a_1mb_transfer() -> None:
     server, port = await _sink_server()
-    proxy = ShapingProxy("127.0.0.1", port, uplink=LinkSpec(bandwidth_bps=500_000),
-                         downlink=LinkSpec())
+    proxy = ShapingProxy(
+        "127.0.0.1", port, uplink=LinkSpec(bandwidth_bps=500_000), downlink=LinkSpec()
+    )
     async with server, proxy:
         r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
         start = time.monotonic()
@@ -176,8 +177,9 @@ async def test_bus_publish_through_shaped_uplink_is_slower_by_the_amount_asked(
     mosquitto: BrokerHandle,
 ) -> None:
     plain = ShapingProxy(mosquitto.host, mosquitto.port)
-    shaped = ShapingProxy(mosquitto.host, mosquitto.port,
-                          uplink=LinkSpec(bandwidth_bps=500_000, latency_s=0.02))
+    shaped = ShapingProxy(
+        mosquitto.host, mosquitto.port, uplink=LinkSpec(bandwidth_bps=500_000, latency_s=0.02)
+    )
     async with plain, shaped:
         base = await _publish_1mb(mosquitto.url, plain.url, "shaping/plain")
         slow = await _publish_1mb(mosquitto.url, shaped.url, "shaping/slow")
@@ -190,10 +192,17 @@ async def test_bus_publish_through_shaped_uplink_is_slower_by_the_amount_asked(
 async def test_outage_reconnects_the_bus_and_loses_no_qos1_message(
     mosquitto: BrokerHandle,
 ) -> None:
-    proxy = ShapingProxy(mosquitto.host, mosquitto.port,
-                         uplink=LinkSpec(latency_s=0.01), downlink=LinkSpec(latency_s=0.01))
-    async with proxy, open_bus(mosquitto.url, "outage-sub") as sub, \
-            open_bus(proxy.url, "outage-pub") as pub:
+    proxy = ShapingProxy(
+        mosquitto.host,
+        mosquitto.port,
+        uplink=LinkSpec(latency_s=0.01),
+        downlink=LinkSpec(latency_s=0.01),
+    )
+    async with (
+        proxy,
+        open_bus(mosquitto.url, "outage-sub") as sub,
+        open_bus(proxy.url, "outage-pub") as pub,
+    ):
         await sub.subscribe("shaping/outage")
         await pub.publish("shaping/outage", b"before")
         proxy.set_online(False)
@@ -217,13 +226,15 @@ async def test_outage_reconnects_the_bus_and_loses_no_qos1_message(
 async def _latency_behind_bulk(mosquitto: BrokerHandle, background: bool) -> tuple[float, float]:
     """(seconds a 1 kB message took, seconds the 1.5 MB bulk message took) when the small
     one is published 0.2 s into the bulk one, over a 500 kB/s uplink."""
-    proxy = ShapingProxy(mosquitto.host, mosquitto.port,
-                         uplink=LinkSpec(bandwidth_bps=500_000, latency_s=0.01))
+    proxy = ShapingProxy(
+        mosquitto.host, mosquitto.port, uplink=LinkSpec(bandwidth_bps=500_000, latency_s=0.01)
+    )
     tag = "bg" if background else "fg"
     async with proxy, open_bus(proxy.url, f"bulk-{tag}", clean_start=True) as pub:
         began = time.monotonic()
-        bulk = asyncio.create_task(pub.publish(f"shaping/{tag}/bulk", b"b" * 1_500_000,
-                                               background=background))
+        bulk = asyncio.create_task(
+            pub.publish(f"shaping/{tag}/bulk", b"b" * 1_500_000, background=background)
+        )
         await asyncio.sleep(0.2)
         small_began = time.monotonic()
         await pub.publish(f"shaping/{tag}/small", b"s" * 1000)

@@ -33,8 +33,7 @@ from emo_mqtt.training import make_generator, train_local
 
 RAW: dict[str, Any] = {
     "run": {"name": "pure", "rounds": 2},
-    "data": {"samples_per_device": 64, "validation_samples": 200,
-             "eval_samples_per_round": 200},
+    "data": {"samples_per_device": 64, "validation_samples": 200, "eval_samples_per_round": 200},
     "fleet": {"devices": 3, "overlays": 1, "min_updates": 2, "round_deadline_s": 10},
     "fl": {"batch_size": 16},
     "emo": {"overlay_steps_per_round": 3, "overlay_batch_size": 16, "cache_entries": 500},
@@ -51,12 +50,19 @@ def plan(config: RunConfig) -> DataPlan:
     return plan_data(config)
 
 
-def trained_update(config: RunConfig, plan: DataPlan, device: str, announced: RoundAnnouncement
-                   ) -> Update:
+def trained_update(
+    config: RunConfig, plan: DataPlan, device: str, announced: RoundAnnouncement
+) -> Update:
     model = build_fl_model(config.fl.model)
     load_numpy_state(model, announced.weights)
-    report = train_local(model, plan.device(device), epochs=1, batch_size=16, lr=0.05,
-                         generator=make_generator(1, "train", device, announced.round))
+    report = train_local(
+        model,
+        plan.device(device),
+        epochs=1,
+        batch_size=16,
+        lr=0.05,
+        generator=make_generator(1, "train", device, announced.round),
+    )
     return Update(announced.round, state_to_numpy(model), report.samples, report.loss)
 
 
@@ -80,11 +86,16 @@ def test_fedavg_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm) -
     assert kinds == [Kind.CONTROL] * controls + [Kind.SERVER_ROUND]
     assert all(isinstance(o.message, Control) for o in out[:controls])
     announced = out[-1].message
-    assert isinstance(announced, RoundAnnouncement) and announced.sampled == ("dev00", "dev01",
-                                                                              "dev02")
+    assert isinstance(announced, RoundAnnouncement) and announced.sampled == (
+        "dev00",
+        "dev01",
+        "dev02",
+    )
     for device in ("dev00", "dev01"):
-        assert s.on_update(device, device, trained_update(config, plan, device, announced),
-                           now=1.0) is None
+        assert (
+            s.on_update(device, device, trained_update(config, plan, device, announced), now=1.0)
+            is None
+        )
     update = trained_update(config, plan, "dev02", announced)
     assert s.on_update("dev02", "dev01", update, now=1.0)[0] == "late_update"  # not its own
     assert s.on_update("dev00", "dev00", update, now=1.0)[0] == "duplicate_update"
@@ -122,8 +133,9 @@ def test_splitfed_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm)
     announced = s.start_round(1, 0.0)[-1].message
     assert isinstance(announced, RoundAnnouncement)
     assert s.split is not None
-    assert sorted(s.split.heads) == (["dev00", "dev01", "dev02"] if algorithm.head_per_device
-                                     else ["shared"])
+    assert sorted(s.split.heads) == (
+        ["dev00", "dev01", "dev02"] if algorithm.head_per_device else ["shared"]
+    )
     head_before = state_to_numpy(s.model.head)
     limits = limits_for(config, algorithm, plan)
     for device in announced.sampled:
@@ -139,14 +151,19 @@ def test_splitfed_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm)
             client.backward(torch.as_tensor(grad.gradient))
         trunk, samples, loss = client.update()
         msg = Update(1, state_to_numpy(trunk), samples, loss)
-        assert s.on_update(device, device, Update.from_body(msg.to_body(), limits=limits,
-                                                            sender=device), 1.0) is None
+        assert (
+            s.on_update(
+                device, device, Update.from_body(msg.to_body(), limits=limits, sender=device), 1.0
+            )
+            is None
+        )
     assert s.ready(1.0) and s.collector is not None
     s.close_round(s.collector.result())
     head_after = state_to_numpy(s.model.head)
     assert any(not np.array_equal(v, head_before[k]) for k, v in head_after.items())
-    late = SflActivations(1, 0, np.zeros((1, *s.model.activation_shape), np.float32),
-                          np.zeros(1, np.int64))
+    late = SflActivations(
+        1, 0, np.zeros((1, *s.model.activation_shape), np.float32), np.zeros(1, np.int64)
+    )
     assert isinstance(s.on_sfl_activations("dev00", late), str)
 
 
@@ -177,8 +194,9 @@ def test_overlay_strategy(config: RunConfig) -> None:
     assert o.ready_round(now=1.0) is None
     shape = o.cache.activation_shape
     for device in o.devices:
-        msg = Activations(1, np.arange(20), np.arange(20) % 10,
-                          np.ones((20, *shape), np.float32), None, True)
+        msg = Activations(
+            1, np.arange(20), np.arange(20) % 10, np.ones((20, *shape), np.float32), None, True
+        )
         o.store(device, msg)
         o.stored(device, msg)
     assert o.ready_round(now=1.0) == 1

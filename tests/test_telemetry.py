@@ -62,13 +62,32 @@ def test_non_finite_numbers_become_none() -> None:
 
 
 def test_known_fields_are_type_checked() -> None:
-    good = {"round": 3, "accuracy": 0.5, "fl_accuracy": None, "bytes_out": 10, "final": False,
-            "rejected": {"duplicate": 2}, "event": "round", "wall_s": 1.5, "whatever": [1]}
+    good = {
+        "round": 3,
+        "accuracy": 0.5,
+        "fl_accuracy": None,
+        "bytes_out": 10,
+        "final": False,
+        "rejected": {"duplicate": 2},
+        "event": "round",
+        "wall_s": 1.5,
+        "whatever": [1],
+    }
     assert parse_metrics(json.dumps(good)) == good
-    for field, value in [("round", -1), ("round", 1.5), ("round", True), ("round", "3"),
-                         ("accuracy", "high"), ("bytes_out", -5), ("final", 1),
-                         ("rejected", {"x": -1}), ("rejected", [1]), ("event", 7),
-                         ("bytes_out_by_kind", {"w": 1.5}), ("cache", [])]:
+    for field, value in [
+        ("round", -1),
+        ("round", 1.5),
+        ("round", True),
+        ("round", "3"),
+        ("accuracy", "high"),
+        ("bytes_out", -5),
+        ("final", 1),
+        ("rejected", {"x": -1}),
+        ("rejected", [1]),
+        ("event", 7),
+        ("bytes_out_by_kind", {"w": 1.5}),
+        ("cache", []),
+    ]:
         with pytest.raises(TelemetryError) as caught:
             parse_metrics(json.dumps({**good, field: value}))
         assert caught.value.reason == "bad_field", (field, value)
@@ -78,14 +97,14 @@ def test_known_fields_are_type_checked() -> None:
 
 
 def test_events_need_their_fields() -> None:
-    check_event({"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5,
-                 "wall_s": 1.0})
+    check_event({"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5, "wall_s": 1.0})
     check_event({"event": "something else"})
     check_event({"event": ["not", "a", "string"]})
     check_event({})
-    for body in ({"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5},
-                 {"event": "done", "accuracy": None, "fl_accuracy": 0.5,
-                  "fl_model_sha256": "ab"}):
+    for body in (
+        {"event": "round", "round": 1, "accuracy": 0.5, "fl_accuracy": 0.5},
+        {"event": "done", "accuracy": None, "fl_accuracy": 0.5, "fl_model_sha256": "ab"},
+    ):
         with pytest.raises(TelemetryError) as caught:
             check_event(body)
         assert caught.value.reason == "missing_field"
@@ -94,10 +113,14 @@ def test_events_need_their_fields() -> None:
 # ----------------------------------------------------------------- properties
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
-                                                                max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=60,
 )
 
@@ -112,8 +135,9 @@ def depth_of(value: Any) -> int:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.dictionaries(st.text(max_size=5), json_values, max_size=5),
-       st.integers(1, 40), st.booleans())
+@given(
+    st.dictionaries(st.text(max_size=5), json_values, max_size=5), st.integers(1, 40), st.booleans()
+)
 def test_parses_what_json_dumps_unless_too_deep(
     body: dict[str, Any], max_depth: int, ascii_only: bool
 ) -> None:
@@ -125,13 +149,38 @@ def test_parses_what_json_dumps_unless_too_deep(
 
 
 # Fragments that stress the scanner: brackets, quotes, escapes, deep runs.
-fragments = st.sampled_from(['[', ']', '{', '}', '"', '\\', '\\"', '\\\\', ',', ':', '1',
-                             'null', '"k":', '[' * 40, ']' * 40, '{"a":' * 40, 'NaN', ' '])
+fragments = st.sampled_from(
+    [
+        "[",
+        "]",
+        "{",
+        "}",
+        '"',
+        "\\",
+        '\\"',
+        "\\\\",
+        ",",
+        ":",
+        "1",
+        "null",
+        '"k":',
+        "[" * 40,
+        "]" * 40,
+        '{"a":' * 40,
+        "NaN",
+        " ",
+    ]
+)
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.one_of(st.lists(fragments, max_size=60).map("".join), st.text(max_size=200),
-                 st.binary(max_size=200)))
+@given(
+    st.one_of(
+        st.lists(fragments, max_size=60).map("".join),
+        st.text(max_size=200),
+        st.binary(max_size=200),
+    )
+)
 def test_any_input_raises_only_telemetry_error_and_agrees_with_json(
     payload: str | bytes,
 ) -> None:
@@ -143,14 +192,20 @@ def test_any_input_raises_only_telemetry_error_and_agrees_with_json(
     except EmoError as exc:  # pragma: no cover - a failure to report
         raise AssertionError(f"not a TelemetryError: {exc!r}") from exc
     assert isinstance(body, dict) and depth_of(body) <= MAX_DEPTH
-    expected = json.loads(payload, parse_constant=lambda _: None,
-                          parse_float=lambda t: float(t) if math.isfinite(float(t)) else None)
+    expected = json.loads(
+        payload,
+        parse_constant=lambda _: None,
+        parse_float=lambda t: float(t) if math.isfinite(float(t)) else None,
+    )
     assert json.dumps(body, sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(MAX_DEPTH + 1, 20_000), st.sampled_from(["[]", "{}", "[{"]),
-       st.text(alphabet='"\\ab', max_size=8))
+@given(
+    st.integers(MAX_DEPTH + 1, 20_000),
+    st.sampled_from(["[]", "{}", "[{"]),
+    st.text(alphabet='"\\ab', max_size=8),
+)
 def test_deep_nesting_never_recurses(depth: int, kind: str, noise: str) -> None:
     opens = "".join(('{"k":' if kind[i % len(kind)] == "{" else "[") for i in range(depth))
     text = '{"x": ' + opens + json.dumps(noise)

@@ -127,4 +127,9 @@ def test_publisher_key_names_the_accountable_identity() -> None:
     assert publisher_key(topic(Kind.BENCH, "r1", node="data")) == "bench/data"
     assert publisher_key("not/ours") == "not/ours"
     assert {publisher_key(topic(k, "r", node="n", role="device")) for k in Kind} <= {
-        "device/n", "overlay/n", "server", "client/n", "bench/n"}
+        "device/n",
+        "overlay/n",
+        "server",
+        "client/n",
+        "bench/n",
+    }

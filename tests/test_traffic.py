@@ -206,8 +206,11 @@ def test_payload_size_puts_the_logged_bytes_on_the_wire() -> None:
     exact = 0
     for wire in range(0, 2000):
         n = payload_size(wire, chunk_size)
-        sent = n if n <= chunk_size else sum(map(len, split(bytes(n), chunk_size=chunk_size
-                                                            - HEADER_SIZE)))
+        sent = (
+            n
+            if n <= chunk_size
+            else sum(map(len, split(bytes(n), chunk_size=chunk_size - HEADER_SIZE)))
+        )
         if sent == wire:
             exact += 1
         else:  # impossible sizes round down: just above chunk_size, or a header-only frame
@@ -225,11 +228,21 @@ def _replay_log_text() -> tuple[str, list[LogRow]]:
     rows: list[LogRow] = []
     for i in range(10):
         t = round(0.2 * i, 6)
-        rows.append(LogRow(t, round(t + 0.01, 6), "dev01", f"{RUN}/device/dev01/update",
-                           1000 + i, 1, False))
+        rows.append(
+            LogRow(t, round(t + 0.01, 6), "dev01", f"{RUN}/device/dev01/update", 1000 + i, 1, False)
+        )
         topic = f"{RUN}/server/round" if i % 3 == 0 else f"{RUN}/metrics/server/server"
-        rows.append(LogRow(round(t + 0.05, 6), round(t + 0.06, 6), "server", topic, 500 + i,
-                           1 if i % 3 == 0 else 0, i % 3 == 0))
+        rows.append(
+            LogRow(
+                round(t + 0.05, 6),
+                round(t + 0.06, 6),
+                "server",
+                topic,
+                500 + i,
+                1 if i % 3 == 0 else 0,
+                i % 3 == 0,
+            )
+        )
     # rows[2 * i] is dev01's i-th message, rows[2 * i + 1] the server's.
     rows[4] = LogRow(0.4, 1.4, "dev01", f"{RUN}/device/dev01/activations", 1_500_000, 1, False)
     rows[7] = LogRow(0.65, 1.5, "server", f"{RUN}/server/done", 1_200_000, 1, True)
@@ -278,10 +291,12 @@ async def test_replay_reproduces_topics_sizes_and_timing(
     assert sorted(rows, key=lambda r: r.time_s) == sorted(written, key=lambda r: r.time_s)
     run, speed = "traffic-replay-it", 4.0
     chunk_size = BusOptions().chunk_size
-    want = Counter((r.topic.replace(RUN, f"emo/{run}"), payload_size(r.bytes, chunk_size))
-                   for r in rows)
-    retained_topics = {r.topic.replace(RUN, f"emo/{run}") for r in rows
-                       if r.retain and r.bytes <= chunk_size}
+    want = Counter(
+        (r.topic.replace(RUN, f"emo/{run}"), payload_size(r.bytes, chunk_size)) for r in rows
+    )
+    retained_topics = {
+        r.topic.replace(RUN, f"emo/{run}") for r in rows if r.retain and r.bytes <= chunk_size
+    }
     said: list[str] = []
     # Everything arrives, plus one empty retained message per retained topic (the clean-up).
     async with _Listener(mosquitto.url, run, len(rows) + len(retained_topics)) as listener:
@@ -384,8 +399,17 @@ def test_cli_traffic_replay(
     mosquitto: BrokerHandle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = _write(tmp_path, f"{HEADER}\n{OK_ROW}\n2.0,2.1,dev02,emo/r/device/dev02/update,20,1,0\n")
-    argv = ["traffic", "replay", str(path), "--broker", mosquitto.url, "--run", "traffic-cli",
-            "--speed", "10"]
+    argv = [
+        "traffic",
+        "replay",
+        str(path),
+        "--broker",
+        mosquitto.url,
+        "--run",
+        "traffic-cli",
+        "--speed",
+        "10",
+    ]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert out.startswith("replayed 2 messages, 30 bytes in ")

@@ -68,15 +68,21 @@ MEMBERS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("aiomqtt.Client", "_on_socket_open", ("self", "client", "userdata", "sock")),
     ("aiomqtt.Client", "_on_socket_close", ("self", "client", "userdata", "sock")),
     ("aiomqtt.Client", "_on_socket_register_write", ("self", "client", "userdata", "sock")),
-    ("aiomqtt.Client", "_on_publish",
-     ("self", "client", "userdata", "mid", "reason_code", "properties")),
+    (
+        "aiomqtt.Client",
+        "_on_publish",
+        ("self", "client", "userdata", "mid", "reason_code", "properties"),
+    ),
     ("paho.Client", "_sock", None),
     ("paho.Client", "_out_packet", None),
     ("paho.Client", "_in_packet", None),
     ("paho.Client", "_protocol", None),
     ("paho.Client", "_manual_ack", None),
-    ("paho.Client", "_send_publish",
-     ("self", "mid", "topic", "payload", "qos", "retain", "dup", "info", "properties")),
+    (
+        "paho.Client",
+        "_send_publish",
+        ("self", "mid", "topic", "payload", "qos", "retain", "dup", "info", "properties"),
+    ),
     ("paho.Client", "_handle_publish", ("self",)),
     ("paho.Client", "_packet_queue", ("self", "command", "packet", "mid", "qos", "info")),
     ("paho.Client", "_handle_on_message", ("self", "message")),
@@ -101,8 +107,10 @@ def problems(aiomqtt_client: Any, aiomqtt_version: str) -> list[str]:
         found.append(f"aiomqtt {aiomqtt_version} is not a {AIOMQTT_LINE}x release")
     if not _PAHO_VERSION.startswith(PAHO_LINE):
         found.append(f"paho-mqtt {_PAHO_VERSION} is not a {PAHO_LINE}x release")
-    owners = {"aiomqtt.Client": aiomqtt_client,
-              "paho.Client": getattr(aiomqtt_client, "_client", None)}
+    owners = {
+        "aiomqtt.Client": aiomqtt_client,
+        "paho.Client": getattr(aiomqtt_client, "_client", None),
+    }
     for owner, name, params in MEMBERS:
         target = owners[owner]
         if target is None or not hasattr(target, name):
@@ -349,15 +357,28 @@ def _send_publish(
         head += _U16.pack(mid)
     head += props
     self._easy_log(
-        paho.MQTT_LOG_DEBUG, "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)",
-        dup, qos, retain, mid, topic, len(payload),
+        paho.MQTT_LOG_DEBUG,
+        "Sending PUBLISH (d%d, q%d, r%d, m%d), '%s', ... (%d bytes)",
+        dup,
+        qos,
+        retain,
+        mid,
+        topic,
+        len(payload),
     )
     # The header goes first as a packet of its own: command 0 makes paho's writer do
     # nothing when it is sent. The payload follows as a view, so neither queueing it nor
     # re-slicing its unsent rest after a partial write copies it.
     self._out_packet.append(
-        {"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(head),
-         "packet": head, "info": None}
+        {
+            "command": 0,
+            "mid": 0,
+            "qos": 0,
+            "pos": 0,
+            "to_process": len(head),
+            "packet": head,
+            "info": None,
+        }
     )
     return self._packet_queue(_PUBLISH, memoryview(payload), mid, qos, info)
 
@@ -400,8 +421,14 @@ def _handle_publish(self: Any) -> Any:
     message.payload = packet
     message.timestamp = paho.time_func()
     self._easy_log(
-        paho.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), %r, ...  (%d bytes)",
-        message.dup, qos, message.retain, mid, topic, len(packet),
+        paho.MQTT_LOG_DEBUG,
+        "Received PUBLISH (d%d, q%d, r%d, m%d), %r, ...  (%d bytes)",
+        message.dup,
+        qos,
+        message.retain,
+        mid,
+        topic,
+        len(packet),
     )
     self._handle_on_message(message)
     if qos == 1 and not self._manual_ack:

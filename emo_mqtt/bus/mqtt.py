@@ -308,8 +308,7 @@ class MqttBus(Bus):
         except TimeoutError:
             await self.close()
             raise BusError(
-                f"could not connect to {self.url} within {wait:g} s: "
-                f"{self._last_error!r}"
+                f"could not connect to {self.url} within {wait:g} s: {self._last_error!r}"
             ) from None
         except BusError:
             await self.close()
@@ -363,7 +362,8 @@ class MqttBus(Bus):
                 log.warning(
                     "%s: the installed aiomqtt/paho differ from what the bus's fast client "
                     "relies on (%s); using aiomqtt's public API only",
-                    self.client_id, "; ".join(found),
+                    self.client_id,
+                    "; ".join(found),
                 )
                 self.plain = True
         if self.plain:

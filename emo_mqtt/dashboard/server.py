@@ -47,9 +47,15 @@ STATIC_TYPES = {
     ".png": "image/png",
     ".svg": "image/svg+xml",
 }
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 class _BadRequest(Exception):
@@ -225,8 +231,8 @@ async def _handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.Stream
             body, ctype, status = hub.snapshot_json(), "application/json", 200
         elif path == "/metrics":
             body, ctype, status = hub.metrics_text(), "text/plain; version=0.0.4", 200
-        elif path.startswith("/static/") and (found := _static(path[len("/static/"):])):
-            suffix = path[path.rfind("."):]
+        elif path.startswith("/static/") and (found := _static(path[len("/static/") :])):
+            suffix = path[path.rfind(".") :]
             body, ctype, status = found, STATIC_TYPES.get(suffix, "application/octet-stream"), 200
         else:
             body, ctype, status = b"not found\n", "text/plain", 404
@@ -324,8 +330,10 @@ def run_dashboard(broker_url: str, host: str = "127.0.0.1", port: int = 8050) ->
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
             shown = f"[{host}]" if ":" in host else host
-            print(f"dashboard: http://{shown}:{port}/ (broker {broker_url}); Ctrl-C to stop",
-                  flush=True)
+            print(
+                f"dashboard: http://{shown}:{port}/ (broker {broker_url}); Ctrl-C to stop",
+                flush=True,
+            )
         waiter.cancel()
         await task
 

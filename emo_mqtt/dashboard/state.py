@@ -143,8 +143,12 @@ class FleetState:
             return False
         self.messages += 1
         run = self._run(where.run)
-        if (where.kind is Kind.STATUS and where.role == "server" and run.final is not None
-                and body.get("state") == "online"):
+        if (
+            where.kind is Kind.STATUS
+            and where.role == "server"
+            and run.final is not None
+            and body.get("state") == "online"
+        ):
             # A new run under a finished run's id (emo run clears and restarts it).
             run = self.runs[where.run] = RunState(where.run, nodes=run.nodes)
         run.last_seen = self.clock()
@@ -284,16 +288,27 @@ class FleetState:
             for role, nodes in sorted(run.nodes.items()):
                 for node, status in sorted(nodes.items()):
                     if status["state"] == "offline":
-                        out.append({
-                            "run": run.name, "level": "warning", "kind": "offline",
-                            "node": f"{role}/{node}", "time": status["time"],
-                            "message": f"{role} {node} is offline",
-                        })
+                        out.append(
+                            {
+                                "run": run.name,
+                                "level": "warning",
+                                "kind": "offline",
+                                "node": f"{role}/{node}",
+                                "time": status["time"],
+                                "message": f"{role} {node} is offline",
+                            }
+                        )
         for reason, count in run.rejected().items():
-            out.append({
-                "run": run.name, "level": "warning", "kind": "rejected", "node": None,
-                "time": run.last_seen, "message": f"{count} input(s) rejected: {reason}",
-            })
+            out.append(
+                {
+                    "run": run.name,
+                    "level": "warning",
+                    "kind": "rejected",
+                    "node": None,
+                    "time": run.last_seen,
+                    "message": f"{count} input(s) rejected: {reason}",
+                }
+            )
         return out
 
 
@@ -333,7 +348,9 @@ def prometheus_text(snapshot: dict[str, Any]) -> str:
         out.append(f"# HELP {name} {help_text}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(f"{name}{line}" for line in lines)
-    out.append(f"# HELP emo_dashboard_malformed_total Malformed messages seen.\n"
-               f"# TYPE emo_dashboard_malformed_total counter\n"
-               f"emo_dashboard_malformed_total {int(snapshot.get('malformed', 0))}")
+    out.append(
+        f"# HELP emo_dashboard_malformed_total Malformed messages seen.\n"
+        f"# TYPE emo_dashboard_malformed_total counter\n"
+        f"emo_dashboard_malformed_total {int(snapshot.get('malformed', 0))}"
+    )
     return "\n".join(out) + "\n"

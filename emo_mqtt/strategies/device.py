@@ -55,15 +55,17 @@ class DeviceStrategy:
         self.round = 0
         # Before the first control message: the controller's warm-up rate.
         policy = config.controller.policy()
-        self.decision = ControlDecision(policy.max_fraction, policy.warmup_precision, 1,
-                                        "initial")
+        self.decision = ControlDecision(policy.max_fraction, policy.warmup_precision, 1, "initial")
         self.decision_round = 0
         #: The last update sent: sent again when a restarted server announces its round anew.
         self.last_update: Update | None = None
 
     def on_round(self, msg: RoundAnnouncement) -> RoundAction:
-        if (msg.round == self.round and self.last_update is not None
-                and self.last_update.round == msg.round):
+        if (
+            msg.round == self.round
+            and self.last_update is not None
+            and self.last_update.round == msg.round
+        ):
             # The same round announced by a new envelope (exact redeliveries are dropped as
             # duplicates before any handler): a server that restarted from its checkpoint
             # and may have lost our update with its old session. A server that has it
@@ -100,8 +102,13 @@ class ActivationCapture:
     own RNG stream (``make_rng(seed, "activations", device, round)``).
     """
 
-    def __init__(self, r: int, decision: ControlDecision, rng: np.random.Generator,
-                 outbox: DeviceOutbox[ActivationBatch]) -> None:
+    def __init__(
+        self,
+        r: int,
+        decision: ControlDecision,
+        rng: np.random.Generator,
+        outbox: DeviceOutbox[ActivationBatch],
+    ) -> None:
         self.round = r
         self.decision = decision
         self.rng = rng
@@ -112,13 +119,20 @@ class ActivationCapture:
         chosen = select_for_publish(self.decision, self.batch_index, len(idx), self.rng)
         self.batch_index += 1
         if chosen.size:
-            self.outbox.push(ActivationBatch.quantize(
-                self.round, idx[chosen], acts.numpy()[chosen], labels[chosen],
-                self.decision.precision))
+            self.outbox.push(
+                ActivationBatch.quantize(
+                    self.round,
+                    idx[chosen],
+                    acts.numpy()[chosen],
+                    labels[chosen],
+                    self.decision.precision,
+                )
+            )
 
 
-def activations_message(r: int, batches: list[ActivationBatch],
-                        activation_shape: tuple[int, ...]) -> Activations:
+def activations_message(
+    r: int, batches: list[ActivationBatch], activation_shape: tuple[int, ...]
+) -> Activations:
     """One round's captured batches as one message."""
     if batches:
         ids = np.concatenate([b.sample_ids for b in batches])
@@ -166,8 +180,9 @@ class SplitClient:
         out: list[torch.Tensor] = []
         for _ in range(c.fl.local_epochs):
             order = torch.randperm(n, generator=generator)
-            out.extend(order[start : start + c.fl.batch_size]
-                       for start in range(0, n, c.fl.batch_size))
+            out.extend(
+                order[start : start + c.fl.batch_size] for start in range(0, n, c.fl.batch_size)
+            )
         return out
 
     def forward(self, batch: int, idx: torch.Tensor) -> SflActivations:

@@ -73,8 +73,7 @@ class OverlayStrategy:
         """Cache a device's activations (may spill to disk: run off the event loop)."""
         batch = ActivationBatch(msg.round, msg.sample_ids, msg.labels, msg.data, msg.scale)
         if len(batch):
-            self.cache.put(device, batch.sample_ids, batch.activations(), batch.labels,
-                           batch.round)
+            self.cache.put(device, batch.sample_ids, batch.activations(), batch.labels, batch.round)
 
     def stored(self, device: str, msg: Activations) -> bool:
         """After :meth:`store`: whether the device's round is now delivered."""
@@ -138,27 +137,39 @@ class OverlayStrategy:
         for index, per_param in opt["state"].items():
             for name, value in per_param.items():
                 arrays[f"opt/{index}/{name}"] = (
-                    value.detach().cpu().numpy().copy() if isinstance(value, torch.Tensor)
+                    value.detach().cpu().numpy().copy()
+                    if isinstance(value, torch.Tensor)
                     else np.asarray(value)
                 )
         block = self.cache.snapshot()  # the overlay tier, oldest insertion first
         devices = sorted(set(block.device_ids.tolist()))
         arrays["cache/device"] = np.array(
-            [devices.index(str(x)) for x in block.device_ids], dtype=np.int64)
+            [devices.index(str(x)) for x in block.device_ids], dtype=np.int64
+        )
         arrays["cache/sample_ids"] = block.sample_ids
         arrays["cache/acts"] = block.activations
         arrays["cache/labels"] = block.labels
         arrays["cache/rounds"] = block.rounds
-        meta = {"format": 1, "run": run, "id": self.node_id, "version": self.version,
-                "trained_round": self.trained_round, "loss": self.last_loss,
-                "param_groups": opt["param_groups"], "cache_devices": devices}
+        meta = {
+            "format": 1,
+            "run": run,
+            "id": self.node_id,
+            "version": self.version,
+            "trained_round": self.trained_round,
+            "loss": self.last_loss,
+            "param_groups": opt["param_groups"],
+            "cache_devices": devices,
+        }
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        self.model.load_state_dict({
-            k[len("model/"):]: torch.from_numpy(v.copy())
-            for k, v in arrays.items() if k.startswith("model/")
-        })
+        self.model.load_state_dict(
+            {
+                k[len("model/") :]: torch.from_numpy(v.copy())
+                for k, v in arrays.items()
+                if k.startswith("model/")
+            }
+        )
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in arrays.items():
             if key.startswith("opt/"):
@@ -172,9 +183,13 @@ class OverlayStrategy:
         for i, device in enumerate(devices):
             for r in np.unique(rounds[owner == i]):
                 pick = (owner == i) & (rounds == r)
-                self.cache.put(device, arrays["cache/sample_ids"][pick],
-                               arrays["cache/acts"][pick].reshape(-1, *self.cache.activation_shape),
-                               arrays["cache/labels"][pick], int(r))
+                self.cache.put(
+                    device,
+                    arrays["cache/sample_ids"][pick],
+                    arrays["cache/acts"][pick].reshape(-1, *self.cache.activation_shape),
+                    arrays["cache/labels"][pick],
+                    int(r),
+                )
         self.version = int(meta["version"])
         self.trained_round = int(meta["trained_round"])
         self.last_loss = float(meta["loss"])

@@ -95,8 +95,9 @@ class HeadPolicy(Protocol):
         """The head that serves ``device``'s batches."""
         ...
 
-    def merge(self, heads: dict[str, torch.nn.Module],
-              contributors: dict[str, int]) -> dict[str, np.ndarray] | None:
+    def merge(
+        self, heads: dict[str, torch.nn.Module], contributors: dict[str, int]
+    ) -> dict[str, np.ndarray] | None:
         """The head state the global model takes at the end of the round (None: keep)."""
         ...
 
@@ -112,8 +113,9 @@ class SharedHead:
         del device
         return "shared"
 
-    def merge(self, heads: dict[str, torch.nn.Module],
-              contributors: dict[str, int]) -> dict[str, np.ndarray] | None:
+    def merge(
+        self, heads: dict[str, torch.nn.Module], contributors: dict[str, int]
+    ) -> dict[str, np.ndarray] | None:
         del contributors
         return state_to_numpy(heads["shared"])
 
@@ -127,8 +129,9 @@ class HeadPerDevice:
     def key_for(self, device: str) -> str:
         return device
 
-    def merge(self, heads: dict[str, torch.nn.Module],
-              contributors: dict[str, int]) -> dict[str, np.ndarray] | None:
+    def merge(
+        self, heads: dict[str, torch.nn.Module], contributors: dict[str, int]
+    ) -> dict[str, np.ndarray] | None:
         updates = [(d, state_to_numpy(heads[d]), n) for d, n in contributors.items()]
         return fedavg(updates) if updates else None
 
@@ -188,8 +191,12 @@ class OverlayPool:
         model = build_overlay_model(self.config.emo.overlay_model, self.activation_shape)
         # fp16 on the wire, decoded back to float32; integer buffers (batch norm) as sent.
         load_numpy_state(model, msg.weights)
-        self.models[overlay] = {"model": model, "round": msg.round, "version": msg.version,
-                                "loss": msg.loss}
+        self.models[overlay] = {
+            "model": model,
+            "round": msg.round,
+            "version": msg.version,
+            "loss": msg.loss,
+        }
 
     def poison(self, overlay: str) -> None:
         self.poisoned[overlay] = self.poisoned.get(overlay, 0) + 1
@@ -206,7 +213,8 @@ class OverlayPool:
 
     def up_to_date(self, r: int) -> bool:
         return {k for k, v in self.models.items() if v["round"] >= r} == set(
-            self.config.overlay_ids())
+            self.config.overlay_ids()
+        )
 
 
 # ------------------------------------------------------------------------------ the server
@@ -289,14 +297,25 @@ class ServerStrategy:
                 out.append(Outgoing(Kind.CONTROL, device, Control(r, decision), retain=True))
         reference = self.device_side_state()
         self.collector = RoundCollector(
-            round=r, expected=sampled, min_updates=min(c.fleet.min_updates, len(sampled)),
-            deadline_s=c.fleet.round_deadline_s, started_at=now, reference=reference,
+            round=r,
+            expected=sampled,
+            min_updates=min(c.fleet.min_updates, len(sampled)),
+            deadline_s=c.fleet.round_deadline_s,
+            started_at=now,
+            reference=reference,
             # Bad input: an update farther than this from the global model is refused.
             max_norm_ratio=c.fleet.max_update_norm_ratio or None,
         )
-        out.append(Outgoing(Kind.SERVER_ROUND, None, RoundAnnouncement(
-            r, self.algorithm.value, tuple(sampled), c.fleet.round_deadline_s, reference),
-            retain=True))
+        out.append(
+            Outgoing(
+                Kind.SERVER_ROUND,
+                None,
+                RoundAnnouncement(
+                    r, self.algorithm.value, tuple(sampled), c.fleet.round_deadline_s, reference
+                ),
+                retain=True,
+            )
+        )
         self.state = RoundState.COLLECTING
         return out
 
@@ -305,8 +324,12 @@ class ServerStrategy:
     ) -> tuple[str, str] | None:
         """Offer a device's update; None when accepted, else ``(reason, detail)``."""
         collector = self.collector
-        if (self.state is not RoundState.COLLECTING or collector is None
-                or msg.round != self.round or device != sender):
+        if (
+            self.state is not RoundState.COLLECTING
+            or collector is None
+            or msg.round != self.round
+            or device != sender
+        ):
             return "late_update", f"update for round {msg.round} outside round {self.round}"
         if not collector.add(device, msg.weights, msg.samples, now):
             reason = collector.rejected.pop(device, None)
@@ -322,12 +345,17 @@ class ServerStrategy:
 
     def on_sfl_activations(self, device: str, msg: SflActivations) -> list[Outgoing] | str:
         """A SplitFed batch: its gradient to send back, or why the batch was refused."""
-        if (self.split is None or self.state is not RoundState.COLLECTING
-                or msg.round != self.round or device not in self._sampled):
+        if (
+            self.split is None
+            or self.state is not RoundState.COLLECTING
+            or msg.round != self.round
+            or device not in self._sampled
+        ):
             return f"round {msg.round} while at {self.round}"
         grad = self.split.step(device, msg)
-        return [Outgoing(Kind.SERVER_SFL_GRADIENTS, device,
-                         SflGradients(msg.round, msg.batch, grad))]
+        return [
+            Outgoing(Kind.SERVER_SFL_GRADIENTS, device, SflGradients(msg.round, msg.batch, grad))
+        ]
 
     def on_overlay_model(self, overlay: str, msg: OverlayModelMsg) -> str | None:
         """An overlay's new model (already checked finite); why it was refused, or None."""
@@ -352,8 +380,9 @@ class ServerStrategy:
         assert collector is not None and self.state is RoundState.COLLECTING
         received = collector.received
         self.collector = None
-        round_losses = (self.split.losses[self._split_batches:] if self.split is not None
-                        else self._losses)
+        round_losses = (
+            self.split.losses[self._split_batches :] if self.split is not None else self._losses
+        )
         if round_losses:
             self.last_loss = float(np.mean(round_losses))
         contributors: dict[str, int] = {}
@@ -371,18 +400,26 @@ class ServerStrategy:
             mean_loss = float(np.mean(self._losses)) if self._losses else None
             self.controller.observe_round(self.round, drift, mean_loss)
         self.state = RoundState.CLOSED
-        return ClosedRound(self.round, list(self._sampled), received, contributors,
-                           result is not None,
-                           {} if self.overlays is None else self.overlays.rounds())
+        return ClosedRound(
+            self.round,
+            list(self._sampled),
+            received,
+            contributors,
+            result is not None,
+            {} if self.overlays is None else self.overlays.rounds(),
+        )
 
-    def record_round(self, closed: ClosedRound, scores: dict[str, Any], wall_s: float
-                     ) -> dict[str, Any]:
+    def record_round(
+        self, closed: ClosedRound, scores: dict[str, Any], wall_s: float
+    ) -> dict[str, Any]:
         """The round's record (appended to :attr:`history`) once it is evaluated."""
         for overlay in scores.get("poisoned", []):
             self.poison(overlay)
         record: dict[str, Any] = {
-            "round": closed.round, "accuracy": scores["accuracy"],
-            "fl_accuracy": scores["fl_accuracy"], "updates": len(closed.contributors),
+            "round": closed.round,
+            "accuracy": scores["accuracy"],
+            "fl_accuracy": scores["fl_accuracy"],
+            "updates": len(closed.contributors),
             "missing": sorted(set(closed.sampled) - set(closed.received)),
             # Closed at the deadline below min_updates: nothing was averaged.
             "aggregated": closed.aggregated,
@@ -413,8 +450,9 @@ class ServerStrategy:
         """The final model state and the ``done`` message that carries it."""
         self.state = RoundState.FINISHED
         state = state_to_numpy(self.model)
-        return state, Outgoing(Kind.SERVER_DONE, None,
-                               Done(final["rounds"], state, "finished"), retain=True)
+        return state, Outgoing(
+            Kind.SERVER_DONE, None, Done(final["rounds"], state, "finished"), retain=True
+        )
 
     # -- checkpoint --------------------------------------------------------------------------
     def checkpoint(self, run: str, r: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -427,17 +465,25 @@ class ServerStrategy:
         arrays = {f"model/{k}": v for k, v in state_to_numpy(self.model).items()}
         if self.prev_probe is not None:
             arrays["prev_probe"] = self.prev_probe.copy()
-        controller = (self.controller.state()
-                      if isinstance(self.controller, ConvergenceController) else {})
-        meta = {"format": 1, "run": run, "algorithm": self.algorithm.value, "round": r,
-                "history": list(self.history), "decisions": list(self.decisions),
-                "rejected_updates": self.rejected_updates, "last_loss": self.last_loss,
-                "controller": controller}
+        controller = (
+            self.controller.state() if isinstance(self.controller, ConvergenceController) else {}
+        )
+        meta = {
+            "format": 1,
+            "run": run,
+            "algorithm": self.algorithm.value,
+            "round": r,
+            "history": list(self.history),
+            "decisions": list(self.decisions),
+            "rejected_updates": self.rejected_updates,
+            "last_loss": self.last_loss,
+            "controller": controller,
+        }
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
         """Take back a :meth:`checkpoint`; the round it was taken after."""
-        state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+        state = {k[len("model/") :]: v for k, v in arrays.items() if k.startswith("model/")}
         self.prev_probe = arrays.get("prev_probe")
         load_numpy_state(self.model, state)
         self.history = list(meta["history"])
@@ -451,8 +497,13 @@ class ServerStrategy:
         return self.round
 
 
-def evaluate(model: FLModel, plan: DataPlan, final: bool, ensemble: Ensemble | None,
-             overlay_rounds: dict[str, int]) -> dict[str, Any]:
+def evaluate(
+    model: FLModel,
+    plan: DataPlan,
+    final: bool,
+    ensemble: Ensemble | None,
+    overlay_rounds: dict[str, int],
+) -> dict[str, Any]:
     """Score the FL model and the ensemble (runs in a worker thread; touches only its inputs).
 
     An overlay whose outputs on the validation split are not finite (a poisoned or diverged
@@ -460,8 +511,7 @@ def evaluate(model: FLModel, plan: DataPlan, final: bool, ensemble: Ensemble | N
     """
     split = plan.test if final else plan.eval_subset
     fl = evaluate_model(model, split)
-    out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss,
-                           "accuracy": fl.accuracy}
+    out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss, "accuracy": fl.accuracy}
     if ensemble is not None:
         ensemble, poisoned = _without_poisoned(ensemble, plan)
         if poisoned:
@@ -471,8 +521,9 @@ def evaluate(model: FLModel, plan: DataPlan, final: bool, ensemble: Ensemble | N
         report = ensemble.evaluate(split)
         out["accuracy"] = report.accuracy
         out["ensemble_loss"] = report.loss
-        out["overlay_rounds"] = {k: v for k, v in overlay_rounds.items()
-                                 if k not in out.get("poisoned", [])}
+        out["overlay_rounds"] = {
+            k: v for k, v in overlay_rounds.items() if k not in out.get("poisoned", [])
+        }
         if final:
             probs = ensemble.member_proba(split.x)
             out["member_accuracy"] = {
@@ -489,8 +540,11 @@ def _without_poisoned(ensemble: Ensemble, plan: DataPlan) -> tuple[Ensemble | No
     """The ensemble less the overlays whose outputs on validation samples are not finite."""
     probe = plan.validation.x[:256]
     probs = ensemble.member_proba(probe)
-    bad = [name for name, p in zip(ensemble.members, probs, strict=True)
-           if name != "fl" and not bool(np.isfinite(p).all())]
+    bad = [
+        name
+        for name, p in zip(ensemble.members, probs, strict=True)
+        if name != "fl" and not bool(np.isfinite(p).all())
+    ]
     if not bad:
         return ensemble, []
     keep = {k: v for k, v in ensemble.overlays.items() if k not in bad}
