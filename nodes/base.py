@@ -253,6 +253,12 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
+    def cancel_background(self) -> None:
+        """Cancel the work started with :meth:`spawn` (publishes in flight): a crash, or a
+        stop that must not wait for them."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:

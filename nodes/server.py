@@ -268,7 +268,7 @@ class ServerNode(Node):
                 await self.publish(item)
             collector = self.strategy.collector
             assert collector is not None
-            result = await self._collect(collector)
+            result = await self.collect_round(collector)
             closed = self.strategy.close_round(result)
             scores = await self._evaluate(False)
             record = self.strategy.record_round(closed, scores, time.monotonic() - start)
@@ -276,7 +276,7 @@ class ServerNode(Node):
             await self.publish_metrics(event="round", **record)
         await self._finish(start)
 
-    async def _collect(self, collector: RoundCollector) -> RoundResult | None:
+    async def collect_round(self, collector: RoundCollector) -> RoundResult | None:
         """Wait for the round's updates; None when it closes without enough of them.
 
         Past the deadline with fewer than ``min_updates``, the round closes unaggregated

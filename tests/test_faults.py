@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from emo_mqtt.broker.launch import BrokerHandle
 from emo_mqtt.bus import open_bus
+from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.codec import decode, encode
 from emo_mqtt.config import RunConfig, from_dict
 from emo_mqtt.dataplan import DataPlan, plan_data
@@ -39,7 +39,7 @@ BASE: dict[str, Any] = {
     "emo": {"overlay_steps_per_round": 5, "cache_entries": 1000},
 }
 
-During = Callable[[ServerNode, list[Node], dict[str, asyncio.Task[None]]], Awaitable[Any]]
+During = Callable[[ServerNode, list[Node], dict[str, asyncio.Task[None]]], Coroutine[Any, Any, Any]]
 
 
 def config_with(**fleet: Any) -> RunConfig:
@@ -57,13 +57,10 @@ async def until(condition: Callable[[], bool], what: str, within_s: float = 30.0
 async def crash(node: Node, task: asyncio.Task[None]) -> None:
     """Kill a node as a crash would: its TCP connection cut (no DISCONNECT, so the broker
     publishes its last will), no goodbye, no reconnect, its tasks gone."""
-    bus: Any = node.bus
-    bus._closed = True  # the supervisor must not reconnect
-    client = bus._client
-    if client is not None and bus.connected:
-        client._client.socket().shutdown(socket.SHUT_RDWR)
-    for t in list(node._tasks):
-        t.cancel()
+    bus = node.bus
+    assert isinstance(bus, MqttBus)
+    bus.sever(reconnect=False)
+    node.cancel_background()
     while not task.done():  # cancel again whatever goodbye the finally block attempts
         task.cancel()
         await asyncio.sleep(0.01)
@@ -130,7 +127,7 @@ def test_broker_restart_mid_round_loses_nothing(
     """Mosquitto restarts during round 2: sessions and QoS 1 carry every update through."""
 
     async def restart(server: ServerNode, others: list[Node], _: Any) -> None:
-        collect = server._collect
+        collect = server.collect_round
 
         async def collect_and_restart(collector: RoundCollector) -> Any:
             if collector.round == 2:
@@ -139,7 +136,7 @@ def test_broker_restart_mid_round_loses_nothing(
                 fresh_mosquitto.restart()  # SIGTERM (persistence saved), the same port again
             return await collect(collector)
 
-        server._collect = collect_and_restart  # type: ignore[method-assign]
+        server.collect_round = collect_and_restart  # type: ignore[method-assign]
         await until(lambda: server.bus.stats.reconnects >= 1, "the server reconnecting")
 
     server, others, _ = asyncio.run(
@@ -238,7 +235,7 @@ def test_server_restart_resumes_from_checkpoint(
     async def kill_server(
         server: ServerNode, others: list[Node], tasks: dict[str, asyncio.Task[None]]
     ) -> ServerNode:
-        collect, dying = server._collect, asyncio.Event()
+        collect, dying = server.collect_round, asyncio.Event()
 
         async def collect_or_die(collector: RoundCollector) -> Any:
             if collector.round == 3:
@@ -249,7 +246,7 @@ def test_server_restart_resumes_from_checkpoint(
                 await asyncio.Event().wait()
             return await collect(collector)
 
-        server._collect = collect_or_die  # type: ignore[method-assign]
+        server.collect_round = collect_or_die  # type: ignore[method-assign]
         await dying.wait()
         await crash(server, tasks["server"])
         meta = json.loads((ckpt / "fl" / "server" / "server.json").read_text())

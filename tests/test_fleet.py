@@ -23,7 +23,7 @@ from emo_mqtt.infer import load_predictor, request_inference, serve_inference
 
 pytestmark = pytest.mark.broker
 
-SHORT = {
+SHORT: dict[str, Any] = {
     "run": {
         "name": "short",
         "seed": 3,

@@ -30,7 +30,11 @@ from emo_mqtt.messages import (
     state_spec,
 )
 
-STATE = {"w": np.ones((3, 2), np.float32), "b": np.zeros(3, np.float32), "n": np.array(1, np.int64)}
+STATE: dict[str, np.ndarray[Any, Any]] = {
+    "w": np.ones((3, 2), np.float32),
+    "b": np.zeros(3, np.float32),
+    "n": np.array(1, np.int64),
+}
 SPEC = state_spec(STATE)
 LIMITS = Limits(
     round_weights=SPEC,

@@ -279,7 +279,7 @@ def test_a_failing_handler_is_counted_and_a_dead_loop_fails_the_node(
         async def dies(_: Any) -> None:
             raise RuntimeError("the loop itself")
 
-        doomed.dispatch = dies  # type: ignore[method-assign]
+        doomed.dispatch = dies  # type: ignore[method-assign,assignment]
         tasks = [asyncio.create_task(n.run_node()) for n in (server, flaky, doomed)]
         try:
             done, _ = await asyncio.wait([tasks[2]], timeout=30)

@@ -97,19 +97,27 @@ def test_fedavg_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm) -
             is None
         )
     update = trained_update(config, plan, "dev02", announced)
-    assert s.on_update("dev02", "dev01", update, now=1.0)[0] == "late_update"  # not its own
-    assert s.on_update("dev00", "dev00", update, now=1.0)[0] == "duplicate_update"
+    refused = s.on_update("dev02", "dev01", update, now=1.0)
+    assert refused is not None and refused[0] == "late_update"  # not its own
+    refused = s.on_update("dev00", "dev00", update, now=1.0)
+    assert refused is not None and refused[0] == "duplicate_update"
     assert not s.ready(now=5.0) and s.ready(now=10.0)  # two of three: at the deadline
     assert s.collector is not None
     closed = s.close_round(s.collector.result())
-    assert s.state is RoundState.CLOSED and closed.aggregated
+    # RoundState(...): mypy still holds s.state to the COLLECTING asserted above.
+    assert RoundState(s.state) is RoundState.CLOSED and closed.aggregated
     assert set(closed.contributors) == {"dev00", "dev01"}
     scores = evaluate(s.model, plan, False, s.ensemble(), s.overlay_rounds())
     record = s.record_round(closed, scores, wall_s=1.5)
     assert record["missing"] == ["dev02"] and record["updates"] == 2
-    assert s.on_update("dev02", "dev02", update, now=11.0)[0] == "late_update"
+    refused = s.on_update("dev02", "dev02", update, now=11.0)
+    assert refused is not None and refused[0] == "late_update"
     state, done = s.finish({"rounds": 1})
-    assert isinstance(done.message, Done) and done.retain and s.state is RoundState.FINISHED
+    assert (
+        isinstance(done.message, Done)
+        and done.retain
+        and RoundState(s.state) is RoundState.FINISHED
+    )
     assert state.keys() == state_to_numpy(s.model).keys()
 
 

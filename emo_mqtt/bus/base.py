@@ -189,6 +189,19 @@ class Bus(ABC):
         self._inbox_event.set()
 
     @property
+    def inbox_size(self) -> int:
+        """Whole messages delivered by the broker and not yet taken by :meth:`messages`."""
+        return len(self._inbox)
+
+    @property
+    def subscriptions(self) -> dict[str, int]:
+        """The filters this bus subscribed to itself (filter -> QoS), re-sent on reconnects.
+
+        A persistent session may hold more: the broker keeps a session's subscriptions.
+        """
+        return dict(self._subscriptions)
+
+    @property
     @abstractmethod
     def connected(self) -> bool:
         """Whether the bus currently has a live connection."""

@@ -445,3 +445,20 @@ def _varint(data: bytearray, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, i + 1
     raise ValueError("variable byte integer longer than 4 bytes")
+
+
+def paho_socket(aiomqtt_client: Any) -> socket.socket | None:
+    """The TCP socket under an ``aiomqtt.Client`` (``None`` when not connected).
+
+    aiomqtt exposes no socket; its paho client (``_client``, in :data:`MEMBERS`) does, through
+    paho's public ``socket()``. Used to cut a connection as a crash would
+    (:meth:`emo_mqtt.bus.mqtt.MqttBus.sever`).
+    """
+    paho_client = getattr(aiomqtt_client, "_client", None)
+    sock = None if paho_client is None else paho_client.socket()
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def pending_acks(aiomqtt_client: Any) -> int:
+    """QoS 1/2 publishes of an ``aiomqtt.Client`` still waiting for their acknowledgement."""
+    return len(getattr(aiomqtt_client, "_pending_publishes", {}))

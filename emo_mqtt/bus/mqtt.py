@@ -288,6 +288,37 @@ class MqttBus(Bus):
     def reading_paused(self) -> bool:
         return self._paused
 
+    @property
+    def reconnecting(self) -> bool:
+        """True from the loss of a connection until the supervisor has noticed it.
+
+        Publishes in that window wait for the next connection instead of failing.
+        """
+        return self._up.is_set() and not self.connected
+
+    @property
+    def pending_acks(self) -> int:
+        """Publishes on the current connection still waiting for their acknowledgement."""
+        client = self._client
+        return 0 if client is None else fastpath.pending_acks(client.client)
+
+    def sever(self, *, reconnect: bool = True) -> None:
+        """Cut the TCP connection as a crash or a network failure would.
+
+        No DISCONNECT is sent, so the broker publishes the will and keeps the session.
+        ``reconnect=False`` also stops the bus from reconnecting: a crashed process. For fault
+        injection (tests, ``emo run``'s scenario replay); :meth:`close` is the clean way out.
+        """
+        if not reconnect:
+            self._closed = True
+        client = self._client
+        if client is None or client.lost.done():
+            return
+        sock = fastpath.paho_socket(client.client)
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already gone: nothing left to cut
+                sock.shutdown(socket.SHUT_RDWR)
+
     async def connect(self) -> None:
         """Connect, waiting at most ``connect_timeout_s`` for the first connection."""
         if self._supervisor is not None:
