@@ -32,7 +32,7 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
-from emo_mqtt.replay import NetworkReplay
+from emo_mqtt.netreplay import NetworkReplay
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
@@ -330,7 +330,7 @@ async def run_algorithm(
     """Run one algorithm's fleet to completion; its summary entry.
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
-    proxy (:class:`~emo_mqtt.replay.NetworkReplay`) and the scenario's timeline is replayed
+    proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
     from the moment the nodes start. With ``out_dir``, the message log is written to
     ``<out_dir>/<algorithm>/messages.csv``.
     """

@@ -1,7 +1,7 @@
 """The ``[network]`` section of a scenario: link conditions per class and node, and a timeline.
 
 Pure: it reads the TOML table (and the trace files it names), validates everything before a
-run starts, and turns it into a plan that :mod:`emo_mqtt.replay` carries out against the
+run starts, and turns it into a plan that :mod:`emo_mqtt.netreplay` carries out against the
 real broker. Every error is a :class:`~emo_mqtt.errors.ConfigError` naming the key (or the
 file and line) and the problem.
 

@@ -1,7 +1,7 @@
 """Network scenarios replayed against a real Mosquitto: shaped links, outages, bad files.
 
 Each node of a shaped run reaches the broker through its own proxy
-(:class:`emo_mqtt.replay.NetworkReplay`), so what these tests measure is what MQTT itself
+(:class:`emo_mqtt.netreplay.NetworkReplay`), so what these tests measure is what MQTT itself
 went through: publish times, dropped connections, reconnects and QoS 1 redelivery.
 """
 
@@ -21,7 +21,7 @@ from emo_mqtt.cli import main
 from emo_mqtt.config import RunConfig, from_dict
 from emo_mqtt.dataplan import plan_data
 from emo_mqtt.fleet import fleet_node_ids, run_algorithm
-from emo_mqtt.replay import NetworkReplay
+from emo_mqtt.netreplay import NetworkReplay
 
 pytestmark = pytest.mark.broker
 

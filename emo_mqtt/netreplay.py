@@ -23,7 +23,7 @@ from emo_mqtt.errors import ConfigError
 from emo_mqtt.netscenario import LinkConditions, NetworkConfig, NodeEvent
 from emo_mqtt.shaping import ShapingProxy
 
-log = logging.getLogger("emo_mqtt.replay")
+log = logging.getLogger("emo_mqtt.netreplay")
 
 #: Fleet callbacks for ``crash`` and ``restart`` events: they receive the node id.
 NodeAction = Callable[[str], Awaitable[None]]
