@@ -26,13 +26,13 @@ from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.errors import ConfigError, EmoError, TelemetryError
 from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
+from emo_mqtt.netreplay import NetworkReplay
 from emo_mqtt.netscenario import MBPS
 from emo_mqtt.nodes import compute
 from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
-from emo_mqtt.netreplay import NetworkReplay
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
