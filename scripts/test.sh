@@ -18,7 +18,9 @@ echo "== ruff" && ruff check . && ruff format --check .
 echo "== imports" && lint-imports --no-cache
 echo "== mypy" && mypy
 if ((fast)); then
-  echo "== pytest (no broker)" && pytest -q -p no:cacheprovider -m "not broker" ${args[@]+"${args[@]}"}
+  # One worker per core: these tests share nothing (no broker, no ports, own tmp dirs).
+  echo "== pytest (no broker)" && pytest -q -p no:cacheprovider -m "not broker" -n auto \
+    ${args[@]+"${args[@]}"}
 else
   echo "== pytest" && pytest -q -p no:cacheprovider ${args[@]+"${args[@]}"}
 fi
