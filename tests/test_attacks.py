@@ -302,6 +302,9 @@ def attacked(url: str, attack: Attack) -> Iterator[None]:
     original_reset, original_build = fleet_module.reset_run, fleet_module.build_node
     original_monitor = fleet_module.Monitor
     attackers: list[MqttBus] = []
+    #: Retained topics the attack planted: cleared afterwards, so that the session's broker
+    #: holds no junk for later tests (a dashboard test counts every retained message).
+    planted: list[str] = []
 
     async def reset(broker: Any, config: RunConfig, algorithm: str) -> None:
         await original_reset(broker, config, algorithm)
@@ -312,6 +315,8 @@ def attacked(url: str, attack: Attack) -> Iterator[None]:
         attackers.append(bus)
         for where, payload, retain in attack.before(run):
             await bus.publish(where, payload, retain=retain)
+            if retain:
+                planted.append(where)
 
     def build(broker: Any, config: RunConfig, algorithm: str, *args: Any, **kw: Any) -> Node:
         node = original_build(broker, config, algorithm, *args, **kw)
@@ -339,11 +344,19 @@ def attacked(url: str, attack: Attack) -> Iterator[None]:
             super().__init__(*args, **kw)
             attack.monitors.append(self)
 
+    async def clear() -> None:
+        async with MqttBus(url, "attacks-cleaner", clean_start=True) as bus:
+            for where in planted:
+                await bus.publish(where, b"", retain=True)  # an empty payload clears it
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fleet_module, "reset_run", reset)
         mp.setattr(fleet_module, "build_node", build)
         mp.setattr(fleet_module, "Monitor", RecordingMonitor)
-        yield
+        try:
+            yield
+        finally:
+            asyncio.run(clear())
 
 
 def emo_run(
@@ -414,6 +427,8 @@ def test_fl_and_emo_under_attack(mosquitto: BrokerHandle, setting: Setting, tmp_
         assert attack.monitors and attack.monitors[-1].skipped["not_object"] >= 1
     for algorithm, expect in (("fl", FL_EXPECT), ("emo", EMO_EXPECT)):
         entry, clean = entries[algorithm], setting.clean[algorithm]
+        print(algorithm, "rejected:", entry["rejected"], "accuracy:", entry["accuracy"], end=" ")
+        print("clean:", clean["accuracy"], "sha256:", entry["fl_model_sha256"])
         check_finished(entry)
         rejected = entry["rejected"]
         for reasons in expect.values():
