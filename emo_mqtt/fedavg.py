@@ -240,6 +240,16 @@ class NormReference:
         """The median of the recorded norms (None before the first :meth:`observe`)."""
         return float(np.median(self._norms)) if self._norms else None
 
+    @property
+    def norms(self) -> list[float]:
+        """The recorded norms, oldest first (what a checkpoint keeps)."""
+        return list(self._norms)
+
+    def restore(self, norms: Iterable[float]) -> None:
+        """Take back :attr:`norms` from a checkpoint (the last ``window`` finite ones)."""
+        kept = [float(n) for n in norms if math.isfinite(float(n)) and float(n) >= 0]
+        self._norms = kept[-self.window :]
+
 
 @dataclass(frozen=True)
 class RoundResult:

@@ -132,7 +132,12 @@ def _int(value: Any, name: str, lo: int = 0, hi: int = MAX_ROUND) -> int:
 def _float(value: Any, name: str, *, allow_nan: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
         raise MessageError("bad_type", f"{name} is a {type(value).__name__}, not a number")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float's range (10**400): as infinite as inf
+        raise MessageError(
+            "non_finite", f"{name}: an int of {int(value).bit_length()} bits"
+        ) from None
     if math.isinf(v) or (math.isnan(v) and not allow_nan):
         raise MessageError("non_finite", f"{name} = {v}")
     return v

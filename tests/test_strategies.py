@@ -12,6 +12,7 @@ from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.config import RunConfig, from_dict
 from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.errors import ConfigError
+from emo_mqtt.fedavg import RoundResult
 from emo_mqtt.messages import (
     Activations,
     Control,
@@ -173,6 +174,50 @@ def test_splitfed_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm)
         1, 0, np.zeros((1, *s.model.activation_shape), np.float32), np.zeros(1, np.int64)
     )
     assert isinstance(s.on_sfl_activations("dev00", late), str)
+
+
+def test_server_passes_caps_norm_reference_and_aggregator(
+    config: RunConfig, plan: DataPlan
+) -> None:
+    """Issue 11, item 2: the collector gets the data plan's caps, the robust norm reference
+    and the scenario's aggregator; a zeroed round moves neither the reference nor the bound."""
+    from dataclasses import replace
+
+    s = ServerStrategy(config, Algorithm.FL, plan)
+    announced = s.start_round(1, 0.0)[-1].message
+    collector = s.collector
+    assert collector is not None and collector.aggregator == "fedavg"
+    assert collector.max_samples == {d: len(plan.device(d)) for d in config.device_ids()}
+    initial = s.norm_reference.value
+    assert initial is not None and collector.norm_reference == initial
+    # A device claiming more than its share is weighed at its share (the node's validation
+    # refuses such a claim first; the cap is the second line).
+    update = trained_update(config, plan, "dev00", announced)
+    assert s.on_update("dev00", "dev00", replace(update, samples=10**15), 1.0) is None
+    assert collector.capped == {"dev00": (10**15, 64)}
+    # A zeroed global model (a poisoned round) is one of the median's values, not all: an
+    # honest update (about the initial model's norm away from zero) is still admitted.
+    zeros = {k: np.zeros_like(v) for k, v in s.device_side_state().items()}
+    s.close_round(RoundResult(zeros, [], 0))
+    s.start_round(2, 10.0)
+    assert s.norm_reference.value == pytest.approx(initial / 2)  # median of (initial, 0)
+    assert s.on_update("dev00", "dev00", replace(update, round=2), 11.0) is None
+    s.close_round(None)  # closed unaggregated: the reference does not move
+    assert s.norm_reference.norms == pytest.approx([initial, 0.0])
+    s.start_round(3, 20.0)
+    s.close_round(RoundResult(update.weights, [], 0))
+    # The reference survives a checkpoint.
+    # The reference survives a checkpoint.
+    arrays, meta = s.checkpoint("run", 3)
+    t = ServerStrategy(config, Algorithm.FL, plan)
+    t.restore(arrays, meta)
+    assert t.norm_reference.norms == s.norm_reference.norms
+    # The scenario's aggregator reaches the collector and SplitFed V1's head merge.
+    robust = replace(config, fleet=replace(config.fleet, aggregator="trimmed_mean"))
+    s = ServerStrategy(robust, Algorithm.SFL_V1, plan)
+    s.start_round(1, 0.0)
+    assert s.collector is not None and s.collector.aggregator == "trimmed_mean"
+    assert s.split is not None and getattr(s.split.policy, "aggregator", None) == "trimmed_mean"
 
 
 def test_device_strategy(config: RunConfig) -> None:

@@ -36,7 +36,13 @@ from emo_mqtt.controller import (
 )
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
-from emo_mqtt.fedavg import RoundCollector, RoundResult, fedavg, sample_clients
+from emo_mqtt.fedavg import (
+    NormReference,
+    RoundCollector,
+    RoundResult,
+    aggregate,
+    sample_clients,
+)
 from emo_mqtt.messages import (
     Control,
     Done,
@@ -120,8 +126,18 @@ class SharedHead:
         return state_to_numpy(heads["shared"])
 
 
+@dataclass(frozen=True)
 class HeadPerDevice:
-    """SplitFed V1: a head copy per device, FedAvg-ed over the round's contributors."""
+    """SplitFed V1: a head copy per device, aggregated over the round's contributors.
+
+    With the scenario's aggregator (``fleet.aggregator``, FedAvg weighted by the capped
+    sample counts by default), as the device-side updates are: under ``median`` or
+    ``trimmed_mean`` one device's batches cannot drag the merged head further than they
+    can drag the trunk.
+    """
+
+    aggregator: str = "fedavg"
+    trim_fraction: float = 0.1
 
     def keys(self, sampled: list[str]) -> list[str]:
         return list(sampled)
@@ -133,7 +149,9 @@ class HeadPerDevice:
         self, heads: dict[str, torch.nn.Module], contributors: dict[str, int]
     ) -> dict[str, np.ndarray] | None:
         updates = [(d, state_to_numpy(heads[d]), n) for d, n in contributors.items()]
-        return fedavg(updates) if updates else None
+        if not updates:
+            return None
+        return aggregate(updates, self.aggregator, trim_fraction=self.trim_fraction)
 
 
 @dataclass
@@ -257,7 +275,11 @@ class ServerStrategy:
                 self.controller.assign(device, config.overlay_of(device))
         self.split: SplitServer | None = None
         if algorithm.is_split:
-            policy: HeadPolicy = HeadPerDevice() if algorithm.head_per_device else SharedHead()
+            policy: HeadPolicy = (
+                HeadPerDevice(config.fleet.aggregator, config.fleet.trim_fraction)
+                if algorithm.head_per_device
+                else SharedHead()
+            )
             self.split = SplitServer(config, policy)
         self.overlays: OverlayPool | None = None
         if algorithm.uses_overlays:
@@ -268,6 +290,16 @@ class ServerStrategy:
         self._samples: dict[str, int] = {}
         self._losses: list[float] = []
         self._split_batches = 0
+        #: Against a poisoning device (issue 11): the most samples each device's update may
+        #: weigh (its share of the data plan times the local epochs: exactly what an honest
+        #: device reports, FedAvg and SplitFed alike, so honest runs are unchanged) ...
+        self.max_samples = {
+            d: len(plan.device(d)) * config.fl.local_epochs for d in config.device_ids()
+        }
+        #: ... and the norm the update bound is measured against: the median norm of the
+        #: last global models (device side), which one zeroed round cannot zero. Seeded
+        #: with the initial (or restored) model when round 1 (or the resumed round) opens.
+        self.norm_reference = NormReference()
 
     # -- what travels ------------------------------------------------------------------------
     def device_side_state(self) -> dict[str, np.ndarray]:
@@ -296,6 +328,8 @@ class ServerStrategy:
                 self.decisions.append({"round": r, "device": device, **decision.to_dict()})
                 out.append(Outgoing(Kind.CONTROL, device, Control(r, decision), retain=True))
         reference = self.device_side_state()
+        if self.norm_reference.value is None:
+            self.norm_reference.observe(reference)
         self.collector = RoundCollector(
             round=r,
             expected=sampled,
@@ -305,6 +339,10 @@ class ServerStrategy:
             reference=reference,
             # Bad input: an update farther than this from the global model is refused.
             max_norm_ratio=c.fleet.max_update_norm_ratio or None,
+            max_samples=self.max_samples,
+            norm_reference=self.norm_reference.value,
+            aggregator=c.fleet.aggregator,
+            trim_fraction=c.fleet.trim_fraction,
         )
         out.append(
             Outgoing(
@@ -338,7 +376,8 @@ class ServerStrategy:
                 self.rejected_updates += 1
                 return "bad_update", reason
             return "duplicate_update", "not sampled this round, or already received"
-        self._samples[device] = msg.samples
+        # Weighed as the collector weighs it: capped by the data plan.
+        self._samples[device] = min(msg.samples, self.max_samples[device])
         if math.isfinite(msg.loss):
             self._losses.append(msg.loss)
         return None
@@ -388,6 +427,8 @@ class ServerStrategy:
         contributors: dict[str, int] = {}
         if result is not None:
             self._load_device_side(result.state)
+            # Only an aggregated round moves the reference (a closed-empty one repeats it).
+            self.norm_reference.observe(result.state)
             contributors = {d: self._samples[d] for d in result.contributors}
         if self.split is not None:
             self.split.finish(self.model, contributors)
@@ -478,6 +519,7 @@ class ServerStrategy:
             "rejected_updates": self.rejected_updates,
             "last_loss": self.last_loss,
             "controller": controller,
+            "norm_reference": self.norm_reference.norms,
         }
         return arrays, meta
 
@@ -490,6 +532,9 @@ class ServerStrategy:
         self.decisions = list(meta["decisions"])
         self.rejected_updates = int(meta["rejected_updates"])
         self.last_loss = float(meta["last_loss"])
+        # A checkpoint of an older format has no norms: the restored model seeds them.
+        self.norm_reference = NormReference()
+        self.norm_reference.restore(meta.get("norm_reference") or [])
         ctl = meta.get("controller") or {}
         if isinstance(self.controller, ConvergenceController) and ctl:
             self.controller.restore(ctl)
