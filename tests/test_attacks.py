@@ -324,7 +324,7 @@ def attacked(url: str, attack: Attack) -> Iterator[None]:
         if attack.compromise is not None:
             attack.compromise(node)
         if isinstance(node, ServerNode):
-            collect = node._collect
+            collect = node.collect_round
             run = node.run
 
             async def gated(collector: Any) -> Any:
@@ -336,7 +336,7 @@ def attacked(url: str, attack: Attack) -> Iterator[None]:
                     await attackers.pop().__aexit__(None, None, None)
                 return await collect(collector)
 
-            node._collect = gated  # type: ignore[method-assign]
+            node.collect_round = gated  # type: ignore[method-assign]
         return node
 
     class RecordingMonitor(original_monitor):  # type: ignore[misc,valid-type]
@@ -472,8 +472,9 @@ def zeroing_firmware(node: Node) -> None:
     def update(r: int, model: torch.nn.Module, samples: int, loss: float) -> Update:
         sent: Update = honest(r, model, samples, loss)
         zeros = {k: np.zeros_like(v) for k, v in sent.weights.items()}
-        strategy.last_update = replace(sent, weights=zeros)
-        return strategy.last_update
+        poisoned = replace(sent, weights=zeros)
+        strategy.last_update = poisoned
+        return poisoned
 
     strategy.update = update
 
@@ -538,7 +539,7 @@ def tls_fl_run(
         if attack is not None:
             attack.nodes.update({n.node_id: n for n in nodes})
             dev00 = attack.nodes["dev00"]
-            collect = server._collect
+            collect = server.collect_round
 
             async def gated(collector: Any) -> Any:
                 if collector.round == 1:
@@ -547,7 +548,7 @@ def tls_fl_run(
                     await until(attack.counted, attack.seen)
                 return await collect(collector)
 
-            server._collect = gated  # type: ignore[method-assign]
+            server.collect_round = gated  # type: ignore[method-assign]
         tasks = [asyncio.create_task(n.run_node()) for n in nodes]
         try:
             await asyncio.wait_for(tasks[0], TIMEOUT_S * 2)
