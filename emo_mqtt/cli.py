@@ -206,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
     if args.data_dir is not None:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
+    if args.run is not None:
+        overrides.setdefault("run", {})["id"] = args.run  # validated with the config
     if overrides:
         config = config.with_overrides(**overrides)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
@@ -437,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    p.add_argument(
+        "--run",
+        metavar="ID",
+        help="run id on the broker (topics emo/<ID>-<algorithm>/...; default: the "
+        "scenario's name plus a random suffix); refused if a run with it is live",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(

@@ -32,6 +32,10 @@ class RunSection:
     """``[run]``: what to run."""
 
     name: str = "run"
+    #: The run's id on the broker (topics and client ids are rooted at ``<id>-<algorithm>``).
+    #: Empty in a file: ``emo run`` picks ``<name>-<random suffix>`` at each start, so two
+    #: runs of one scenario on one broker never share topics or sessions (``--run`` sets it).
+    id: str = ""
     seed: int = 1
     rounds: int = 10
     algorithms: tuple[str, ...] = ("fl", "sfl", "emo")
@@ -318,6 +322,9 @@ def _require(ok: bool, key: str, problem: str) -> None:
 def _check(c: RunConfig) -> None:
     try:
         validate_id(c.run.name, "run.name")
+        if c.run.id:
+            # The longest algorithm name must still fit in an id with it.
+            validate_id(f"{c.run.id}-emo-all", "run.id")
     except TopicError as exc:
         raise ConfigError(str(exc)) from None
     _require(c.run.rounds >= 1, "run.rounds", "must be at least 1")

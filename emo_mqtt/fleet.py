@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import shutil
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.errors import ConfigError, EmoError, TelemetryError
+from emo_mqtt.incarnation import new_incarnation
 from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
 from emo_mqtt.netscenario import MBPS
@@ -45,8 +47,56 @@ OnEvent = Callable[[dict[str, Any]], None]
 
 
 def run_id(config: RunConfig, algorithm: str) -> str:
-    """The run id of one algorithm of a scenario (topics are rooted at it)."""
-    return f"{config.run.name}-{algorithm.replace('_', '-')}"
+    """The run id of one algorithm of a scenario (topics and client ids are rooted at it):
+    ``<run.id>-<algorithm>``, or ``<run.name>-<algorithm>`` while no id was chosen."""
+    return f"{config.run.id or config.run.name}-{algorithm.replace('_', '-')}"
+
+
+def with_run_id(config: RunConfig, chosen: str | None = None) -> RunConfig:
+    """``config`` with its run id: ``chosen`` (``--run``), the file's, or a fresh
+    ``<name>-<6 hex digits>``: two runs of one scenario on one broker never meet."""
+    if chosen:
+        return config.with_overrides(run={"id": chosen})
+    if config.run.id:
+        return config
+    return config.with_overrides(run={"id": f"{config.run.name}-{secrets.token_hex(3)}"})
+
+
+class RunLive(EmoError):
+    """A run with this id is live on the broker: starting another would take it over."""
+
+
+async def ensure_not_live(broker: Any, runs: list[str], client: str) -> None:
+    """Refuse (:class:`RunLive`) if any node of ``runs`` says it is online on the broker.
+
+    Reads the retained statuses (a node's will turns its own to ``offline`` when it dies):
+    publishes nothing on the runs' topics. Every retained status comes with the
+    subscription, before a probe we send ourselves after it: when the probe is back, all
+    of them are in (no waiting on a clock).
+    """
+    probe = f"emo-probe/{client}"
+    online: list[str] = []
+    async with open_bus(broker, client, clean_start=True) as bus:
+        for run in runs:
+            await bus.subscribe(subscription(Kind.STATUS, run))
+        await bus.subscribe(probe)
+        await bus.publish(probe, b"probe", qos=1)
+        async for message in bus.messages():
+            if message.topic == probe:
+                break
+            try:
+                body = json.loads(bytes(message.payload))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue  # not ours to read: it proves nothing about a live run
+            if isinstance(body, dict) and body.get("state") == "online":
+                online.append(message.topic)
+    if online:
+        shown = ", ".join(sorted(online)[:3]) + (" ..." if len(online) > 3 else "")
+        raise RunLive(
+            f"run {runs[0] if len(runs) == 1 else runs} is live on this broker "
+            f"({len(online)} node(s) online: {shown}); choose another --run, or leave out "
+            "--run for a fresh id"
+        )
 
 
 def build_node(
@@ -59,12 +109,35 @@ def build_node(
     *,
     checkpoint_dir: Path | None = None,
     bus_options: BusOptions | None = None,
+    incarnation: str | None = None,
 ) -> Node:
     """One node of an algorithm's fleet: ``server``, an overlay or a device id.
 
     With ``checkpoint_dir``, the server and the overlays checkpoint there
     (``<dir>/<algorithm>/server``, ``<dir>/<algorithm>/<overlay>``) and resume from it.
+    With ``incarnation``, the server starts as it and the other nodes take server-side
+    messages of it only; without, the server picks one and the others follow the newest
+    they see (:mod:`emo_mqtt.incarnation`).
     """
+    node = _build_node(
+        broker, config, algorithm, plan, node_id, out_dir, checkpoint_dir, bus_options, incarnation
+    )
+    if incarnation is not None and not isinstance(node, ServerNode):
+        node.pin_incarnation(incarnation)
+    return node
+
+
+def _build_node(
+    broker: Any,
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    node_id: str,
+    out_dir: Path | None,
+    checkpoint_dir: Path | None,
+    bus_options: BusOptions | None,
+    incarnation: str | None,
+) -> Node:
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     if node_id == "server":
@@ -76,6 +149,7 @@ def build_node(
             plan,
             out_dir=None if out_dir is None else out_dir / algorithm,
             checkpoint_dir=None if ckpt is None else ckpt / "server",
+            incarnation=incarnation,
         )
     if node_id in config.overlay_ids():
         spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
@@ -111,15 +185,32 @@ def build_nodes(
     out_dir: Path | None,
     *,
     checkpoint_dir: Path | None = None,
+    incarnation: str | None = None,
 ) -> tuple[ServerNode, list[Node]]:
     """The server and the other nodes of one algorithm's fleet (see :func:`build_node`)."""
     ids = fleet_node_ids(config, algorithm)
     server = build_node(
-        broker, config, algorithm, plan, "server", out_dir, checkpoint_dir=checkpoint_dir
+        broker,
+        config,
+        algorithm,
+        plan,
+        "server",
+        out_dir,
+        checkpoint_dir=checkpoint_dir,
+        incarnation=incarnation,
     )
     assert isinstance(server, ServerNode)
     others = [
-        build_node(broker, config, algorithm, plan, n, out_dir, checkpoint_dir=checkpoint_dir)
+        build_node(
+            broker,
+            config,
+            algorithm,
+            plan,
+            n,
+            out_dir,
+            checkpoint_dir=checkpoint_dir,
+            incarnation=incarnation,
+        )
         for n in ids["overlay"] + ids["device"]
     ]
     return server, others
@@ -335,7 +426,12 @@ async def run_algorithm(
     ``<out_dir>/<algorithm>/messages.csv``.
     """
     run = run_id(config, algorithm)
+    # Before anything of ours is published: a live run of this id would be taken over.
+    await ensure_not_live(broker, [run], f"{run}-check-{secrets.token_hex(3)}")
     await reset_run(broker, config, algorithm)
+    #: This start of the run: its nodes take server-side messages of it only, so a retained
+    #: ``done`` or round restored by a crashed broker cannot end or steer it.
+    incarnation = new_incarnation()
     limit = config.run.rounds * config.fleet.round_deadline_s * 2 + 120
     ids = fleet_node_ids(config, algorithm)
     tasks: dict[str, asyncio.Task[None]] = {}
@@ -354,6 +450,7 @@ async def run_algorithm(
             # Only overlays need one: a restarted overlay resumes its model and cache.
             checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
             bus_options=None if replay is None else _bus_options(config, replay, node_id),
+            incarnation=incarnation,
         )
         node.bus.on_published = msglog.recorder(node_id)
         return node
@@ -634,6 +731,10 @@ async def run_scenario(
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
     algorithm and a last one (``"event": "done"``) with the paths written.
     """
+    config = with_run_id(config)
+    runs = [run_id(config, a) for a in config.run.algorithms]
+    await ensure_not_live(broker, runs, f"{config.run.id}-check-{secrets.token_hex(3)}")
+    say(f"run: {config.run.id} (topics emo/{runs[0]}/...)")
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     await _warm_up(config, plan)

@@ -27,6 +27,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
 from emo_mqtt.fedavg import RoundCollector, RoundResult
+from emo_mqtt.incarnation import new_incarnation
 from emo_mqtt.messages import (
     Limits,
     MessageError,
@@ -35,7 +36,7 @@ from emo_mqtt.messages import (
     Update,
 )
 from emo_mqtt.models import FLModel
-from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.base import SERVER_SIDE_KINDS, Node, wait_event
 from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.nodes.limits import limits_for
@@ -65,8 +66,12 @@ class ServerNode(Node):
         out_dir: Path | None = None,
         start_timeout_s: float = 60.0,
         checkpoint_dir: Path | None = None,
+        incarnation: str | None = None,
     ) -> None:
         super().__init__(bus, config, run, node_id)
+        #: This start of the server (:mod:`emo_mqtt.incarnation`): every server-side message
+        #: carries it, and updates answering another start's rounds are refused.
+        self.incarnation = new_incarnation() if incarnation is None else incarnation
         self.algorithm = Algorithm.parse(algorithm)
         self.plan = plan
         self.out_dir = out_dir
@@ -149,6 +154,7 @@ class ServerNode(Node):
         s = self.strategy
         out.update(
             algorithm=self.algorithm.value,
+            incarnation=self.incarnation,
             rejected_updates=s.rejected_updates,
             online=sorted(self.online),
             loss=s.last_loss,
@@ -178,6 +184,11 @@ class ServerNode(Node):
 
     async def _on_update(self, where: ParsedTopic, env: Envelope, msg: Update) -> None:
         device = where.node or ""
+        if msg.incarnation and msg.incarnation != self.incarnation:
+            # Trained on another start's round (a queued message from before a restart, or
+            # from an old run restored by the broker): the device trains this start's again.
+            self.reject_message("update", "stale_incarnation", f"device/{device}/update", "")
+            return
         refused = self.strategy.on_update(device, env.sender, msg, time.monotonic())
         if refused is not None:
             self.bus.reject(refused[0], f"device/{device}/update", refused[1])
@@ -225,10 +236,13 @@ class ServerNode(Node):
             self.spawn(self.publish(item))
 
     async def publish(self, item: Outgoing) -> None:
-        """Publish one message a strategy returned."""
+        """Publish one message a strategy returned (with this start's incarnation)."""
+        body = item.message.to_body()
+        if item.kind in SERVER_SIDE_KINDS:
+            body["incarnation"] = self.incarnation
         await self.send(
             item.kind,
-            item.message.to_body(),
+            body,
             msg_kind=item.message.KIND,
             node=item.node,
             retain=item.retain,
