@@ -9,8 +9,11 @@ Every message the server side sends carries its incarnation, and nodes follow it
 - an incarnation id starts with the server's start time (ns, hex), so ids order by start;
 - a device or overlay follows the newest incarnation it has seen on a round announcement
   (or control, or SplitFed gradient) and rejects messages of older ones;
-- ``done`` ends a node only when it comes from the incarnation it follows (or a newer one):
-  a retained ``done`` met before any round of this start is not taken;
+- ``done`` ends a node only when it comes from the incarnation it follows (or a newer one),
+  and, when it was retained (on the broker before we subscribed), only from an incarnation
+  confirmed by a message that came live: a crashed broker's autosave restores an old
+  round *and* its ``done`` together, and neither may end a new start. (A node that joins
+  after its run ended therefore waits for the next start of the server.);
 - a node given the run's incarnation up front (``emo run`` knows it) is *pinned*: anything
   else is refused.
 
@@ -67,6 +70,8 @@ class IncarnationTracker:
     def __init__(self, pinned: str | None = None) -> None:
         self.pinned = pinned
         self.current: str | None = pinned
+        #: Incarnations seen on a message that came live (not retained at subscribe time).
+        self.confirmed: set[str] = set()
         #: Messages refused, by reason (also counted in the node's ``rejected``).
         self.refused: dict[str, int] = {}
 
@@ -74,21 +79,23 @@ class IncarnationTracker:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         return Verdict(reason)
 
-    def admit(self, incarnation: str, *, ends_run: bool = False) -> Verdict:
+    def admit(self, incarnation: str, *, ends_run: bool = False, retained: bool = False) -> Verdict:
         """Whether a server-side message of ``incarnation`` is for us.
 
-        ``ends_run``: a ``done`` message, never followed blindly (see the module).
+        ``ends_run``: a ``done`` message, never followed blindly (see the module);
+        ``retained``: the broker kept it from before we subscribed.
         """
         if self.pinned is not None:
             return Verdict() if incarnation == self.pinned else self._refuse("other_incarnation")
-        if self.current is None:
-            if ends_run:
-                return self._refuse("unknown_incarnation")
-            self.current = incarnation
-            return Verdict(switched=True)
+        if self.current is None and ends_run:
+            return self._refuse("unknown_incarnation")
+        if self.current is not None and order(incarnation) < order(self.current):
+            return self._refuse("stale_incarnation")
+        if ends_run and retained and incarnation not in self.confirmed:
+            return self._refuse("unconfirmed_incarnation")
+        if not retained:
+            self.confirmed.add(incarnation)
         if incarnation == self.current:
             return Verdict()
-        if order(incarnation) < order(self.current):
-            return self._refuse("stale_incarnation")
         self.current = incarnation
         return Verdict(switched=True)

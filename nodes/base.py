@@ -389,7 +389,7 @@ class Node:
             self._log_failure(expected, message.topic)
             self.reject_message(expected, "validation_error", message.topic, repr(exc))
             return
-        if not self._admit_incarnation(where, typed, expected, message.topic):
+        if not self._admit_incarnation(where, typed, expected, message):
             return
         await self._run_handler(expected, message.topic, handler(where, envelope, typed))
 
@@ -401,14 +401,18 @@ class Node:
         """Hook: a newer start of the server (or the first one seen) is now followed;
         subclasses start their round tracking over."""
 
-    def _admit_incarnation(self, where: ParsedTopic, typed: Any, kind: str, name: str) -> bool:
+    def _admit_incarnation(
+        self, where: ParsedTopic, typed: Any, kind: str, message: Message
+    ) -> bool:
         """Whether a server-side message is of the incarnation this node follows."""
         if self.role == "server" or where.kind not in SERVER_SIDE_KINDS:
             return True
         incarnation = str(getattr(typed, "incarnation", ""))
-        verdict = self.incarnations.admit(incarnation, ends_run=where.kind is Kind.SERVER_DONE)
+        verdict = self.incarnations.admit(
+            incarnation, ends_run=where.kind is Kind.SERVER_DONE, retained=message.retain
+        )
         if verdict.reason is not None:
-            self.reject_message(kind, verdict.reason, name, f"incarnation {incarnation!r}")
+            self.reject_message(kind, verdict.reason, message.topic, f"incarnation {incarnation!r}")
             return False
         if verdict.switched:
             log.info("%s %s: following server start %s", self.role, self.node_id, incarnation)
