@@ -212,6 +212,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.with_overrides(**overrides)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
+    from emo_mqtt.fleet import with_run_id
+    from emo_mqtt.outdir import prepare_out
+
+    # The run id and --out are settled before any broker starts or data is read.
+    config = with_run_id(config)
+    prepare_out(out, config.run.id, overwrite=args.overwrite)
 
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
@@ -444,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="run id on the broker (topics emo/<ID>-<algorithm>/...; default: the "
         "scenario's name plus a random suffix); refused if a run with it is live",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (without it, such an --out "
+        "is refused; resuming an interrupted run is not supported)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
