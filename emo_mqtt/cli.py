@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from emo_mqtt import __version__
 from emo_mqtt.errors import EmoError
+
+T = TypeVar("T")
 
 
 def _size(text: str) -> int:
@@ -222,10 +225,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
 
+    # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
+    # the temporary broker and its directory are removed.
+    signal.signal(signal.SIGTERM, _terminate)
     with broker_for(args.broker, say) as url:
-        summary = asyncio.run(
-            run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
-        )
+        try:
+            summary = asyncio.run(
+                _until_signalled(
+                    run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
+                )
+            )
+        except Signalled as stop:
+            if stop.interrupted is None:
+                _stderr(f"emo: {stop.name}: interrupted before the first algorithm started")
+                return 128 + stop.signum
+            cut = stop.interrupted.summary["interrupted"]
+            finished = list(stop.interrupted.summary["algorithms"])
+            _stderr(
+                f"emo: {stop.name}: interrupted during {cut['algorithm']} at round "
+                f"{cut['last_round']}/{cut['rounds']}"
+                + (f"; finished: {', '.join(finished)}" if finished else "")
+                + f"; summary: {out / 'summary.json'}"
+            )
+            return 128 + stop.signum
     if args.jsonl:
         return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
@@ -236,6 +258,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
         print(f"summary: {out / 'summary.json'}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python runs (outside the event loop's own handlers)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+class Signalled(Exception):
+    """``emo run`` stopped on a signal, its finished results written (``interrupted``)."""
+
+    def __init__(self, signum: int, interrupted: Any | None) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.interrupted = interrupted
+
+
+async def _until_signalled(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; on SIGINT or SIGTERM cancel it (it writes what finished) and raise
+    :class:`Signalled`. SIGTERM is what ``timeout`` and ``docker stop`` send: treated as
+    Ctrl-C, so the temporary broker and directories are removed either way."""
+    from emo_mqtt.fleet import Interrupted
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        got.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await task
+    except Interrupted as exc:
+        raise Signalled(got[0] if got else signal.SIGINT, exc) from None
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        raise Signalled(got[0], None) from None  # before the first algorithm started
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -604,9 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmoError as exc:
         print(f"emo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("emo: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"emo: {'SIGTERM' if terminated else 'SIGINT'}: interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     return code
 
 

@@ -353,6 +353,9 @@ class Monitor:
 
     async def close(self) -> None:
         self._task.cancel()
+        # Awaited, so that an error of its last moments is never left unretrieved (a
+        # "Task exception was never retrieved" traceback on Ctrl-C).
+        await asyncio.gather(self._task, return_exceptions=True)
         await self.bus.close()
 
 
@@ -705,12 +708,37 @@ async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
     )
 
 
-def _write_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write summary.json, then report.md and its plots; the report's paths."""
+class Interrupted(EmoError):
+    """``emo run`` was interrupted; ``summary`` holds what finished (already written)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        cut = summary["interrupted"]
+        super().__init__(
+            f"interrupted during {cut['algorithm']} at round {cut['last_round']}/{cut['rounds']}"
+        )
+        self.summary = summary
+
+
+def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "scenario": config.source,
+        "run_id": config.run.id,
+        "state": "finished",
+        "config": config.to_dict(),
+        "algorithms": algorithms,
+        "comparisons": comparisons(algorithms),
+    }
+
+
+def _write_outputs(summary: dict[str, Any], out_dir: Path, *, report: bool = True) -> list[Path]:
+    """Write summary.json, then report.md and its plots (unless not ``report``: nothing
+    finished to report on); the report's paths."""
     from emo_mqtt.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not report:
+        return []
     try:
         return write_report(summary, out_dir)
     except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
@@ -744,21 +772,39 @@ async def run_scenario(
         f"{len(plan.validation)} validation, {len(plan.test)} test"
     )
     algorithms: dict[str, dict[str, Any]] = {}
-    for algorithm in config.run.algorithms:
-        overlays = Algorithm.parse(algorithm).uses_overlays
-        say(
-            f"== {algorithm}: {config.fleet.devices} devices"
-            + (f", {config.fleet.overlays} overlays" if overlays else "")
-        )
-        algorithms[algorithm] = await run_algorithm(
-            broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event
-        )
-    summary = {
-        "scenario": config.source,
-        "config": config.to_dict(),
-        "algorithms": algorithms,
-        "comparisons": comparisons(algorithms),
-    }
+    last_round: dict[str, int] = {}
+
+    def seen(event: dict[str, Any]) -> None:
+        last_round[str(event["algorithm"])] = int(event["round"])
+        if on_event is not None:
+            on_event(event)
+
+    current = ""
+    try:
+        for current in config.run.algorithms:
+            overlays = Algorithm.parse(current).uses_overlays
+            say(
+                f"== {current}: {config.fleet.devices} devices"
+                + (f", {config.fleet.overlays} overlays" if overlays else "")
+            )
+            algorithms[current] = await run_algorithm(
+                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen
+            )
+    except asyncio.CancelledError:
+        # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the
+        # algorithm that was running is marked with the last round it closed.
+        summary = _summary(config, algorithms)
+        summary["state"] = "interrupted"
+        summary["interrupted"] = {
+            "algorithm": current,
+            "last_round": last_round.get(current, 0),
+            "rounds": config.run.rounds,
+            "not_started": list(config.run.algorithms[len(algorithms) + 1 :]),
+        }
+        if out_dir is not None:
+            await asyncio.to_thread(_write_outputs, summary, out_dir, report=bool(algorithms))
+        raise Interrupted(summary) from None
+    summary = _summary(config, algorithms)
     written: list[Path] = []
     if out_dir is not None:
         # Files and plots from a worker thread: the event loop never waits on the disk.
