@@ -116,6 +116,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from emo_mqtt.config import describe_scenario, shipped_scenarios
+
+    shipped = shipped_scenarios()
+    width = max(len(name) for name in shipped)
+    for name, path in shipped.items():
+        print(f"{name:{width}}  {describe_scenario(path)}")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from emo_mqtt.topics import SPECS, markdown_table
 
@@ -211,6 +221,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
     if args.run is not None:
         overrides.setdefault("run", {})["id"] = args.run  # validated with the config
+    if args.set:
+        from emo_mqtt.config import with_settings
+
+        config = with_settings(config, args.set)
     if overrides:
         config = config.with_overrides(**overrides)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
@@ -508,7 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run every algorithm of a scenario on a local fleet")
-    p.add_argument("scenario", help="scenario file, e.g. scenarios/quickstart.toml")
+    p.add_argument(
+        "scenario",
+        help="scenario file, or the name of a shipped one (quickstart; `emo scenarios` lists them)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any scenario key, e.g. --set fleet.devices=4 --set data.partition=iid "
+        '(repeatable; values as in TOML: 2, 0.5, true, ["fl", "emo"])',
+    )
     _add_broker_option(p)
     p.add_argument("--out", help="output directory (default runs/<scenario name>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
@@ -602,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("scenarios", help="list the shipped scenarios (usable by name)")
+    p.set_defaults(func=cmd_scenarios)
 
     p = sub.add_parser("topics", help="list every topic of the system")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/topics.md")
