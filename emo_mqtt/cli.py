@@ -696,6 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "node" and args.verbose == 0:
+        # A standalone node says what it does (connected, waiting, rounds, done) by default;
+        # the libraries under it stay at WARNING.
+        logging.getLogger("emo_mqtt").setLevel(logging.INFO)
     try:
         code: int = args.func(args)
     except EmoError as exc:

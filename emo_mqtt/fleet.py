@@ -35,7 +35,7 @@ from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
 from emo_mqtt.replay import NetworkReplay
-from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics
+from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
 
@@ -337,14 +337,7 @@ class Monitor:
         return sum(int(m.get("bytes_out", 0)) for m in self.latest.values())
 
     def _progress(self, body: dict[str, Any]) -> str:
-        line = (
-            f"[{self.algorithm:>7}] round {body['round']:>3}/{self.rounds}  "
-            f"acc {body['accuracy']:.4f}"
-        )
-        if body["accuracy"] != body["fl_accuracy"]:
-            line += f" (FL model {body['fl_accuracy']:.4f})"
-        line += f"  updates {body.get('updates')}  {self.bytes_so_far() / 1e6:8.2f} MB  "
-        return line + f"{body['wall_s']:7.1f} s"
+        return progress_line(self.algorithm, self.rounds, body, self.bytes_so_far())
 
     async def wait_final(self, nodes: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -453,6 +453,13 @@ class Node:
             for topic_filter in await self.subscriptions():
                 await self.bus.subscribe(topic_filter)
             await self.publish_status("online")
+            log.info(
+                "%s %s: connected, online as %s (run %s)",
+                self.role,
+                self.node_id,
+                self.bus.client_id,
+                self.run,
+            )
             name = f"{self.role}:{self.node_id}"
             loop = asyncio.create_task(self.serve(), name=f"{name}:serve")
             work = asyncio.create_task(self.main(), name=f"{name}:main")

@@ -178,6 +178,7 @@ class DeviceNode(Node):
             self._training.cancel()
 
     async def _on_done(self, where: ParsedTopic, env: Envelope, msg: Done) -> None:
+        log.info("device %s: done (round %d, %s)", self.node_id, msg.round, msg.reason)
         self.stop()
 
     async def _on_control(self, where: ParsedTopic, env: Envelope, msg: Control) -> None:
@@ -294,6 +295,9 @@ class DeviceNode(Node):
         self.last_loss = float(report.loss)
         update = self._stamped(self.strategy.update(r, model, report.samples, report.loss))
         await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update", node=self.node_id)
+        log.info(
+            "device %s: round %d trained, update sent (loss %.4f)", self.node_id, r, report.loss
+        )
         if capture is not None:
             self._queue_activations(r, outbox)
 

@@ -42,6 +42,7 @@ from emo_mqtt.nodes.compute import compute
 from emo_mqtt.nodes.limits import limits_for
 from emo_mqtt.strategies.base import Outgoing
 from emo_mqtt.strategies.server import ServerStrategy, evaluate, model_digest
+from emo_mqtt.telemetry import progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, subscription
 
 log = logging.getLogger("emo_mqtt.nodes.server")
@@ -257,12 +258,20 @@ class ServerNode(Node):
             expected |= set(self.config.overlay_ids())
         expected -= self.skip_start_wait
         deadline = time.monotonic() + self.start_timeout_s
+        if not expected <= self.online:
+            log.info(
+                "server: waiting for %d of %d nodes to come online (up to %g s)",
+                len(expected - self.online),
+                len(expected),
+                self.start_timeout_s,
+            )
         while not expected <= self.online:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("server: starting without %s", sorted(expected - self.online))
                 return
             await wait_event(self._online_event, min(left, 1.0))
+        log.info("server: all %d nodes online", len(expected))
 
     async def _evaluate(self, final: bool) -> dict[str, Any]:
         s = self.strategy
@@ -282,12 +291,25 @@ class ServerNode(Node):
                 await self.publish(item)
             collector = self.strategy.collector
             assert collector is not None
+            log.info(
+                "server: round %d/%d open: %d devices sampled, %g s deadline",
+                r,
+                c.run.rounds,
+                len(set(collector.expected)),
+                c.fleet.round_deadline_s,
+            )
             result = await self._collect(collector)
             closed = self.strategy.close_round(result)
             scores = await self._evaluate(False)
             record = self.strategy.record_round(closed, scores, time.monotonic() - start)
             await self._save_checkpoint(r)
             await self.publish_metrics(event="round", **record)
+            log.info(
+                "%s",
+                progress_line(
+                    self.algorithm.value, c.run.rounds, record, self.bus.stats.published_bytes
+                ),
+            )
         await self._finish(start)
 
     async def _collect(self, collector: RoundCollector) -> RoundResult | None:
@@ -371,6 +393,12 @@ class ServerNode(Node):
             await asyncio.to_thread(self._save, scores.get("ensemble"), state)
         await self.publish(done)
         await self.publish_metrics(event="done", **{k: v for k, v in self.final.items()})
+        log.info(
+            "server: done: accuracy %.4f (FL model %.4f) after %d rounds",
+            self.final["accuracy"],
+            self.final["fl_accuracy"],
+            c.run.rounds,
+        )
 
     def _save(self, ensemble: Ensemble | None, state: dict[str, np.ndarray]) -> None:
         """The final models and history (in a worker thread; the ensemble holds no poisoned
