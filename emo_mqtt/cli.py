@@ -411,6 +411,17 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return run_dashboard(args.broker, args.host, args.port)
 
 
+def _tcp_port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535: {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     """An int >= 0 (0: no limit)."""
     try:
@@ -625,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker", required=True, metavar="URL", help="the broker the fleet uses, mqtt://host:port"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
+    p.add_argument("--port", type=_tcp_port, default=8050, help="HTTP port (default 8050)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("scenarios", help="list the shipped scenarios (usable by name)")
