@@ -373,6 +373,18 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
     )
 
 
+async def _until_connected(
+    nodes: list[Node], skip: set[str], tasks: dict[str, asyncio.Task[None]], limit_s: float
+) -> None:
+    """Wait until every node but ``skip`` has connected once (failing if a node fails)."""
+    deadline = time.monotonic() + limit_s
+    while any(not n.bus.connected for n in nodes if n.node_id not in skip):
+        _failed(tasks)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the fleet did not connect within {limit_s:g} s")
+        await asyncio.sleep(0.01)
+
+
 def _failed(tasks: dict[str, asyncio.Task[None]]) -> None:
     """Raise if a node's task ended with an error (a crash the scenario made is a cancel)."""
     for name, task in tasks.items():
@@ -418,7 +430,7 @@ async def run_algorithm(
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.replay.NetworkReplay`) and the scenario's timeline is replayed
-    from the moment the nodes start. With ``out_dir``, the message log is written to
+    from the moment the nodes are connected. With ``out_dir``, the message log is written to
     ``<out_dir>/<algorithm>/messages.csv``.
     """
     run = run_id(config, algorithm)
@@ -501,6 +513,11 @@ async def run_algorithm(
             launch(node)
         server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
         if replay is not None:
+            # The timeline counts from the moment the fleet is connected, not from the moment
+            # its tasks were created: on a loaded machine connecting takes seconds, and a cut
+            # meant for a node's upload would land on its first connection attempt instead.
+            await _until_connected([server, *others], replay.down_at_start(), tasks, limit)
+            start = msglog.origin = time.monotonic()
             timeline = asyncio.create_task(replay.run_timeline(start), name="network-timeline")
         await _supervise(server_task, tasks, limit)
         wall = time.monotonic() - start
