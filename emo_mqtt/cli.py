@@ -230,11 +230,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
     from emo_mqtt.fleet import with_run_id
-    from emo_mqtt.outdir import prepare_out
+    from emo_mqtt.outdir import check_out, prepare_out
 
-    # The run id and --out are settled before any broker starts or data is read.
+    # The run id and --out are settled before any broker starts or data is read; --out is
+    # claimed (cleared, marked) once the broker is found, so a failed start leaves nothing.
     config = with_run_id(config)
-    prepare_out(out, config.run.id, overwrite=args.overwrite)
+    check_out(out, overwrite=args.overwrite)
 
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
@@ -243,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
     with broker_for(args.broker, say) as url:
+        prepare_out(out, config.run.id, overwrite=args.overwrite)
         try:
             summary = asyncio.run(
                 _until_signalled(

@@ -28,11 +28,11 @@ def is_run_dir(path: Path) -> bool:
     return (path / MARKER).is_file() or (path / "summary.json").is_file()
 
 
-def prepare_out(out: Path, run: str, *, overwrite: bool = False) -> None:
-    """Check ``out`` and claim it for ``run``, or raise :class:`ConfigError` saying why.
+def check_out(out: Path, *, overwrite: bool = False) -> None:
+    """Raise :class:`ConfigError` if ``out`` may not be used; touches nothing.
 
-    New or empty: used. Another run's outputs: refused unless ``overwrite`` (then cleared).
-    A file, or a non-empty directory that is not a run's: refused.
+    New or empty: fine. Another run's outputs: refused unless ``overwrite``. A file, or a
+    non-empty directory that is not a run's: refused.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a directory; choose a directory")
@@ -47,6 +47,13 @@ def prepare_out(out: Path, run: str, *, overwrite: bool = False) -> None:
                 f"--out {out}: holds the results of another run; add --overwrite to replace "
                 "them, or choose another --out"
             )
+
+
+def prepare_out(out: Path, run: str, *, overwrite: bool = False) -> None:
+    """:func:`check_out`, then claim ``out`` for ``run``: cleared if it held another run
+    (``overwrite``), created, and marked."""
+    check_out(out, overwrite=overwrite)
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

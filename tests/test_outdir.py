@@ -9,7 +9,7 @@ import pytest
 
 from emo_mqtt.cli import main
 from emo_mqtt.errors import ConfigError
-from emo_mqtt.outdir import MARKER, is_run_dir, prepare_out
+from emo_mqtt.outdir import MARKER, check_out, is_run_dir, prepare_out
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +90,14 @@ def test_dashboard_port_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
     assert len(err) == 1 and err[0].startswith(
         f"emo: error: dashboard: cannot serve on 127.0.0.1:{port}"
     )
+
+
+def test_checking_touches_nothing(tmp_path: Path) -> None:
+    """``emo run`` checks --out before the broker, and claims it only once the broker is
+    found: a start that fails on an unreachable broker leaves no directory behind."""
+    check_out(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    prepare_out(tmp_path / "old", "r")
+    (tmp_path / "old" / "fl").mkdir()
+    check_out(tmp_path / "old", overwrite=True)
+    assert (tmp_path / "old" / "fl").exists()
