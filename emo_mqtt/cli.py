@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from emo_mqtt import __version__
 from emo_mqtt.errors import EmoError
+
+T = TypeVar("T")
 
 
 def _size(text: str) -> int:
@@ -113,6 +116,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from emo_mqtt.config import describe_scenario, shipped_scenarios
+
+    shipped = shipped_scenarios()
+    width = max(len(name) for name in shipped)
+    for name, path in shipped.items():
+        print(f"{name:{width}}  {describe_scenario(path)}")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from emo_mqtt.topics import SPECS, markdown_table
 
@@ -206,18 +219,51 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
     if args.data_dir is not None:
         overrides.setdefault("data", {})["data_dir"] = args.data_dir
+    if args.run is not None:
+        overrides.setdefault("run", {})["id"] = args.run  # validated with the config
+    if args.set:
+        from emo_mqtt.config import with_settings
+
+        config = with_settings(config, args.set)
     if overrides:
         config = config.with_overrides(**overrides)
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
+    from emo_mqtt.fleet import with_run_id
+    from emo_mqtt.outdir import check_out, prepare_out
+
+    # The run id and --out are settled before any broker starts or data is read; --out is
+    # claimed (cleared, marked) once the broker is found, so a failed start leaves nothing.
+    config = with_run_id(config)
+    check_out(out, overwrite=args.overwrite)
 
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
 
+    # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
+    # the temporary broker and its directory are removed.
+    signal.signal(signal.SIGTERM, _terminate)
     with broker_for(args.broker, say) as url:
-        summary = asyncio.run(
-            run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
-        )
+        prepare_out(out, config.run.id, overwrite=args.overwrite)
+        try:
+            summary = asyncio.run(
+                _until_signalled(
+                    run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
+                )
+            )
+        except Signalled as stop:
+            if stop.interrupted is None:
+                _stderr(f"emo: {stop.name}: interrupted before the first algorithm started")
+                return 128 + stop.signum
+            cut = stop.interrupted.summary["interrupted"]
+            finished = list(stop.interrupted.summary["algorithms"])
+            _stderr(
+                f"emo: {stop.name}: interrupted during {cut['algorithm']} at round "
+                f"{cut['last_round']}/{cut['rounds']}"
+                + (f"; finished: {', '.join(finished)}" if finished else "")
+                + f"; summary: {out / 'summary.json'}"
+            )
+            return 128 + stop.signum
     if args.jsonl:
         return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
@@ -228,6 +274,53 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
         print(f"summary: {out / 'summary.json'}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python runs (outside the event loop's own handlers)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+class Signalled(Exception):
+    """``emo run`` stopped on a signal, its finished results written (``interrupted``)."""
+
+    def __init__(self, signum: int, interrupted: Any | None) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.interrupted = interrupted
+
+
+async def _until_signalled(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; on SIGINT or SIGTERM cancel it (it writes what finished) and raise
+    :class:`Signalled`. SIGTERM is what ``timeout`` and ``docker stop`` send: treated as
+    Ctrl-C, so the temporary broker and directories are removed either way."""
+    from emo_mqtt.fleet import Interrupted
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    got: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        got.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await task
+    except Interrupted as exc:
+        raise Signalled(got[0] if got else signal.SIGINT, exc) from None
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        raise Signalled(got[0], None) from None  # before the first algorithm started
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -318,6 +411,17 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     parse_broker_url(args.broker)  # a bad URL fails here, with a clear message
     return run_dashboard(args.broker, args.host, args.port)
+
+
+def _tcp_port(text: str) -> int:
+    """A TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535: {text!r}")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -431,12 +535,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run every algorithm of a scenario on a local fleet")
-    p.add_argument("scenario", help="scenario file, e.g. scenarios/quickstart.toml")
+    p.add_argument(
+        "scenario",
+        help="scenario file, or the name of a shipped one (quickstart; `emo scenarios` lists them)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any scenario key, e.g. --set fleet.devices=4 --set data.partition=iid "
+        '(repeatable; values as in TOML: 2, 0.5, true, ["fl", "emo"])',
+    )
     _add_broker_option(p)
     p.add_argument("--out", help="output directory (default runs/<scenario name>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files")
+    p.add_argument(
+        "--run",
+        metavar="ID",
+        help="run id on the broker (topics emo/<ID>-<algorithm>/...; default: the "
+        "scenario's name plus a random suffix); refused if a run with it is live",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (without it, such an --out "
+        "is refused; resuming an interrupted run is not supported)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
@@ -511,8 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker", required=True, metavar="URL", help="the broker the fleet uses, mqtt://host:port"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
+    p.add_argument("--port", type=_tcp_port, default=8050, help="HTTP port (default 8050)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("scenarios", help="list the shipped scenarios (usable by name)")
+    p.set_defaults(func=cmd_scenarios)
 
     p = sub.add_parser("topics", help="list every topic of the system")
     p.add_argument("--markdown", action="store_true", help="print the table of docs/topics.md")
@@ -579,14 +709,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "node" and args.verbose == 0:
+        # A standalone node says what it does (connected, waiting, rounds, done) by default;
+        # the libraries under it stay at WARNING.
+        logging.getLogger("emo_mqtt").setLevel(logging.INFO)
     try:
         code: int = args.func(args)
     except EmoError as exc:
         print(f"emo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("emo: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"emo: {'SIGTERM' if terminated else 'SIGINT'}: interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     return code
 
 

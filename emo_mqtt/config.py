@@ -32,6 +32,10 @@ class RunSection:
     """``[run]``: what to run."""
 
     name: str = "run"
+    #: The run's id on the broker (topics and client ids are rooted at ``<id>-<algorithm>``).
+    #: Empty in a file: ``emo run`` picks ``<name>-<random suffix>`` at each start, so two
+    #: runs of one scenario on one broker never share topics or sessions (``--run`` sets it).
+    id: str = ""
     seed: int = 1
     rounds: int = 10
     algorithms: tuple[str, ...] = ("fl", "sfl", "emo")
@@ -318,6 +322,9 @@ def _require(ok: bool, key: str, problem: str) -> None:
 def _check(c: RunConfig) -> None:
     try:
         validate_id(c.run.name, "run.name")
+        if c.run.id:
+            # The longest algorithm name must still fit in an id with it.
+            validate_id(f"{c.run.id}-emo-all", "run.id")
     except TopicError as exc:
         raise ConfigError(str(exc)) from None
     _require(c.run.rounds >= 1, "run.rounds", "must be at least 1")
@@ -438,9 +445,80 @@ def _check_data(c: RunConfig) -> None:
         )
 
 
+def scenario_dir() -> Path:
+    """Where the shipped scenarios live (in the package: ``emo_mqtt.scenarios``)."""
+    return Path(__file__).resolve().parent / "scenarios"
+
+
+def shipped_scenarios() -> dict[str, Path]:
+    """The shipped scenarios by name (``quickstart``: ``.../scenarios/quickstart.toml``)."""
+    return {p.stem: p for p in sorted(scenario_dir().glob("*.toml"))}
+
+
+def describe_scenario(path: Path) -> str:
+    """The first sentence of a scenario file's leading comment (``emo scenarios``)."""
+    words: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        words.extend(line.lstrip("#").split())
+        text = " ".join(words)
+        end = text.find(". ")
+        if end >= 0 or text.endswith("."):
+            return text[: end + 1] if end >= 0 else text
+    return " ".join(words)
+
+
+def find_scenario(name_or_path: str | Path) -> Path:
+    """A scenario file: a path, or the name of a shipped one (``quickstart``, from anywhere)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = shipped_scenarios()
+    name = p.name.removesuffix(".toml")
+    if name in shipped and (len(p.parts) == 1 or p.parent.name == "scenarios"):
+        return shipped[name]
+    raise ConfigError(
+        f"scenario file not found: {p} (shipped scenarios, usable by name: "
+        f"{', '.join(shipped)}; `emo scenarios` describes them)"
+    )
+
+
+def parse_setting(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (``emo run --set``) as (section, key, value).
+
+    The value is read as a TOML value (``2``, ``0.5``, ``true``, ``["fl", "emo"]``,
+    ``"text"``); anything that is not one is taken as a string (``data.partition=iid``).
+    Types are then checked like the file's (:func:`from_dict`).
+    """
+    where, sep, value = text.partition("=")
+    section, dot, key = where.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. run.rounds=2")
+    try:
+        parsed: Any = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, key, parsed
+
+
+def with_settings(config: RunConfig, settings: list[str]) -> RunConfig:
+    """``config`` with ``--set section.key=value`` overrides, validated like the file."""
+    sections: dict[str, dict[str, Any]] = {}
+    for text in settings:
+        section, key, value = parse_setting(text)
+        if section not in _SECTIONS and section != "network":
+            raise ConfigError(
+                f"--set {text!r}: no section [{section}]; known: "
+                f"{', '.join([*_SECTIONS, 'network'])}"
+            )
+        sections.setdefault(section, {})[key] = value
+    return config.with_overrides(**sections) if sections else config
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a scenario file."""
-    p = Path(path)
+    """Read and validate a scenario file (or a shipped scenario, by name)."""
+    p = find_scenario(path)
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

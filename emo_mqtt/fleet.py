@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import shutil
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.errors import ConfigError, EmoError, TelemetryError
+from emo_mqtt.incarnation import new_incarnation
 from emo_mqtt.models import build_fl_model
 from emo_mqtt.msglog import MessageLog
 from emo_mqtt.netreplay import NetworkReplay
@@ -33,7 +35,7 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
-from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics
+from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
 
@@ -45,8 +47,56 @@ OnEvent = Callable[[dict[str, Any]], None]
 
 
 def run_id(config: RunConfig, algorithm: str) -> str:
-    """The run id of one algorithm of a scenario (topics are rooted at it)."""
-    return f"{config.run.name}-{algorithm.replace('_', '-')}"
+    """The run id of one algorithm of a scenario (topics and client ids are rooted at it):
+    ``<run.id>-<algorithm>``, or ``<run.name>-<algorithm>`` while no id was chosen."""
+    return f"{config.run.id or config.run.name}-{algorithm.replace('_', '-')}"
+
+
+def with_run_id(config: RunConfig, chosen: str | None = None) -> RunConfig:
+    """``config`` with its run id: ``chosen`` (``--run``), the file's, or a fresh
+    ``<name>-<6 hex digits>``: two runs of one scenario on one broker never meet."""
+    if chosen:
+        return config.with_overrides(run={"id": chosen})
+    if config.run.id:
+        return config
+    return config.with_overrides(run={"id": f"{config.run.name}-{secrets.token_hex(3)}"})
+
+
+class RunLive(EmoError):
+    """A run with this id is live on the broker: starting another would take it over."""
+
+
+async def ensure_not_live(broker: Any, runs: list[str], client: str) -> None:
+    """Refuse (:class:`RunLive`) if any node of ``runs`` says it is online on the broker.
+
+    Reads the retained statuses (a node's will turns its own to ``offline`` when it dies):
+    publishes nothing on the runs' topics. Every retained status comes with the
+    subscription, before a probe we send ourselves after it: when the probe is back, all
+    of them are in (no waiting on a clock).
+    """
+    probe = f"emo-probe/{client}"
+    online: list[str] = []
+    async with open_bus(broker, client, clean_start=True) as bus:
+        for run in runs:
+            await bus.subscribe(subscription(Kind.STATUS, run))
+        await bus.subscribe(probe)
+        await bus.publish(probe, b"probe", qos=1)
+        async for message in bus.messages():
+            if message.topic == probe:
+                break
+            try:
+                body = json.loads(bytes(message.payload))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue  # not ours to read: it proves nothing about a live run
+            if isinstance(body, dict) and body.get("state") == "online":
+                online.append(message.topic)
+    if online:
+        shown = ", ".join(sorted(online)[:3]) + (" ..." if len(online) > 3 else "")
+        raise RunLive(
+            f"run {runs[0] if len(runs) == 1 else runs} is live on this broker "
+            f"({len(online)} node(s) online: {shown}); choose another --run, or leave out "
+            "--run for a fresh id"
+        )
 
 
 def build_node(
@@ -59,12 +109,35 @@ def build_node(
     *,
     checkpoint_dir: Path | None = None,
     bus_options: BusOptions | None = None,
+    incarnation: str | None = None,
 ) -> Node:
     """One node of an algorithm's fleet: ``server``, an overlay or a device id.
 
     With ``checkpoint_dir``, the server and the overlays checkpoint there
     (``<dir>/<algorithm>/server``, ``<dir>/<algorithm>/<overlay>``) and resume from it.
+    With ``incarnation``, the server starts as it and the other nodes take server-side
+    messages of it only; without, the server picks one and the others follow the newest
+    they see (:mod:`emo_mqtt.incarnation`).
     """
+    node = _build_node(
+        broker, config, algorithm, plan, node_id, out_dir, checkpoint_dir, bus_options, incarnation
+    )
+    if incarnation is not None and not isinstance(node, ServerNode):
+        node.pin_incarnation(incarnation)
+    return node
+
+
+def _build_node(
+    broker: Any,
+    config: RunConfig,
+    algorithm: str,
+    plan: DataPlan,
+    node_id: str,
+    out_dir: Path | None,
+    checkpoint_dir: Path | None,
+    bus_options: BusOptions | None,
+    incarnation: str | None,
+) -> Node:
     run = run_id(config, algorithm)
     ckpt = None if checkpoint_dir is None else checkpoint_dir / algorithm
     if node_id == "server":
@@ -76,6 +149,7 @@ def build_node(
             plan,
             out_dir=None if out_dir is None else out_dir / algorithm,
             checkpoint_dir=None if ckpt is None else ckpt / "server",
+            incarnation=incarnation,
         )
     if node_id in config.overlay_ids():
         spill = None if out_dir is None else out_dir / algorithm / "spill" / node_id
@@ -111,15 +185,32 @@ def build_nodes(
     out_dir: Path | None,
     *,
     checkpoint_dir: Path | None = None,
+    incarnation: str | None = None,
 ) -> tuple[ServerNode, list[Node]]:
     """The server and the other nodes of one algorithm's fleet (see :func:`build_node`)."""
     ids = fleet_node_ids(config, algorithm)
     server = build_node(
-        broker, config, algorithm, plan, "server", out_dir, checkpoint_dir=checkpoint_dir
+        broker,
+        config,
+        algorithm,
+        plan,
+        "server",
+        out_dir,
+        checkpoint_dir=checkpoint_dir,
+        incarnation=incarnation,
     )
     assert isinstance(server, ServerNode)
     others = [
-        build_node(broker, config, algorithm, plan, n, out_dir, checkpoint_dir=checkpoint_dir)
+        build_node(
+            broker,
+            config,
+            algorithm,
+            plan,
+            n,
+            out_dir,
+            checkpoint_dir=checkpoint_dir,
+            incarnation=incarnation,
+        )
         for n in ids["overlay"] + ids["device"]
     ]
     return server, others
@@ -246,14 +337,7 @@ class Monitor:
         return sum(int(m.get("bytes_out", 0)) for m in self.latest.values())
 
     def _progress(self, body: dict[str, Any]) -> str:
-        line = (
-            f"[{self.algorithm:>7}] round {body['round']:>3}/{self.rounds}  "
-            f"acc {body['accuracy']:.4f}"
-        )
-        if body["accuracy"] != body["fl_accuracy"]:
-            line += f" (FL model {body['fl_accuracy']:.4f})"
-        line += f"  updates {body.get('updates')}  {self.bytes_so_far() / 1e6:8.2f} MB  "
-        return line + f"{body['wall_s']:7.1f} s"
+        return progress_line(self.algorithm, self.rounds, body, self.bytes_so_far())
 
     async def wait_final(self, nodes: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -262,6 +346,9 @@ class Monitor:
 
     async def close(self) -> None:
         self._task.cancel()
+        # Awaited, so that an error of its last moments is never left unretrieved (a
+        # "Task exception was never retrieved" traceback on Ctrl-C).
+        await asyncio.gather(self._task, return_exceptions=True)
         await self.bus.close()
 
 
@@ -284,6 +371,18 @@ def _bus_options(config: RunConfig, replay: NetworkReplay, node: str) -> BusOpti
         reassembly_timeout_s=max(30.0, replay.longest_outage_s() + 30.0),
         first_connect_timeout_s=replay.horizon_s,
     )
+
+
+async def _until_connected(
+    nodes: list[Node], skip: set[str], tasks: dict[str, asyncio.Task[None]], limit_s: float
+) -> None:
+    """Wait until every node but ``skip`` has connected once (failing if a node fails)."""
+    deadline = time.monotonic() + limit_s
+    while any(not n.bus.connected for n in nodes if n.node_id not in skip):
+        _failed(tasks)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the fleet did not connect within {limit_s:g} s")
+        await asyncio.sleep(0.01)
 
 
 def _failed(tasks: dict[str, asyncio.Task[None]]) -> None:
@@ -331,11 +430,16 @@ async def run_algorithm(
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
-    from the moment the nodes start. With ``out_dir``, the message log is written to
+    from the moment the nodes are connected. With ``out_dir``, the message log is written to
     ``<out_dir>/<algorithm>/messages.csv``.
     """
     run = run_id(config, algorithm)
+    # Before anything of ours is published: a live run of this id would be taken over.
+    await ensure_not_live(broker, [run], f"{run}-check-{secrets.token_hex(3)}")
     await reset_run(broker, config, algorithm)
+    #: This start of the run: its nodes take server-side messages of it only, so a retained
+    #: ``done`` or round restored by a crashed broker cannot end or steer it.
+    incarnation = new_incarnation()
     limit = config.run.rounds * config.fleet.round_deadline_s * 2 + 120
     ids = fleet_node_ids(config, algorithm)
     tasks: dict[str, asyncio.Task[None]] = {}
@@ -354,6 +458,7 @@ async def run_algorithm(
             # Only overlays need one: a restarted overlay resumes its model and cache.
             checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
             bus_options=None if replay is None else _bus_options(config, replay, node_id),
+            incarnation=incarnation,
         )
         node.bus.on_published = msglog.recorder(node_id)
         return node
@@ -408,6 +513,11 @@ async def run_algorithm(
             launch(node)
         server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
         if replay is not None:
+            # The timeline counts from the moment the fleet is connected, not from the moment
+            # its tasks were created: on a loaded machine connecting takes seconds, and a cut
+            # meant for a node's upload would land on its first connection attempt instead.
+            await _until_connected([server, *others], replay.down_at_start(), tasks, limit)
+            start = msglog.origin = time.monotonic()
             timeline = asyncio.create_task(replay.run_timeline(start), name="network-timeline")
         await _supervise(server_task, tasks, limit)
         wall = time.monotonic() - start
@@ -608,12 +718,37 @@ async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
     )
 
 
-def _write_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write summary.json, then report.md and its plots; the report's paths."""
+class Interrupted(EmoError):
+    """``emo run`` was interrupted; ``summary`` holds what finished (already written)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        cut = summary["interrupted"]
+        super().__init__(
+            f"interrupted during {cut['algorithm']} at round {cut['last_round']}/{cut['rounds']}"
+        )
+        self.summary = summary
+
+
+def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "scenario": config.source,
+        "run_id": config.run.id,
+        "state": "finished",
+        "config": config.to_dict(),
+        "algorithms": algorithms,
+        "comparisons": comparisons(algorithms),
+    }
+
+
+def _write_outputs(summary: dict[str, Any], out_dir: Path, *, report: bool = True) -> list[Path]:
+    """Write summary.json, then report.md and its plots (unless not ``report``: nothing
+    finished to report on); the report's paths."""
     from emo_mqtt.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if not report:
+        return []
     try:
         return write_report(summary, out_dir)
     except ImportError as exc:  # matplotlib is a dependency; a broken install loses plots
@@ -634,6 +769,10 @@ async def run_scenario(
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
     algorithm and a last one (``"event": "done"``) with the paths written.
     """
+    config = with_run_id(config)
+    runs = [run_id(config, a) for a in config.run.algorithms]
+    await ensure_not_live(broker, runs, f"{config.run.id}-check-{secrets.token_hex(3)}")
+    say(f"run: {config.run.id} (topics emo/{runs[0]}/...)")
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
     await _warm_up(config, plan)
@@ -643,21 +782,39 @@ async def run_scenario(
         f"{len(plan.validation)} validation, {len(plan.test)} test"
     )
     algorithms: dict[str, dict[str, Any]] = {}
-    for algorithm in config.run.algorithms:
-        overlays = Algorithm.parse(algorithm).uses_overlays
-        say(
-            f"== {algorithm}: {config.fleet.devices} devices"
-            + (f", {config.fleet.overlays} overlays" if overlays else "")
-        )
-        algorithms[algorithm] = await run_algorithm(
-            broker, config, algorithm, plan, out_dir=out_dir, say=say, on_event=on_event
-        )
-    summary = {
-        "scenario": config.source,
-        "config": config.to_dict(),
-        "algorithms": algorithms,
-        "comparisons": comparisons(algorithms),
-    }
+    last_round: dict[str, int] = {}
+
+    def seen(event: dict[str, Any]) -> None:
+        last_round[str(event["algorithm"])] = int(event["round"])
+        if on_event is not None:
+            on_event(event)
+
+    current = ""
+    try:
+        for current in config.run.algorithms:
+            overlays = Algorithm.parse(current).uses_overlays
+            say(
+                f"== {current}: {config.fleet.devices} devices"
+                + (f", {config.fleet.overlays} overlays" if overlays else "")
+            )
+            algorithms[current] = await run_algorithm(
+                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen
+            )
+    except asyncio.CancelledError:
+        # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the
+        # algorithm that was running is marked with the last round it closed.
+        summary = _summary(config, algorithms)
+        summary["state"] = "interrupted"
+        summary["interrupted"] = {
+            "algorithm": current,
+            "last_round": last_round.get(current, 0),
+            "rounds": config.run.rounds,
+            "not_started": list(config.run.algorithms[len(algorithms) + 1 :]),
+        }
+        if out_dir is not None:
+            await asyncio.to_thread(_write_outputs, summary, out_dir, report=bool(algorithms))
+        raise Interrupted(summary) from None
+    summary = _summary(config, algorithms)
     written: list[Path] = []
     if out_dir is not None:
         # Files and plots from a worker thread: the event loop never waits on the disk.

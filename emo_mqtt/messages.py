@@ -27,6 +27,7 @@ import numpy as np
 
 from emo_mqtt.controller import ControlDecision
 from emo_mqtt.errors import EmoError
+from emo_mqtt.incarnation import is_incarnation
 from emo_mqtt.topics import Kind
 
 __all__ = [
@@ -242,6 +243,24 @@ def _ids(value: Any, name: str, allowed: frozenset[str] | None, max_len: int) ->
     return ids
 
 
+def _incarnation(body: Mapping[str, Any]) -> str:
+    """The optional ``incarnation`` field (:mod:`emo_mqtt.incarnation`): ``""`` if absent
+    (a sender from before incarnations), else an incarnation id."""
+    value = body.get("incarnation", "") if isinstance(body, Mapping) else ""
+    if not isinstance(value, str):
+        raise MessageError("bad_type", f"incarnation is a {type(value).__name__}, not a string")
+    if value and not is_incarnation(value):
+        raise MessageError("bad_incarnation", f"incarnation {value[:40]!r}")
+    return value
+
+
+def _with_incarnation(body: dict[str, Any], incarnation: str) -> dict[str, Any]:
+    """``body`` plus its incarnation when it has one (without, the frame is as it was)."""
+    if incarnation:
+        body["incarnation"] = incarnation
+    return body
+
+
 # ------------------------------------------------------------------------------- messages
 
 
@@ -261,15 +280,18 @@ class RoundAnnouncement(_Message):
     sampled: tuple[str, ...]
     deadline_s: float
     weights: dict[str, np.ndarray]
+    #: The server start that announced it (:mod:`emo_mqtt.incarnation`); "" if unknown.
+    incarnation: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "round": self.round,
             "algorithm": self.algorithm,
             "sampled": list(self.sampled),
             "deadline_s": self.deadline_s,
             "weights": self.weights,
         }
+        return _with_incarnation(body, self.incarnation)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> RoundAnnouncement:
@@ -283,6 +305,7 @@ class RoundAnnouncement(_Message):
             _ids(_get(body, "sampled"), "sampled", limits.node_ids, n),
             deadline,
             _state(_get(body, "weights"), "weights", limits.round_weights),
+            _incarnation(body),
         )
 
 
@@ -296,14 +319,17 @@ class Update(_Message):
     samples: int
     #: Mean local training loss; NaN when unknown (SplitFed devices do not compute it).
     loss: float
+    #: The incarnation of the round announcement it answers; "" if unknown.
+    incarnation: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "round": self.round,
             "weights": self.weights,
             "samples": self.samples,
             "loss": self.loss,
         }
+        return _with_incarnation(body, self.incarnation)
 
     @classmethod
     def from_body(
@@ -316,6 +342,7 @@ class Update(_Message):
             _state(_get(body, "weights"), "weights", limits.round_weights),
             samples,
             _float(_get(body, "loss"), "loss", allow_nan=True),
+            _incarnation(body),
         )
 
 
@@ -420,9 +447,11 @@ class Control(_Message):
     KIND: ClassVar[str] = "control"
     round: int
     decision: ControlDecision
+    incarnation: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "decision": self.decision.to_dict()}
+        body = {"round": self.round, "decision": self.decision.to_dict()}
+        return _with_incarnation(body, self.incarnation)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> Control:
@@ -438,7 +467,7 @@ class Control(_Message):
             decision = ControlDecision(fraction, precision, interval, reason)  # type: ignore[arg-type]
         except EmoError as exc:
             raise MessageError("out_of_range", str(exc)) from exc
-        return cls(_int(_get(body, "round"), "round", 0), decision)
+        return cls(_int(_get(body, "round"), "round", 0), decision, _incarnation(body))
 
 
 @dataclass(frozen=True)
@@ -490,9 +519,11 @@ class SflGradients(_Message):
     round: int
     batch: int
     gradient: Any
+    incarnation: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "batch": self.batch, "gradient": self.gradient}
+        body = {"round": self.round, "batch": self.batch, "gradient": self.gradient}
+        return _with_incarnation(body, self.incarnation)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> SflGradients:
@@ -511,6 +542,7 @@ class SflGradients(_Message):
                 MAX_ROUND if limits.max_batch is None else limits.max_batch,
             ),
             grad,
+            _incarnation(body),
         )
 
 
@@ -522,9 +554,11 @@ class Done(_Message):
     round: int
     weights: dict[str, np.ndarray]
     reason: str
+    incarnation: str = ""
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "weights": self.weights, "reason": self.reason}
+        body = {"round": self.round, "weights": self.weights, "reason": self.reason}
+        return _with_incarnation(body, self.incarnation)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], *, limits: Limits) -> Done:
@@ -532,6 +566,7 @@ class Done(_Message):
             _int(_get(body, "round"), "round", 0),
             _state(_get(body, "weights"), "weights", limits.done_weights),
             _str(_get(body, "reason"), "reason", 1024),
+            _incarnation(body),
         )
 
 

@@ -232,3 +232,16 @@ def check_event(body: Mapping[str, Any]) -> None:
     for name in REQUIRED_BY_EVENT.get(event if isinstance(event, str) else "", ()):
         if body.get(name) is None:
             raise TelemetryError(f"event {event!r} without {name!r}", "missing_field")
+
+
+def progress_line(algorithm: str, rounds: int, body: Mapping[str, Any], bytes_so_far: int) -> str:
+    """The progress line of a closed round, as ``emo run`` and a standalone server print it.
+
+    ``body``: the server's ``round`` event (``round``, ``accuracy``, ``fl_accuracy``,
+    ``updates``, ``wall_s``); ``bytes_so_far``: bytes published so far (as far as known).
+    """
+    line = f"[{algorithm:>7}] round {body['round']:>3}/{rounds}  acc {body['accuracy']:.4f}"
+    if body["accuracy"] != body["fl_accuracy"]:
+        line += f" (FL model {body['fl_accuracy']:.4f})"
+    line += f"  updates {body.get('updates')}  {bytes_so_far / 1e6:8.2f} MB  "
+    return line + f"{body['wall_s']:7.1f} s"

@@ -23,6 +23,7 @@ from emo_mqtt import __version__, codec
 from emo_mqtt.bus import Bus, BusOptions, Message, open_bus
 from emo_mqtt.config import RunConfig
 from emo_mqtt.errors import CodecError, EmoError, TopicError
+from emo_mqtt.incarnation import IncarnationTracker
 from emo_mqtt.messages import TOPIC_MESSAGES, MessageError, check_kind
 from emo_mqtt.topics import Kind, ParsedTopic, parse, topic
 
@@ -34,6 +35,12 @@ Parser = Callable[[Mapping[str, Any], ParsedTopic], Any]
 JsonHandler = Callable[[ParsedTopic, dict[str, Any]], Awaitable[None]]
 #: Topics whose payloads are JSON (readable by any MQTT tool), not codec frames.
 JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS})
+
+#: What the server side sends: these carry the server's incarnation, and the other nodes
+#: take them only from the incarnation they follow (:mod:`emo_mqtt.incarnation`).
+SERVER_SIDE_KINDS = frozenset(
+    {Kind.SERVER_ROUND, Kind.SERVER_DONE, Kind.CONTROL, Kind.SERVER_SFL_GRADIENTS}
+)
 
 #: Which "kind of bytes" each topic's payload counts as in summaries.
 BYTE_KINDS: dict[Kind, str] = {
@@ -158,6 +165,9 @@ class Node:
         self._seq = 0
         self._seen: OrderedDict[tuple[str, int, float], None] = OrderedDict()
         self.round = 0
+        #: Which start of the run's server this node follows (devices and overlays; the
+        #: server has its own ``incarnation``). ``emo run`` pins it (:meth:`pin_incarnation`).
+        self.incarnations = IncarnationTracker()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
@@ -385,7 +395,35 @@ class Node:
             self._log_failure(expected, message.topic)
             self.reject_message(expected, "validation_error", message.topic, repr(exc))
             return
+        if not self._admit_incarnation(where, typed, expected, message):
+            return
         await self._run_handler(expected, message.topic, handler(where, envelope, typed))
+
+    def pin_incarnation(self, incarnation: str) -> None:
+        """Take server-side messages of ``incarnation`` only (the run's launcher knows it)."""
+        self.incarnations = IncarnationTracker(pinned=incarnation)
+
+    def on_new_incarnation(self, incarnation: str) -> None:
+        """Hook: a newer start of the server (or the first one seen) is now followed;
+        subclasses start their round tracking over."""
+
+    def _admit_incarnation(
+        self, where: ParsedTopic, typed: Any, kind: str, message: Message
+    ) -> bool:
+        """Whether a server-side message is of the incarnation this node follows."""
+        if self.role == "server" or where.kind not in SERVER_SIDE_KINDS:
+            return True
+        incarnation = str(getattr(typed, "incarnation", ""))
+        verdict = self.incarnations.admit(
+            incarnation, ends_run=where.kind is Kind.SERVER_DONE, retained=message.retain
+        )
+        if verdict.reason is not None:
+            self.reject_message(kind, verdict.reason, message.topic, f"incarnation {incarnation!r}")
+            return False
+        if verdict.switched:
+            log.info("%s %s: following server start %s", self.role, self.node_id, incarnation)
+            self.on_new_incarnation(incarnation)
+        return True
 
     def on_invalid(self, where: ParsedTopic, envelope: codec.Envelope, error: MessageError) -> None:
         """Hook: a frame on ``where`` failed validation (already counted). Subclasses may
@@ -421,6 +459,13 @@ class Node:
             for topic_filter in await self.subscriptions():
                 await self.bus.subscribe(topic_filter)
             await self.publish_status("online")
+            log.info(
+                "%s %s: connected, online as %s (run %s)",
+                self.role,
+                self.node_id,
+                self.bus.client_id,
+                self.run,
+            )
             name = f"{self.role}:{self.node_id}"
             loop = asyncio.create_task(self.serve(), name=f"{name}:serve")
             work = asyncio.create_task(self.main(), name=f"{name}:main")

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
@@ -31,7 +32,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.controller import ControlDecision
 from emo_mqtt.data import Split
 from emo_mqtt.errors import EmoError
-from emo_mqtt.messages import Control, Done, RoundAnnouncement, SflGradients
+from emo_mqtt.messages import Control, Done, RoundAnnouncement, SflGradients, Update
 from emo_mqtt.models import build_fl_model, load_numpy_state
 from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.compute import compute
@@ -167,7 +168,17 @@ class DeviceNode(Node):
             self._training.cancel()
         self._training = asyncio.create_task(self._train_round(msg.round, msg.weights))
 
+    def on_new_incarnation(self, incarnation: str) -> None:
+        # Another start of the server: its rounds count from wherever it starts (1 for a new
+        # run, the checkpoint's round for a restart); what we trained for the old one is not
+        # sent again but trained again (the same seeds: the same update).
+        self.strategy.round = 0
+        self.strategy.last_update = None
+        if self._training is not None and not self._training.done():
+            self._training.cancel()
+
     async def _on_done(self, where: ParsedTopic, env: Envelope, msg: Done) -> None:
+        log.info("device %s: done (round %d, %s)", self.node_id, msg.round, msg.reason)
         self.stop()
 
     async def _on_control(self, where: ParsedTopic, env: Envelope, msg: Control) -> None:
@@ -282,10 +293,19 @@ class DeviceNode(Node):
         )
         await self._emulate_speed(busy_s)
         self.last_loss = float(report.loss)
-        update = self.strategy.update(r, model, report.samples, report.loss)
+        update = self._stamped(self.strategy.update(r, model, report.samples, report.loss))
         await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update", node=self.node_id)
+        log.info(
+            "device %s: round %d trained, update sent (loss %.4f)", self.node_id, r, report.loss
+        )
         if capture is not None:
             self._queue_activations(r, outbox)
+
+    def _stamped(self, update: Update) -> Update:
+        """``update`` marked with the server start whose round it answers (kept for resends)."""
+        stamped = replace(update, incarnation=self.incarnations.current or "")
+        self.strategy.last_update = stamped
+        return stamped
 
     async def _flush_outbox(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
         """Publish this round's activations in one message (chunked by the bus if large)."""
@@ -332,7 +352,7 @@ class DeviceNode(Node):
                 raise EmoError(f"round {r} batch {batch}: {exc}") from exc
             await self._emulate_speed(time.perf_counter() - began)
         trunk, samples, loss = client.update()
-        update = self.strategy.update(r, trunk, samples, loss)
+        update = self._stamped(self.strategy.update(r, trunk, samples, loss))
         await self.send(Kind.DEVICE_UPDATE, update.to_body(), msg_kind="update", node=self.node_id)
 
 

@@ -135,6 +135,10 @@ class OverlayNode(Node):
         return out
 
     # -- handlers ---------------------------------------------------------------------------
+    def on_new_incarnation(self, incarnation: str) -> None:
+        # Another start of the server: take its round announcements from wherever it starts.
+        self.strategy.round = 0
+
     async def _on_round(self, where: ParsedTopic, env: Envelope, msg: RoundAnnouncement) -> None:
         if self.strategy.on_round(msg, time.monotonic()):
             self.round = self.strategy.round

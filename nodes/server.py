@@ -27,6 +27,7 @@ from emo_mqtt.config import RunConfig
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
 from emo_mqtt.fedavg import RoundCollector, RoundResult
+from emo_mqtt.incarnation import new_incarnation
 from emo_mqtt.messages import (
     Limits,
     MessageError,
@@ -35,12 +36,13 @@ from emo_mqtt.messages import (
     Update,
 )
 from emo_mqtt.models import FLModel
-from emo_mqtt.nodes.base import Node, wait_event
+from emo_mqtt.nodes.base import SERVER_SIDE_KINDS, Node, wait_event
 from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.nodes.limits import limits_for
 from emo_mqtt.strategies.base import Outgoing
 from emo_mqtt.strategies.server import ServerStrategy, evaluate, model_digest
+from emo_mqtt.telemetry import progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, subscription
 
 log = logging.getLogger("emo_mqtt.nodes.server")
@@ -65,8 +67,12 @@ class ServerNode(Node):
         out_dir: Path | None = None,
         start_timeout_s: float = 60.0,
         checkpoint_dir: Path | None = None,
+        incarnation: str | None = None,
     ) -> None:
         super().__init__(bus, config, run, node_id)
+        #: This start of the server (:mod:`emo_mqtt.incarnation`): every server-side message
+        #: carries it, and updates answering another start's rounds are refused.
+        self.incarnation = new_incarnation() if incarnation is None else incarnation
         self.algorithm = Algorithm.parse(algorithm)
         self.plan = plan
         self.out_dir = out_dir
@@ -149,6 +155,7 @@ class ServerNode(Node):
         s = self.strategy
         out.update(
             algorithm=self.algorithm.value,
+            incarnation=self.incarnation,
             rejected_updates=s.rejected_updates,
             online=sorted(self.online),
             loss=s.last_loss,
@@ -178,6 +185,11 @@ class ServerNode(Node):
 
     async def _on_update(self, where: ParsedTopic, env: Envelope, msg: Update) -> None:
         device = where.node or ""
+        if msg.incarnation and msg.incarnation != self.incarnation:
+            # Trained on another start's round (a queued message from before a restart, or
+            # from an old run restored by the broker): the device trains this start's again.
+            self.reject_message("update", "stale_incarnation", f"device/{device}/update", "")
+            return
         refused = self.strategy.on_update(device, env.sender, msg, time.monotonic())
         if refused is not None:
             self.bus.reject(refused[0], f"device/{device}/update", refused[1])
@@ -225,10 +237,13 @@ class ServerNode(Node):
             self.spawn(self.publish(item))
 
     async def publish(self, item: Outgoing) -> None:
-        """Publish one message a strategy returned."""
+        """Publish one message a strategy returned (with this start's incarnation)."""
+        body = item.message.to_body()
+        if item.kind in SERVER_SIDE_KINDS:
+            body["incarnation"] = self.incarnation
         await self.send(
             item.kind,
-            item.message.to_body(),
+            body,
             msg_kind=item.message.KIND,
             node=item.node,
             retain=item.retain,
@@ -243,12 +258,20 @@ class ServerNode(Node):
             expected |= set(self.config.overlay_ids())
         expected -= self.skip_start_wait
         deadline = time.monotonic() + self.start_timeout_s
+        if not expected <= self.online:
+            log.info(
+                "server: waiting for %d of %d nodes to come online (up to %g s)",
+                len(expected - self.online),
+                len(expected),
+                self.start_timeout_s,
+            )
         while not expected <= self.online:
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("server: starting without %s", sorted(expected - self.online))
                 return
             await wait_event(self._online_event, min(left, 1.0))
+        log.info("server: all %d nodes online", len(expected))
 
     async def _evaluate(self, final: bool) -> dict[str, Any]:
         s = self.strategy
@@ -268,12 +291,25 @@ class ServerNode(Node):
                 await self.publish(item)
             collector = self.strategy.collector
             assert collector is not None
+            log.info(
+                "server: round %d/%d open: %d devices sampled, %g s deadline",
+                r,
+                c.run.rounds,
+                len(set(collector.expected)),
+                c.fleet.round_deadline_s,
+            )
             result = await self.collect_round(collector)
             closed = self.strategy.close_round(result)
             scores = await self._evaluate(False)
             record = self.strategy.record_round(closed, scores, time.monotonic() - start)
             await self._save_checkpoint(r)
             await self.publish_metrics(event="round", **record)
+            log.info(
+                "%s",
+                progress_line(
+                    self.algorithm.value, c.run.rounds, record, self.bus.stats.published_bytes
+                ),
+            )
         await self._finish(start)
 
     async def collect_round(self, collector: RoundCollector) -> RoundResult | None:
@@ -357,6 +393,12 @@ class ServerNode(Node):
             await asyncio.to_thread(self._save, scores.get("ensemble"), state)
         await self.publish(done)
         await self.publish_metrics(event="done", **{k: v for k, v in self.final.items()})
+        log.info(
+            "server: done: accuracy %.4f (FL model %.4f) after %d rounds",
+            self.final["accuracy"],
+            self.final["fl_accuracy"],
+            c.run.rounds,
+        )
 
     def _save(self, ensemble: Ensemble | None, state: dict[str, np.ndarray]) -> None:
         """The final models and history (in a worker thread; the ensemble holds no poisoned

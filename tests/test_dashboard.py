@@ -350,6 +350,7 @@ async def test_http_endpoints(mosquitto: BrokerHandle) -> None:
 SHORT_RUN = {
     "run": {
         "name": "dash",
+        "id": "dash",  # a fixed run id: the test reads topics emo/dash-emo/...
         "seed": 3,
         "rounds": 2,
         "algorithms": ["fl", "emo"],

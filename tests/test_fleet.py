@@ -165,7 +165,8 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(
     from emo_mqtt.chunking import split
     from emo_mqtt.codec import encode
 
-    config = from_dict({**SHORT, "run": {**SHORT["run"], "algorithms": ["emo"]}})
+    # A fixed run id: the vandal must know the topics before the run starts.
+    config = from_dict({**SHORT, "run": {**SHORT["run"], "algorithms": ["emo"], "id": "short"}})
     run = "short-emo"
     rng = np.random.default_rng(0)
     targets = [

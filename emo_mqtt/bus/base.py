@@ -362,7 +362,9 @@ class Bus(ABC):
                     key,
                     "an incomplete transfer was evicted to make room (reassembly limits reached)",
                 )
-        return None if whole is None else Message(frame.topic, whole, frame.qos, False)
+        # Retained as its last frame was: receivers tell what the broker kept from before
+        # they subscribed (emo_mqtt.incarnation) from what came live.
+        return None if whole is None else Message(frame.topic, whole, frame.qos, frame.retain)
 
     def _pause_reading(self) -> None:  # noqa: B027 (an optional hook)
         """Stop taking frames from the network until :meth:`_resume_reading`."""

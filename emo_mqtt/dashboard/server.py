@@ -341,7 +341,11 @@ def run_dashboard(broker_url: str, host: str = "127.0.0.1", port: int = 8050) ->
         asyncio.run(main())
     except KeyboardInterrupt:
         return 0
-    except (EmoError, OSError) as exc:
+    except OSError as exc:  # the HTTP port: in use, not ours to bind
+        # One line and exit status 2 from the command line, like every usage error.
+        reason = exc.strerror or str(exc)
+        raise EmoError(f"dashboard: cannot serve on {host}:{port}: {reason}") from exc
+    except EmoError as exc:
         print(f"emo dashboard: {exc}", flush=True)
         return 1
     return 0
