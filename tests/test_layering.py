@@ -36,6 +36,8 @@ PURE = [
     "emo_mqtt.algorithms",
     "emo_mqtt.strategies",
     "emo_mqtt.telemetry",
+    "emo_mqtt.incarnation",
+    "emo_mqtt.outdir",
 ]
 
 
