@@ -715,6 +715,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("emo_mqtt").setLevel(logging.INFO)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        # `emo scenarios | head -1`: the reader left. Say nothing more (Python's own recipe:
+        # point stdout at /dev/null so the flush at exit cannot raise again).
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for a process killed by SIGPIPE
     except EmoError as exc:
         print(f"emo: error: {exc}", file=sys.stderr)
         return 2

@@ -322,3 +322,13 @@ def test_a_device_node_needs_its_id(
         == 2
     )
     assert "emo node device needs --id" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    """`emo scenarios | head -1`: the pipe closes under the writer (here: before it writes)."""
+    proc = subprocess.Popen([EMO, "scenarios"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # nobody reads: every write of emo's gets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
