@@ -36,15 +36,20 @@ def _size(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    """A positive int (a count of 0 would make a benchmark wait for nothing, forever)."""
+def _int_at_least(text: str, minimum: int, want: str) -> int:
+    """``text`` as an int >= ``minimum``; ``want`` says what is expected when it is not."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {want}: {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    """A positive int (a count of 0 would make a benchmark wait for nothing, forever)."""
+    return _int_at_least(text, 1, "at least 1")
 
 
 def _chunk_size(text: str) -> int:
@@ -426,13 +431,7 @@ def _tcp_port(text: str) -> int:
 
 def _non_negative(text: str) -> int:
     """An int >= 0 (0: no limit)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more: {text!r}")
-    return value
+    return _int_at_least(text, 0, "0 (no limit) or more")
 
 
 def _positive_float(text: str) -> float:
