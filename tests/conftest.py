@@ -8,6 +8,7 @@ still there to read (``<tmp>/.../mosquitto/mosquitto.log``).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from emo_mqtt.broker.launch import BrokerHandle, find_free_port, find_mosquitto
 from emo_mqtt.broker.url import BrokerURL
+from emo_mqtt.bus import Bus, Message
 from emo_mqtt.provision import load_node_config, provision
 
 # ------------------------------------------------------------------ brokers
@@ -188,3 +190,32 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ waiting
+
+#: Generous: a deadline in a test only turns a hang into a failure.
+WAIT_S = 30.0
+
+
+async def take_messages(bus: Bus, n: int, within_s: float = WAIT_S) -> list[Message]:
+    """The next ``n`` whole messages of ``bus``."""
+    out: list[Message] = []
+
+    async def run() -> None:
+        async for message in bus.messages():
+            out.append(message)
+            if len(out) == n:
+                return
+
+    await asyncio.wait_for(run(), within_s)
+    return out
+
+
+async def until(condition: Callable[[], bool], what: str, within_s: float = WAIT_S) -> None:
+    """Wait for a condition that no event announces (connection state, counters)."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
+        await asyncio.sleep(0.005)

@@ -13,11 +13,11 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Callable
 
 import aiomqtt
 import numpy as np
 import pytest
+from conftest import take_messages, until
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -43,29 +43,6 @@ def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("EMO_MQTT_PLAIN", "1" if request.param == "plain" else "0")
     kind: str = request.param
     return kind
-
-
-async def _take(bus: MqttBus, n: int, within_s: float = TIMEOUT_S) -> list[Message]:
-    """The next ``n`` whole messages of ``bus``."""
-    out: list[Message] = []
-
-    async def run() -> None:
-        async for message in bus.messages():
-            out.append(message)
-            if len(out) == n:
-                return
-
-    await asyncio.wait_for(run(), within_s)
-    return out
-
-
-async def _until(condition: Callable[[], bool], what: str, within_s: float = TIMEOUT_S) -> None:
-    """Wait for a condition that no event announces (connection state, counters)."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def _sever(bus: MqttBus) -> None:
@@ -99,7 +76,7 @@ async def test_small_and_chunked_messages_arrive_bit_exact(mosquitto: BrokerHand
         await sub.subscribe("emo/payload/#")
         await pub.publish("emo/payload/small", b"hello")
         await pub.publish("emo/payload/big", big)
-        got = {m.topic: m for m in await _take(sub, 2)}
+        got = {m.topic: m for m in await take_messages(sub, 2)}
         # A retained message is one MQTT message: a chunked one is refused before sending.
         with pytest.raises(BusError, match="retained payload of 5000"):
             await pub.publish("emo/payload/retained", big, retain=True)
@@ -152,7 +129,7 @@ async def test_fast_paths_carry_every_kind_of_publish(mosquitto: BrokerHandle) -
             target.host, target.port, identifier="fast-raw", protocol=aiomqtt.ProtocolVersion.V5
         ) as raw:
             await raw.publish("emo/fast/props", big, qos=1, properties=properties)
-        got = {m.topic: m for m in await _take(sub, 4)}
+        got = {m.topic: m for m in await take_messages(sub, 4)}
         assert pub.pending_acks == 0  # every acknowledgement was collected
     assert got["emo/fast/q0-small"].payload == b"tiny"
     for name, qos in (("q0-big", 0), ("q1-big", 1), ("props", 1)):
@@ -172,7 +149,7 @@ async def test_mosquitto_negotiates_mqtt5(mosquitto: BrokerHandle) -> None:
     async with MqttBus(mosquitto.url, "proto-311", clean_start=True, protocol="3.1.1") as bus:
         await bus.subscribe("emo/proto/#")
         await bus.publish("emo/proto/x", b"v3")
-        (got,) = await _take(bus, 1)
+        (got,) = await take_messages(bus, 1)
         assert bus.negotiated == "3.1.1"
     assert got.payload == b"v3"
 
@@ -188,7 +165,7 @@ async def test_amqtt_falls_back_to_311_and_carries_chunks(amqtt_broker: BrokerHa
         await sub.subscribe("emo/fallback/#")
         await pub.publish("emo/fallback/big", big)
         await pub.publish("emo/fallback/small", b"after")
-        got = await _take(sub, 2)
+        got = await take_messages(sub, 2)
     finally:
         await pub.close()
         await sub.close()
@@ -217,20 +194,20 @@ async def test_last_will_on_abrupt_disconnect_not_on_clean_close(mosquitto: Brok
         try:
             _sever(crash)
             # The clean close came first: had it left a will, that would arrive first.
-            (will,) = await _take(watcher, 1)
+            (will,) = await take_messages(watcher, 1)
             assert (will.topic, will.payload) == ("emo/will/status/crash", b"crash-offline")
             # The bus that lost its connection comes back by itself.
-            await _until(lambda: crash.connected and crash.stats.reconnects >= 1, "reconnect")
+            await until(lambda: crash.connected and crash.stats.reconnects >= 1, "reconnect")
         finally:
             await crash.close()  # clean: no second will
         await watcher.publish("emo/will/status/marker", b"marker")
-        (marker,) = await _take(watcher, 1)
+        (marker,) = await take_messages(watcher, 1)
         assert marker.payload == b"marker"
 
     # The will was retained: a subscriber that comes later still learns the node died.
     async with MqttBus(url, "will-late", clean_start=True) as late:
         await late.subscribe("emo/will/status/#")
-        (retained,) = await _take(late, 1)
+        (retained,) = await take_messages(late, 1)
         assert (retained.topic, retained.payload, retained.retain) == (
             "emo/will/status/crash",
             b"crash-offline",
@@ -261,11 +238,11 @@ async def test_broker_restart_loses_no_qos1_message(fresh_mosquitto: BrokerHandl
             before = [f"before-{i}".encode() for i in range(20)]
             for payload in before:
                 await pub.publish(where, payload)
-            await _until(lambda: set(before) <= set(received), "the messages sent before")
+            await until(lambda: set(before) <= set(received), "the messages sent before")
 
             # Outage. SIGTERM: Mosquitto saves its sessions and queues, then exits.
             await asyncio.to_thread(fresh_mosquitto.stop)
-            await _until(lambda: not pub.connected and not sub.connected, "both to notice")
+            await until(lambda: not pub.connected and not sub.connected, "both to notice")
             during = [f"during-{i}".encode() for i in range(20)]
             waiting = [asyncio.create_task(pub.publish(where, p)) for p in during]
             done, _ = await asyncio.wait(waiting, timeout=0.2)
@@ -274,7 +251,7 @@ async def test_broker_restart_loses_no_qos1_message(fresh_mosquitto: BrokerHandl
             await asyncio.gather(*waiting)  # they went out on the new connection
             assert pub.stats.reconnects >= 1
             # The subscriber may still be in its backoff: let it come back before the next cut.
-            await _until(lambda: sub.connected and sub.stats.reconnects >= 1, "sub to reconnect")
+            await until(lambda: sub.connected and sub.stats.reconnects >= 1, "sub to reconnect")
 
             # restart() with publishes in flight: some PUBACKs are lost with the connection.
             after: list[bytes] = []
@@ -289,7 +266,7 @@ async def test_broker_restart_loses_no_qos1_message(fresh_mosquitto: BrokerHandl
                     extra += restarted.is_set()
 
             streaming = asyncio.create_task(stream())
-            await _until(lambda: len(after) >= 50, "the stream to flow")
+            await until(lambda: len(after) >= 50, "the stream to flow")
             # restart(), in its two halves: the stream goes on while the broker stops.
             await asyncio.to_thread(fresh_mosquitto.stop)
             _start(fresh_mosquitto)
@@ -297,8 +274,8 @@ async def test_broker_restart_loses_no_qos1_message(fresh_mosquitto: BrokerHandl
             await asyncio.wait_for(streaming, TIMEOUT_S)
 
             want = set(before) | set(during) | set(after)
-            await _until(lambda: want <= set(received), "every message to arrive")
-            await _until(lambda: sub.stats.reconnects >= 2, "sub to renew its subscription")
+            await until(lambda: want <= set(received), "every message to arrive")
+            await until(lambda: sub.stats.reconnects >= 2, "sub to renew its subscription")
         finally:
             consumer.cancel()
 
@@ -323,19 +300,19 @@ async def test_subscription_is_renewed_when_the_broker_forgot_it(
     async with sub, pub:
         await sub.subscribe("emo/renew/#")
         await pub.publish("emo/renew/x", b"one")
-        (first,) = await _take(sub, 1)
+        (first,) = await take_messages(sub, 1)
         # SIGKILL before any autosave: the restarted broker knows no session at all.
         assert fresh_mosquitto.workdir is not None
         assert not (fresh_mosquitto.workdir / "data" / "mosquitto.db").exists()
         await asyncio.to_thread(fresh_mosquitto.kill)
         _start(fresh_mosquitto)
         # reconnects counts a connection once its subscriptions are renewed.
-        await _until(
+        await until(
             lambda: sub.connected and sub.stats.reconnects >= 1 and pub.connected,
             "both to reconnect",
         )
         await pub.publish("emo/renew/x", b"two")
-        (second,) = await _take(sub, 1)
+        (second,) = await take_messages(sub, 1)
     assert (first.payload, second.payload) == (b"one", b"two")
 
 
@@ -359,7 +336,7 @@ async def test_frame_in_flight_when_the_connection_drops_is_published_again(
                 await asyncio.sleep(0)
             assert not publishing.done()
             _sever(pub)
-            await _until(lambda: not pub.connected, "the publisher to notice")
+            await until(lambda: not pub.connected, "the publisher to notice")
         finally:
             os.kill(pid, signal.SIGCONT)
         await asyncio.wait_for(publishing, TIMEOUT_S)  # republished on the next connection
@@ -368,7 +345,7 @@ async def test_frame_in_flight_when_the_connection_drops_is_published_again(
         await pub.publish("emo/inflight/x", b"marker")
         got: list[bytes] = []
         while not got or got[-1] != b"marker":
-            got += [bytes(m.payload) for m in await _take(sub, 1)]
+            got += [bytes(m.payload) for m in await take_messages(sub, 1)]
     # Once or twice (if the broker read the first copy before the connection's end).
     assert got[-1] == b"marker"
     assert got[:-1] in ([payload], [payload, payload])
@@ -389,7 +366,7 @@ async def test_publish_just_after_a_connection_loss_waits_for_the_next_one(
         # The connection is gone but its supervisor has not run yet: the race's window.
         assert pub.reconnecting
         await pub.publish("emo/justlost/x", b"after the loss")
-        (got,) = await _take(sub, 1)
+        (got,) = await take_messages(sub, 1)
         assert pub.stats.reconnects >= 1
     assert got.payload == b"after the loss"
 
@@ -405,7 +382,7 @@ async def test_offline_persistent_subscriber_gets_what_it_missed(mosquitto: Brok
             await pub.publish("emo/offline/x", payload)
     again = MqttBus(url, "offline-sub")
     async with again:
-        got = await _take(again, len(sent))
+        got = await take_messages(again, len(sent))
         assert not again.subscriptions  # the broker's session held the subscription
     assert [m.payload for m in got] == sent
     # Leave no session behind on the shared broker.
@@ -427,7 +404,7 @@ async def test_slow_subscriber_with_tiny_inbox_loses_nothing(mosquitto: BrokerHa
         for i in range(n):
             await pub.publish("emo/slow/n", struct.pack("<I", i) * (size // 4))
         # Nobody has read yet: the bus stopped reading its socket at 4 frames.
-        await _until(lambda: sub.stats.pauses >= 1, "the reader to pause")
+        await until(lambda: sub.stats.pauses >= 1, "the reader to pause")
         assert sub.inbox_size <= 4
         order: list[int] = []
         peak = 0
@@ -439,7 +416,7 @@ async def test_slow_subscriber_with_tiny_inbox_loses_nothing(mosquitto: BrokerHa
             if len(order) == n:
                 break
             if len(order) % 50 == 0:  # busy elsewhere until the inbox is full again
-                await _until(lambda: sub.reading_paused, "the reader to pause again")
+                await until(lambda: sub.reading_paused, "the reader to pause again")
         assert sub.connected
     assert order == list(range(n))
     assert peak <= 4
@@ -478,7 +455,7 @@ async def test_garbage_is_rejected_and_delivery_goes_on(mosquitto: BrokerHandle)
         await pub.publish("emo/garbage/x", raw)
         await pub.publish("emo/garbage/x", big)
         await pub.publish("emo/garbage/x", b"after")
-        got = await _take(sub, 3)
+        got = await take_messages(sub, 3)
         assert sub.connected
     # The bus rejects bad chunk frames; other payloads are whole messages to it, and
     # decoding them is the node's business.
@@ -523,7 +500,7 @@ async def test_publish_timeout(mosquitto: BrokerHandle) -> None:
         await pub.publish("emo/timeout/small", b"still alive")
         got: list[Message] = []
         while not got or got[-1].payload != b"still alive":
-            got += await _take(sub, 1)
+            got += await take_messages(sub, 1)
     assert all(m.payload == b"x" * 5_000_000 for m in got[:-1])
     assert not sub.stats.rejected
 

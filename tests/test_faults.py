@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import until
 
 from emo_mqtt.broker.launch import BrokerHandle
 from emo_mqtt.bus import open_bus
@@ -44,14 +44,6 @@ During = Callable[[ServerNode, list[Node], dict[str, asyncio.Task[None]]], Corou
 
 def config_with(**fleet: Any) -> RunConfig:
     return from_dict({**BASE, "fleet": {**BASE["fleet"], **fleet}})
-
-
-async def until(condition: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def crash(node: Node, task: asyncio.Task[None]) -> None:

@@ -20,18 +20,16 @@ import struct
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Fleet
+from conftest import Fleet, take_messages, until
 
 from emo_mqtt import codec
 from emo_mqtt.broker.launch import BrokerHandle, find_free_port
 from emo_mqtt.broker.url import BrokerURL
-from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.chunking import CHUNK_MAGIC, CHUNK_VERSION
 from emo_mqtt.dashboard.server import serve_dashboard
@@ -41,29 +39,6 @@ from emo_mqtt.topics import Kind, subscription, topic
 pytestmark = pytest.mark.broker
 
 TIMEOUT_S = 30.0  # generous: a deadline here only turns a hang into a failure
-
-
-async def _take(bus: MqttBus, n: int, within_s: float = TIMEOUT_S) -> list[Message]:
-    """The next ``n`` whole messages of ``bus``."""
-    out: list[Message] = []
-
-    async def run() -> None:
-        async for message in bus.messages():
-            out.append(message)
-            if len(out) == n:
-                return
-
-    await asyncio.wait_for(run(), within_s)
-    return out
-
-
-async def _until(condition: Callable[[], bool], what: str, within_s: float = TIMEOUT_S) -> None:
-    """Wait for a condition that no event announces (counters)."""
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # ----------------------------------------------------------------- chunk flood
@@ -103,8 +78,8 @@ async def test_chunk_flood_costs_at_most_the_budget_and_delivery_goes_on(
                 await attacker.publish(flood_topic, _tiny_chunk(n, 256 * 2**20, offset=n * 4096))
                 if n % 50 == 0:  # legitimate 3 MB updates (chunked) amid the flood
                     await honest.publish(victim_topic, update)
-            got = await _take(server, 4)
-            await _until(lambda: sum(server.stats.rejected.values()) == 200, "the flood")
+            got = await take_messages(server, 4)
+            await until(lambda: sum(server.stats.rejected.values()) == 200, "the flood")
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -112,8 +87,8 @@ async def test_chunk_flood_costs_at_most_the_budget_and_delivery_goes_on(
         for n in range(200, 400):
             await attacker.publish(flood_topic, _tiny_chunk(n, 8 * 2**20))
         await honest.publish(victim_topic, update)
-        got += await _take(server, 1)
-        await _until(lambda: sum(server.stats.rejected.values()) == 392, "the second flood")
+        got += await take_messages(server, 1)
+        await until(lambda: sum(server.stats.rejected.values()) == 392, "the second flood")
         held = server.reassembly_held_bytes
         assert server.connected and server.stats.reconnects == 0
     assert [m.topic for m in got] == [victim_topic] * 5
@@ -204,8 +179,8 @@ async def test_monitor_skips_and_counts_telemetry_that_is_not_ours(
                         rejected={"duplicate": 1},
                     )
                 )
-                await _until(lambda: monitor.done is not None, "the server's done event")
-            await _until(lambda: sum(monitor.skipped.values()) == 6, "every bad message")
+                await until(lambda: monitor.done is not None, "the server's done event")
+            await until(lambda: sum(monitor.skipped.values()) == 6, "every bad message")
         finally:
             await monitor.close()
             await _clear(attacker, run, "dev7")
@@ -311,12 +286,12 @@ async def test_client_id_takeover_is_refused(fleet: Fleet) -> None:
             await evil.publish(topic(Kind.DEVICE_UPDATE, run, node="dev01"), b"mine")
         server = _tls_bus(fleet.url("server-server"), victim_id, clean_start=False)
         async with server:
-            queued = await _take(server, 2)
+            queued = await take_messages(server, 2)
             # And while the server is connected, the attacker cannot kick it off.
             async with _tls_bus(fleet.url("device-dev01"), victim_id) as evil:
                 assert evil.connected
                 await dev00.publish(updates, b"update 3")
-                queued += await _take(server, 1)
+                queued += await take_messages(server, 1)
             assert server.connected and server.stats.reconnects == 0
     assert [bytes(m.payload) for m in queued] == [b"update 1", b"update 2", b"update 3"]
 
@@ -336,9 +311,9 @@ async def test_a_certificate_acts_only_as_its_own_identity(fleet: Fleet) -> None
         async with _tls_bus(mixed, f"{run}-impostor") as impostor:
             await impostor.publish(topic(Kind.DEVICE_UPDATE, run, node="dev00"), b"as dev00")
             await impostor.publish(topic(Kind.DEVICE_UPDATE, run, node="dev01"), b"as dev01")
-            (got,) = await _take(server, 1)
+            (got,) = await take_messages(server, 1)
         await dev00.publish(topic(Kind.DEVICE_UPDATE, run, node="dev00"), b"real dev00")
-        (real,) = await _take(server, 1)
+        (real,) = await take_messages(server, 1)
         assert dev00.connected and dev00.stats.reconnects == 0
     # The publish as dev00 was dropped by the ACLs: the broker took the connection for
     # dev01 (the certificate's CN), whose update arrived.
