@@ -700,7 +700,7 @@ def _train_a_little(config: RunConfig, data: Split) -> None:
     )
 
 
-async def _warm_up(config: RunConfig, plan: DataPlan) -> None:
+async def warm_up(config: RunConfig, plan: DataPlan) -> None:
     """Train a few batches once in every compute worker before the first algorithm.
 
     torch's first training in a thread pays one-time costs (kernel selection, allocator
@@ -775,7 +775,7 @@ async def run_scenario(
     say(f"run: {config.run.id} (topics emo/{runs[0]}/...)")
     compute.configure(config.fleet.parallel_training)
     plan = plan_data(config)
-    await _warm_up(config, plan)
+    await warm_up(config, plan)
     say(
         f"data: {len(plan.devices)} devices x ~{len(next(iter(plan.devices.values())))} samples "
         f"({config.data.partition}, alpha={config.data.alpha}), "

@@ -25,7 +25,7 @@ from emo_mqtt.codec import decode, encode
 from emo_mqtt.config import RunConfig, from_dict
 from emo_mqtt.dataplan import DataPlan, plan_data
 from emo_mqtt.fedavg import RoundCollector
-from emo_mqtt.fleet import build_nodes, reset_run, run_id
+from emo_mqtt.fleet import build_nodes, reset_run, run_id, warm_up
 from emo_mqtt.nodes.base import Node, node_bus
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
@@ -72,6 +72,9 @@ async def fleet(
     ``during`` may crash nodes and replace them: it returns the server that finished the
     run when it replaced the server, else anything.
     """
+    # As emo run does: a cold torch pays about a second on its first training in each compute
+    # thread, which would eat a short round deadline (the test alone, not in the suite).
+    await warm_up(config, plan)
     await reset_run(url, config, algorithm)
     server, others = build_nodes(url, config, algorithm, plan, None, checkpoint_dir=checkpoint_dir)
     tasks = {n.node_id: asyncio.create_task(n.run_node()) for n in others}
