@@ -24,7 +24,16 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["aggregate", "flatten_numbers", "mean_std", "pm", "stats"]
+__all__ = [
+    "COLUMNS",
+    "aggregate",
+    "flatten_numbers",
+    "mean_std",
+    "pm",
+    "seeds_rows",
+    "seeds_table",
+    "stats",
+]
 
 Number = int | float | bool
 
@@ -114,3 +123,38 @@ def pm(figure: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 4) ->
         text += f" ± {figure['std'] / scale:.{digits}f}"
     missing = len(figure.get("values", [])) - int(figure.get("n", 0))
     return text + (f" ({missing} null)" if missing else "")
+
+
+#: Columns of the printed and reported tables: header, figure, scale, digits.
+COLUMNS = (
+    ("accuracy", "accuracy", 1.0, 4),
+    ("FL model", "fl_accuracy", 1.0, 4),
+    ("MB sent", "bytes", 1e6, 2),
+    ("activ. MB", "bytes_by_kind.activations", 1e6, 2),
+    ("time s", "sim_time_s", 1.0, 1),
+    ("to target s", "time_to_target_s", 1.0, 1),
+    ("rounds", "rounds", 1.0, 1),
+)
+
+
+def seeds_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per algorithm of a ``--seeds`` summary: its name, then ``mean ± std`` per
+    column of :data:`COLUMNS`."""
+    return [
+        [name, *(pm(figures.get(key), scale, digits) for _, key, scale, digits in COLUMNS)]
+        for name, figures in summary["algorithms"].items()
+    ]
+
+
+def seeds_table(summary: dict[str, Any]) -> str:
+    """The table ``emo run --seeds`` prints: mean ± std over the seeds (see :func:`pm`)."""
+    header = ["algorithm", *(h for h, _, _, _ in COLUMNS)]
+    rows = [header, *seeds_rows(summary)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )

@@ -52,6 +52,14 @@ def _count(text: str) -> int:
     return _int_at_least(text, 1, "at least 1")
 
 
+def _seed_list(text: str) -> list[int]:
+    """``1,2,3``: distinct seeds (ints >= 0), in the order given."""
+    seeds = [_int_at_least(part.strip(), 0, "a seed >= 0") for part in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated: {text!r}")
+    return seeds
+
+
 def _chunk_size(text: str) -> int:
     """A size within the bounds of ``BusOptions.chunk_size``."""
     value = _size(text)
@@ -211,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from emo_mqtt.config import load_config
-    from emo_mqtt.fleet import run_scenario, table
+    from emo_mqtt.fleet import table
 
     config = load_config(args.scenario)
     overrides: dict[str, dict[str, object]] = {}
@@ -235,44 +243,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
     from emo_mqtt.fleet import with_run_id
+    from emo_mqtt.multirun import config_record, run_once, run_seeds, seed_config
     from emo_mqtt.outdir import check_out, prepare_out
 
     # The run id and --out are settled before any broker starts or data is read; --out is
     # claimed (cleared, marked) once the broker is found, so a failed start leaves nothing.
     config = with_run_id(config)
-    check_out(out, overwrite=args.overwrite)
+    seeds: list[int] | None = args.seeds
+    for seed in seeds or []:
+        seed_config(config, seed)  # each seed's run id must be valid: refused now, not later
+    record = config_record(config, seeded=seeds is not None)
+    claim = {"overwrite": args.overwrite, "resume": args.resume, "config": record, "seeds": seeds}
+    check_out(out, **claim)
 
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
 
+    on_event = jsonl if args.jsonl else None
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
     with broker_for(args.broker, say) as url:
-        prepare_out(out, config.run.id, overwrite=args.overwrite)
+        prepare_out(out, config.run.id, **claim)
+        work = (
+            run_seeds(url, config, seeds, out, resume=args.resume, say=say, on_event=on_event)
+            if seeds is not None
+            else run_once(url, config, out, resume=args.resume, say=say, on_event=on_event)
+        )
         try:
-            summary = asyncio.run(
-                _until_signalled(
-                    run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
-                )
-            )
+            summary = asyncio.run(_until_signalled(work))
         except Signalled as stop:
             if stop.interrupted is None:
                 _stderr(f"emo: {stop.name}: interrupted before the first algorithm started")
                 return 128 + stop.signum
             cut = stop.interrupted.summary["interrupted"]
-            finished = list(stop.interrupted.summary["algorithms"])
+            if seeds is not None:
+                runs = stop.interrupted.summary["runs"]
+                finished = [s for s, r in runs.items() if r["state"] == "finished"]
+                done = f"; finished seeds: {', '.join(finished)}" if finished else ""
+                where = f"seed {cut['seed']}, "
+            else:
+                finished = list(stop.interrupted.summary["algorithms"])
+                done = f"; finished: {', '.join(finished)}" if finished else ""
+                where = ""
             _stderr(
-                f"emo: {stop.name}: interrupted during {cut['algorithm']} at round "
-                f"{cut['last_round']}/{cut['rounds']}"
-                + (f"; finished: {', '.join(finished)}" if finished else "")
-                + f"; summary: {out / 'summary.json'}"
+                f"emo: {stop.name}: interrupted during {where}{cut['algorithm']} at round "
+                f"{cut['last_round']}/{cut['rounds']}{done}; summary: {out / 'summary.json'}"
             )
             return 128 + stop.signum
     if args.jsonl:
         return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
         print(json.dumps(summary))
+    elif seeds is not None:
+        from emo_mqtt.aggregate_seeds import pm, seeds_table
+
+        print(f"mean ± std (sample) over seeds {', '.join(map(str, seeds))}")
+        print(seeds_table(summary))
+        for key, figure in summary["comparisons"].items():
+            print(f"{key}: {pm(figure)}")
+        print(f"summary: {out / 'summary.json'}")
     else:
         print(table(summary["algorithms"]))
         for key, value in summary["comparisons"].items():
@@ -560,8 +590,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results of an earlier run in --out (without it, such an --out "
-        "is refused; resuming an interrupted run is not supported)",
+        help="replace the results of an earlier run in --out (without it or --resume, "
+        "such an --out is refused)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the run in --out: keep the algorithms (and seeds) that finished, run "
+        "the others; refused if the configuration changed",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="N,N,...",
+        help="run the scenario once per seed (run.seed), into <out>/seed-<N>/, and write "
+        "mean ± std over the seeds to <out>/summary.json",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

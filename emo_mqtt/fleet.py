@@ -729,8 +729,10 @@ class Interrupted(EmoError):
         self.summary = summary
 
 
-def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {
+def _summary(
+    config: RunConfig, algorithms: dict[str, dict[str, Any]], kept: list[str] | None = None
+) -> dict[str, Any]:
+    summary = {
         "scenario": config.source,
         "run_id": config.run.id,
         "state": "finished",
@@ -738,6 +740,9 @@ def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[s
         "algorithms": algorithms,
         "comparisons": comparisons(algorithms),
     }
+    if kept:  # --resume: these finished in an earlier run of this directory (another run id)
+        summary["kept_from_earlier_run"] = kept
+    return summary
 
 
 def _write_outputs(summary: dict[str, Any], out_dir: Path, *, report: bool = True) -> list[Path]:
@@ -762,13 +767,18 @@ async def run_scenario(
     out_dir: Path | None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    keep: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run every algorithm of ``config`` on the same data split and seed; the summary.
 
     With ``out_dir``, writes summary.json there, and the plots and report.md beside it
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
-    algorithm and a last one (``"event": "done"``) with the paths written.
+    algorithm and a last one (``"event": "done"``) with the paths written. ``keep``: the
+    entries of algorithms that finished in an earlier run (``--resume``): not run again,
+    listed in the summary as they were (those not in ``run.algorithms`` after the others).
     """
+    keep = dict(keep or {})
+    kept = list(keep)
     config = with_run_id(config)
     runs = [run_id(config, a) for a in config.run.algorithms]
     await ensure_not_live(broker, runs, f"{config.run.id}-check-{secrets.token_hex(3)}")
@@ -792,6 +802,10 @@ async def run_scenario(
     current = ""
     try:
         for current in config.run.algorithms:
+            if current in keep:
+                say(f"== {current}: finished in the earlier run (--resume), kept")
+                algorithms[current] = keep.pop(current)
+                continue
             overlays = Algorithm.parse(current).uses_overlays
             say(
                 f"== {current}: {config.fleet.devices} devices"
@@ -803,18 +817,24 @@ async def run_scenario(
     except asyncio.CancelledError:
         # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the
         # algorithm that was running is marked with the last round it closed.
-        summary = _summary(config, algorithms)
+        algorithms.update(keep)
+        summary = _summary(config, algorithms, kept)
         summary["state"] = "interrupted"
         summary["interrupted"] = {
             "algorithm": current,
             "last_round": last_round.get(current, 0),
             "rounds": config.run.rounds,
-            "not_started": list(config.run.algorithms[len(algorithms) + 1 :]),
+            "not_started": [
+                a
+                for a in config.run.algorithms[config.run.algorithms.index(current) + 1 :]
+                if a not in keep
+            ],
         }
         if out_dir is not None:
             await asyncio.to_thread(_write_outputs, summary, out_dir, report=bool(algorithms))
         raise Interrupted(summary) from None
-    summary = _summary(config, algorithms)
+    algorithms.update(keep)  # finished earlier, not asked for this time: still reported
+    summary = _summary(config, algorithms, kept)
     written: list[Path] = []
     if out_dir is not None:
         # Files and plots from a worker thread: the event loop never waits on the disk.
