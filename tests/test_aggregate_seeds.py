@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from emo_mqtt.aggregate_seeds import aggregate, flatten_numbers, mean_std, pm, seeds_table, stats
+from emo_mqtt.report import write_report
 
 
 def test_std_is_the_sample_std() -> None:
@@ -99,3 +101,22 @@ def test_the_printed_table_has_a_row_per_algorithm() -> None:
     assert lines[0].split()[:2] == ["algorithm", "accuracy"]
     assert lines[1].startswith("fl ") and "0.5500 ± 0.0707" in lines[1]
     assert lines[2].startswith("emo ") and "0.8000 ± 0.1414" in lines[2]
+
+
+def test_the_report_of_a_seeds_directory_is_a_mean_std_table(tmp_path: Path) -> None:
+    agg = aggregate({1: _summary(0.6, 0.7), 2: _summary(0.5, 0.9)})
+    summary = {
+        "scenario": "x.toml",
+        "state": "interrupted",
+        "interrupted": {"seed": 2, "algorithm": "emo", "last_round": 1},
+        "config": {"run": {"name": "x"}},
+        "runs": {"1": {"state": "finished", "run_id": "x-1-s1", "dir": "seed-1"}},
+        **agg,
+    }
+    written = write_report(summary, tmp_path)
+    assert written == [tmp_path / "report.md"]
+    report = written[0].read_text()
+    assert "| fl | 0.5500 ± 0.0707 |" in report
+    assert "(`emo_minus_fl_points`): 25.0000 ± 21.2132 (values 10, 40)" in report
+    assert "[seed-1/report.md](seed-1/report.md)" in report
+    assert "during seed 2 (emo, round 1)" in report
