@@ -94,6 +94,17 @@ def test_check_out_with_resume(tmp_path: Path) -> None:
         check_out(out, resume=True, config=base)
 
 
+def test_infer_on_the_top_of_a_seeds_directory_names_the_seed_directories(
+    tmp_path: Path,
+) -> None:
+    from emo_mqtt.infer import load_predictor
+
+    for seed in (1, 2):
+        (tmp_path / f"seed-{seed}" / "emo").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"one run per seed \(seed-1, seed-2\)"):
+        load_predictor(tmp_path, "emo")
+
+
 @pytest.mark.parametrize("seeds", ["1,1", "1,x", "-1", ""])
 def test_bad_seed_lists_are_refused(seeds: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as caught:
