@@ -172,6 +172,14 @@ async def run_seeds(
             top["interrupted"]["seeds_not_started"] = seeds[i:]
             await asyncio.to_thread(_write, top, out, report=bool(runs))
             raise Interrupted(top) from None
+        except Exception as exc:
+            # A failed seed (a node died, a deadline passed) ends the command with its error;
+            # the top summary says which seed failed, and --resume runs it again.
+            states[s]["state"] = "failed"
+            top = _seeds_summary(config, seeds, runs, states, "failed")
+            top["failed"] = {"seed": s, "error": str(exc) or repr(exc)}
+            _write(top, out, report=False)
+            raise
         states[s]["state"] = "finished"
         # Written here and now (a small file): no await, so a signal cannot land between
         # this seed's end and the record of it.
