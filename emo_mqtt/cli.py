@@ -92,6 +92,26 @@ def broker_for(
         yield handle.url
 
 
+@contextmanager
+def brokers_for_run(
+    args: argparse.Namespace, config: Any, say: Callable[[str], None]
+) -> Iterator[tuple[str, Any]]:
+    """``emo run``'s brokers: ``(url, None)`` as :func:`broker_for`, or with
+    ``--topology sites`` a cloud and bridged site brokers of our own: ``(cloud url, sites)``."""
+    if args.topology != "sites":
+        with broker_for(args.broker, say) as url:
+            yield url, None
+        return
+    from emo_mqtt.broker.sites import SiteBrokers
+    from emo_mqtt.errors import ConfigError
+
+    if args.broker is not None:
+        raise ConfigError("--topology sites starts its own brokers: leave out --broker")
+    with SiteBrokers(config) as sites:
+        say(f"brokers: {sites.describe()}")
+        yield sites.cloud.url, sites
+
+
 def _check_reachable(host: str, port: int, url: str, timeout_s: float = 3.0) -> None:
     """Fail now, in one line, if nothing listens at the broker's address.
 
@@ -248,12 +268,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    with broker_for(args.broker, say) as url:
+    if args.topology == "sites":
+        from emo_mqtt.sites import Topology
+
+        Topology.for_config(config, "", [""] * config.fleet.overlays)  # bad: fails here
+    with brokers_for_run(args, config, say) as (url, sites):
         prepare_out(out, config.run.id, overwrite=args.overwrite)
         try:
             summary = asyncio.run(
                 _until_signalled(
-                    run_scenario(url, config, out, say=say, on_event=jsonl if args.jsonl else None)
+                    run_scenario(
+                        url,
+                        config,
+                        out,
+                        say=say,
+                        on_event=jsonl if args.jsonl else None,
+                        sites=sites,
+                    )
                 )
             )
         except Signalled as stop:
@@ -547,6 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
         '(repeatable; values as in TOML: 2, 0.5, true, ["fl", "emo"])',
     )
     _add_broker_option(p)
+    p.add_argument(
+        "--topology",
+        choices=["single", "sites"],
+        default="single",
+        help="single: one broker (default); sites: a cloud broker for the server and one "
+        "bridged site broker per overlay for it and its devices (docs/deployment.md)",
+    )
     p.add_argument("--out", help="output directory (default runs/<scenario name>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
