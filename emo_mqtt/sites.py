@@ -81,6 +81,7 @@ def site_name(k: int) -> str:
 
 
 def _check_sites(config: RunConfig) -> int:
+    # The config refuses fleet.overlays < 1 today; this keeps sites safe if that changes.
     if config.fleet.overlays < 1:
         raise ConfigError(
             "--topology sites needs at least one overlay: site k holds overlay k and the "
@@ -276,16 +277,21 @@ def _kinds(side: Mapping[str, object]) -> dict[str, int]:
     return {str(k): _int(v) for k, v in raw.items()}
 
 
-def counts_since(now: Mapping[str, object], before: Mapping[str, object]) -> dict[str, object]:
+def counts_since(
+    now: Mapping[str, object], before: Mapping[str, object], *, _top: bool = True
+) -> dict[str, object]:
     """``now`` less ``before``, key by key, for nested counts such as :func:`bridge_figures`'s:
-    what crossed between two readings of the same meters."""
+    what crossed between two readings of the same meters. Below the top level, counts that
+    did not change are left out (a kind that did not cross)."""
     out: dict[str, object] = {}
     for key, value in now.items():
         old = before.get(key)
         if isinstance(value, Mapping):
-            out[key] = counts_since(value, old if isinstance(old, Mapping) else {})
+            out[key] = counts_since(value, old if isinstance(old, Mapping) else {}, _top=False)
         elif isinstance(value, int):
-            out[key] = value - (old if isinstance(old, int) else 0)
+            diff = value - (old if isinstance(old, int) else 0)
+            if diff or _top:
+                out[key] = diff
         else:
             out[key] = value
     return out

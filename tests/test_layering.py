@@ -38,6 +38,8 @@ PURE = [
     "emo_mqtt.telemetry",
     "emo_mqtt.incarnation",
     "emo_mqtt.outdir",
+    "emo_mqtt.sites",
+    "emo_mqtt.mqttwire",
 ]
 
 
