@@ -413,6 +413,28 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_fleet_provision(args: argparse.Namespace) -> int:
     from emo_mqtt.provision import provision
 
+    if args.sites is not None:
+        from emo_mqtt.errors import ConfigError
+        from emo_mqtt.sitesprovision import provision_sites
+
+        if args.overlays not in (0, args.sites):
+            raise ConfigError(
+                f"--sites {args.sites}: one overlay per site, so --overlays is {args.sites}"
+            )
+        hosts = None if args.site_hosts is None else [h.strip() for h in args.site_hosts.split(",")]
+        result = provision_sites(
+            Path(args.out),
+            args.devices,
+            args.sites,
+            host=args.host,
+            port=args.port,
+            site_hosts=hosts,
+            site_port=args.site_port,
+            run=args.run,
+            bind=args.bind,
+        )
+        print(json.dumps(result, indent=2))
+        return 0
     result = provision(
         Path(args.out),
         args.devices,
@@ -649,6 +671,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.add_argument(
+        "--sites",
+        type=_count,
+        help="K edge sites: also write K site brokers (overlay k and its devices) bridged "
+        "to this cloud broker over TLS, under OUT/sites/site<k>/ (docs/deployment.md)",
+    )
+    p.add_argument(
+        "--site-hosts",
+        metavar="H0,H1,...",
+        help="with --sites: each site broker's host name or address (default: --host)",
+    )
+    p.add_argument(
+        "--site-port",
+        type=int,
+        help="with --sites: site k listens on this port + k (default: --port + 1)",
+    )
     p.set_defaults(func=cmd_fleet_provision)
 
     p = sub.add_parser("infer", help="ensemble inference from a saved run")

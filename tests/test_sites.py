@@ -12,17 +12,24 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from emo_mqtt.broker.launch import find_free_port, find_mosquitto, port_open
 from emo_mqtt.broker.sites import SiteBrokers, netns_problem
+from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.config import from_dict
 from emo_mqtt.errors import ConfigError
 from emo_mqtt.fleet import run_scenario
 from emo_mqtt.mqttwire import WireMeter
+from emo_mqtt.provision import load_node_config
 from emo_mqtt.sites import (
     ACTIVATION_KINDS,
     DOWN_KINDS,
@@ -36,6 +43,7 @@ from emo_mqtt.sites import (
     site_nodes,
     site_of,
 )
+from emo_mqtt.sitesprovision import provision_sites
 from emo_mqtt.topics import Kind, matches, topic
 
 FLEET: dict[str, Any] = {
@@ -230,3 +238,118 @@ def test_fleet_over_site_brokers_in_network_namespaces(tmp_path: Path) -> None:
     assert all(not url.startswith("mqtt://127.") for url in summary["site_urls"])
     left = subprocess.run(["ip", "netns"], capture_output=True, text=True, check=True).stdout
     assert f"emo-{os.getpid()}-site" not in left, "namespaces removed after the run"
+
+
+# ------------------------------------------------------------------ provisioned sites
+
+
+@pytest.fixture(scope="module")
+def provisioned_sites() -> Iterator[Path]:
+    """`emo fleet provision --sites 2` and its three brokers started with their configs as is.
+
+    Under /tmp, not pytest's private tmp_path: the brokers drop from root to `mosquitto`.
+    """
+    binary = find_mosquitto()
+    assert binary is not None, "Mosquitto is needed: apt-get install -y mosquitto"
+    out = Path(tempfile.mkdtemp(prefix="emo-sites-prov-"))
+    out.chmod(0o755)
+    port = find_free_port()
+    site_port = find_free_port()
+    while site_port + 1 == port or site_port == port:
+        site_port = find_free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        summary = provision_sites(out / "f", 4, 2, port=port, site_port=site_port, bind="127.0.0.1")
+        assert "warning" not in summary, summary
+        confs = [out / "f" / "mosquitto.conf"] + [
+            out / "f" / "sites" / f"site{k}" / "mosquitto.conf" for k in range(2)
+        ]
+        for k, conf in enumerate(confs):
+            log = (out / f"broker{k}.log").open("wb")
+            procs.append(
+                subprocess.Popen(
+                    [str(binary), "-c", str(conf)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
+        for k, p in enumerate((port, site_port, site_port + 1)):
+            deadline = time.monotonic() + 10
+            while not port_open("127.0.0.1", p):
+                assert procs[k].poll() is None, (out / f"broker{k}.log").read_text()
+                assert time.monotonic() < deadline, f"broker {k} did not listen"
+                time.sleep(0.05)
+        yield out / "f"
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _node_bus(fleet: Path, username: str) -> MqttBus:
+    url = load_node_config(fleet / "nodes" / username / "node.json").broker
+    return MqttBus(url, username, clean_start=True, connect_timeout_s=5.0)
+
+
+async def _arrives(pub: MqttBus, sub: MqttBus, where: str, within_s: float = 30.0) -> bytes:
+    """Publish on ``where`` every half second (the bridge may still be connecting) until
+    ``sub`` receives it; its payload."""
+    await sub.subscribe(where)
+    deadline = time.monotonic() + within_s
+    messages = sub.messages()
+    while time.monotonic() < deadline:
+        await pub.publish(where, b"hello " + where.encode(), qos=1)
+        try:
+            message = await asyncio.wait_for(anext(messages), 0.5)
+        except TimeoutError:
+            continue
+        return bytes(message.payload)
+    raise AssertionError(f"{where} never arrived")
+
+
+@pytest.mark.broker
+def test_provisioned_sites_bridge_over_tls_with_per_node_identities(
+    provisioned_sites: Path,
+) -> None:
+    fleet = provisioned_sites
+    site0 = (fleet / "sites" / "site0" / "mosquitto.conf").read_text().splitlines()
+    assert "require_certificate true" in site0 and "allow_anonymous false" in site0
+    assert any(line.startswith("bridge_certfile ") for line in site0)
+    assert "bridge_insecure false" in site0
+    assert "user bridge-site0" in (fleet / "acl").read_text()
+    site_acl = (fleet / "sites" / "site1" / "acl").read_text()
+    assert "user device-dev01" in site_acl and "user device-dev00" not in site_acl
+    urls = {
+        u: load_node_config(fleet / "nodes" / u / "node.json").broker
+        for u in ("server-server", "device-dev00", "device-dev01", "overlay-ovl0")
+    }
+    assert urls["device-dev00"].port == urls["overlay-ovl0"].port != urls["device-dev01"].port
+    assert urls["server-server"].port not in (urls["device-dev00"].port, urls["device-dev01"].port)
+
+    async def scenario() -> None:
+        run = "prov"
+        async with (
+            _node_bus(fleet, "server-server") as server,
+            _node_bus(fleet, "device-dev00") as dev0,
+            _node_bus(fleet, "device-dev01") as dev1,
+            _node_bus(fleet, "overlay-ovl0") as ovl0,
+        ):
+            # Up through each site's bridge: FL updates reach the cloud server.
+            for dev, node in ((dev0, "dev00"), (dev1, "dev01")):
+                where = topic(Kind.DEVICE_UPDATE, run, node=node)
+                assert await _arrives(dev, server, where) == b"hello " + where.encode()
+            # Down: the server's control decision reaches its device on site 1.
+            where = topic(Kind.CONTROL, run, node="dev01")
+            assert await _arrives(server, dev1, where) == b"hello " + where.encode()
+            # On site: activations reach the overlay on the site broker.
+            where = topic(Kind.DEVICE_ACTIVATIONS, run, node="dev00")
+            assert await _arrives(dev0, ovl0, where) == b"hello " + where.encode()
+
+    asyncio.run(scenario())
