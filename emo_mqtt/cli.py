@@ -306,6 +306,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(table(summary["algorithms"]))
+        for name, entry in summary["algorithms"].items():
+            if "bridge" in entry:  # --topology sites: what crossed the site<->cloud bridges
+                bridge = entry["bridge"]
+                print(
+                    f"bridge {name}: {bridge['bytes'] / 1e6:.2f} MB "
+                    f"(activations {bridge['activation_bytes'] / 1e6:.2f} MB)"
+                )
         for key, value in summary["comparisons"].items():
             print(f"{key}: {value}")
         print(f"summary: {out / 'summary.json'}")
