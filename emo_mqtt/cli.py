@@ -268,10 +268,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    if args.topology == "sites":
-        from emo_mqtt.sites import Topology
-
-        Topology.for_config(config, "", [""] * config.fleet.overlays)  # bad: fails here
     with brokers_for_run(args, config, say) as (url, sites):
         prepare_out(out, config.run.id, overwrite=args.overwrite)
         try:

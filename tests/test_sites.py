@@ -353,3 +353,20 @@ def test_provisioned_sites_bridge_over_tls_with_per_node_identities(
             assert await _arrives(dev0, ovl0, where) == b"hello " + where.encode()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_refuses_sites_with_a_broker_and_mismatched_overlays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from emo_mqtt.cli import main
+
+    argv = ["run", "quickstart", "--topology", "sites", "--broker", "mqtt://127.0.0.1:1"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "leave out --broker" in capsys.readouterr().err
+    argv = ["fleet", "provision", "--devices", "4", "--overlays", "3", "--sites", "2"]
+    assert main([*argv, "--out", str(tmp_path / "f")]) == 2
+    assert "one overlay per site" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
