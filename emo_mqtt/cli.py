@@ -107,6 +107,8 @@ def brokers_for_run(
 
     if args.broker is not None:
         raise ConfigError("--topology sites starts its own brokers: leave out --broker")
+    if config.network.enabled:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
     with SiteBrokers(config) as sites:
         say(f"brokers: {sites.describe()}")
         yield sites.cloud.url, sites

@@ -366,6 +366,9 @@ def test_cli_refuses_sites_with_a_broker_and_mismatched_overlays(
     argv = ["run", "quickstart", "--topology", "sites", "--broker", "mqtt://127.0.0.1:1"]
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert "leave out --broker" in capsys.readouterr().err
+    argv = ["run", "cellular", "--topology", "sites", "--out", str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert "do not combine" in capsys.readouterr().err
     argv = ["fleet", "provision", "--devices", "4", "--overlays", "3", "--sites", "2"]
     assert main([*argv, "--out", str(tmp_path / "f")]) == 2
     assert "one overlay per site" in capsys.readouterr().err
