@@ -100,6 +100,28 @@ def broker_for(
         yield handle.url
 
 
+@contextmanager
+def brokers_for_run(
+    args: argparse.Namespace, config: Any, say: Callable[[str], None]
+) -> Iterator[tuple[str, Any]]:
+    """``emo run``'s brokers: ``(url, None)`` as :func:`broker_for`, or with
+    ``--topology sites`` a cloud and bridged site brokers of our own: ``(cloud url, sites)``."""
+    if args.topology != "sites":
+        with broker_for(args.broker, say) as url:
+            yield url, None
+        return
+    from emo_mqtt.broker.sites import SiteBrokers
+    from emo_mqtt.errors import ConfigError
+
+    if args.broker is not None:
+        raise ConfigError("--topology sites starts its own brokers: leave out --broker")
+    if config.network.enabled:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
+    with SiteBrokers(config) as sites:
+        say(f"brokers: {sites.describe()}")
+        yield sites.cloud.url, sites
+
+
 def _check_reachable(host: str, port: int, url: str, timeout_s: float = 3.0) -> None:
     """Fail now, in one line, if nothing listens at the broker's address.
 
@@ -263,12 +285,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    with broker_for(args.broker, say) as url:
+    with brokers_for_run(args, config, say) as (url, sites):
         prepare_out(out, config.run.id, **claim)
         work = (
-            run_seeds(url, config, seeds, out, resume=args.resume, say=say, on_event=on_event)
+            run_seeds(
+                url, config, seeds, out, resume=args.resume, say=say, on_event=on_event, sites=sites
+            )
             if seeds is not None
-            else run_once(url, config, out, resume=args.resume, say=say, on_event=on_event)
+            else run_once(
+                url, config, out, resume=args.resume, say=say, on_event=on_event, sites=sites
+            )
         )
         try:
             summary = asyncio.run(_until_signalled(work))
@@ -305,6 +331,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"summary: {out / 'summary.json'}")
     else:
         print(table(summary["algorithms"]))
+        for name, entry in summary["algorithms"].items():
+            if "bridge" in entry:  # --topology sites: what crossed the site<->cloud bridges
+                bridge = entry["bridge"]
+                print(
+                    f"bridge {name}: {bridge['bytes'] / 1e6:.2f} MB "
+                    f"(activations {bridge['activation_bytes'] / 1e6:.2f} MB)"
+                )
         for key, value in summary["comparisons"].items():
             print(f"{key}: {value}")
         print(f"summary: {out / 'summary.json'}")
@@ -412,6 +445,28 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_fleet_provision(args: argparse.Namespace) -> int:
     from emo_mqtt.provision import provision
 
+    if args.sites is not None:
+        from emo_mqtt.errors import ConfigError
+        from emo_mqtt.sitesprovision import provision_sites
+
+        if args.overlays not in (0, args.sites):
+            raise ConfigError(
+                f"--sites {args.sites}: one overlay per site, so --overlays is {args.sites}"
+            )
+        hosts = None if args.site_hosts is None else [h.strip() for h in args.site_hosts.split(",")]
+        result = provision_sites(
+            Path(args.out),
+            args.devices,
+            args.sites,
+            host=args.host,
+            port=args.port,
+            site_hosts=hosts,
+            site_port=args.site_port,
+            run=args.run,
+            bind=args.bind,
+        )
+        print(json.dumps(result, indent=2))
+        return 0
     result = provision(
         Path(args.out),
         args.devices,
@@ -577,6 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
         '(repeatable; values as in TOML: 2, 0.5, true, ["fl", "emo"])',
     )
     _add_broker_option(p)
+    p.add_argument(
+        "--topology",
+        choices=["single", "sites"],
+        default="single",
+        help="single: one broker (default); sites: a cloud broker for the server and one "
+        "bridged site broker per overlay for it and its devices (docs/deployment.md)",
+    )
     p.add_argument("--out", help="output directory (default runs/<scenario name>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
@@ -654,6 +716,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.add_argument(
+        "--sites",
+        type=_count,
+        help="K edge sites: also write K site brokers (overlay k and its devices) bridged "
+        "to this cloud broker over TLS, under OUT/sites/site<k>/ (docs/deployment.md)",
+    )
+    p.add_argument(
+        "--site-hosts",
+        metavar="H0,H1,...",
+        help="with --sites: each site broker's host name or address (default: --host)",
+    )
+    p.add_argument(
+        "--site-port",
+        type=int,
+        help="with --sites: site k listens on this port + k (default: --port + 1)",
+    )
     p.set_defaults(func=cmd_fleet_provision)
 
     p = sub.add_parser("infer", help="ensemble inference from a saved run")

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.bus import BusOptions, open_bus
@@ -35,9 +35,13 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
+from emo_mqtt.sites import counts_since
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
+
+if TYPE_CHECKING:
+    from emo_mqtt.broker.sites import SiteBrokers
 
 log = logging.getLogger("emo_mqtt.fleet")
 
@@ -425,8 +429,13 @@ async def run_algorithm(
     out_dir: Path | None = None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry.
+
+    With ``sites`` (``--topology sites``), ``broker`` is the cloud broker: the server talks
+    to it, and the other nodes to their site's broker (``sites.topology.broker_for``);
+    the entry gains ``bridge``, the bytes that crossed the bridges meanwhile.
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
@@ -447,9 +456,15 @@ async def run_algorithm(
     replay: NetworkReplay | None = None
     checkpoint_dir: Path | None = None
 
+    def broker_of(node_id: str) -> Any:
+        """The broker (URL) ``node_id`` connects to: its proxy's, its site's, or ``broker``."""
+        if replay is not None:
+            return replay.url(node_id)
+        return broker if sites is None else sites.topology.broker_for(node_id)
+
     def make(node_id: str) -> Node:
         node = build_node(
-            replay.url(node_id) if replay is not None else broker,
+            broker_of(node_id),
             config,
             algorithm,
             plan,
@@ -479,6 +494,9 @@ async def run_algorithm(
         say(f"[{algorithm:>7}] network: {node_id} restarts")
         launch(make(node_id))
 
+    if config.network.enabled and sites is not None:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
+    bridge_before = None if sites is None else sites.bridge_counts()
     if config.network.enabled:
         if not isinstance(broker, str):
             raise ConfigError(
@@ -551,6 +569,8 @@ async def run_algorithm(
     # Round times count from round 1; the summary counts from the start of the run.
     offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
     entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
+    if sites is not None and bridge_before is not None:
+        entry["bridge"] = counts_since(sites.bridge_counts(), bridge_before)
     entry["logged_messages"] = len(msglog.rows)
     entry["logged_bytes"] = msglog.total_bytes
     if replay is not None:
@@ -768,8 +788,12 @@ async def run_scenario(
     say: Say = print,
     on_event: OnEvent | None = None,
     keep: dict[str, dict[str, Any]] | None = None,
+    *,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """Run every algorithm of ``config`` on the same data split and seed; the summary.
+
+    With ``sites``, ``broker`` is their cloud broker (see :func:`run_algorithm`).
 
     With ``out_dir``, writes summary.json there, and the plots and report.md beside it
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
@@ -812,7 +836,7 @@ async def run_scenario(
                 + (f", {config.fleet.overlays} overlays" if overlays else "")
             )
             algorithms[current] = await run_algorithm(
-                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen
+                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen, sites=sites
             )
     except asyncio.CancelledError:
         # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the

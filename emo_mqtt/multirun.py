@@ -17,13 +17,16 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emo_mqtt.aggregate_seeds import aggregate
 from emo_mqtt.config import RunConfig
 from emo_mqtt.fleet import Interrupted, OnEvent, Say, run_scenario
 from emo_mqtt.outdir import prepare_out, read_json
 from emo_mqtt.resume import ResumePlan, comparable_config, plan_algorithms
+
+if TYPE_CHECKING:
+    from emo_mqtt.broker.sites import SiteBrokers
 
 __all__ = [
     "config_record",
@@ -66,6 +69,7 @@ async def run_once(
     resume: bool = False,
     say: Say = print,
     on_event: OnEvent | None = None,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """One run of ``config`` into ``out``; with ``resume``, the finished algorithms of
     ``out`` are kept and only the others run (their leftovers cleared first)."""
@@ -80,7 +84,9 @@ async def run_once(
         keep = plan.keep
         if keep:
             say(f"resume: kept {', '.join(keep)}; running {', '.join(plan.run) or 'nothing'}")
-    return await run_scenario(broker, config, out, say=say, on_event=on_event, keep=keep)
+    return await run_scenario(
+        broker, config, out, say=say, on_event=on_event, keep=keep, sites=sites
+    )
 
 
 def _seeds_summary(
@@ -126,6 +132,7 @@ async def run_seeds(
     resume: bool = False,
     say: Say = print,
     on_event: OnEvent | None = None,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` once per seed into ``<out>/seed-<n>/``; the top summary (also written
     to ``<out>/summary.json`` after each seed, and with ``report.md`` at the end).
@@ -159,7 +166,9 @@ async def run_seeds(
         say(f"=== seed {s} ({i}/{len(seeds)}): run {cfg.run.id} -> {where}")
         states[s]["state"] = "running"
         try:
-            runs[s] = await run_once(broker, cfg, where, resume=resume, say=say, on_event=tagged)
+            runs[s] = await run_once(
+                broker, cfg, where, resume=resume, say=say, on_event=tagged, sites=sites
+            )
         except (Interrupted, asyncio.CancelledError) as exc:
             states[s]["state"] = "interrupted"
             top = _seeds_summary(config, seeds, runs, states, "interrupted")

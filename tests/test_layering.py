@@ -40,6 +40,8 @@ PURE = [
     "emo_mqtt.outdir",
     "emo_mqtt.resume",
     "emo_mqtt.aggregate_seeds",
+    "emo_mqtt.sites",
+    "emo_mqtt.mqttwire",
 ]
 
 
