@@ -1,7 +1,7 @@
 """The dashboard's server: one MQTT subscriber, one small HTTP server, both on asyncio.
 
 Debian's Mosquitto has no websockets listener, so the page cannot talk MQTT itself: this
-server subscribes to ``emo/+/status/#`` and ``emo/+/metrics/#``, keeps a
+server subscribes to ``emo/+/telemetry/#`` (statuses, metrics, run states), keeps a
 :class:`~emo_mqtt.dashboard.state.FleetState`, and serves
 
 - ``GET /``: the page, ``GET /static/<file>``: its script and style (from the package),
@@ -26,6 +26,7 @@ from typing import Any
 from emo_mqtt.bus import Bus, open_bus
 from emo_mqtt.dashboard.state import FleetState, prometheus_text
 from emo_mqtt.errors import EmoError
+from emo_mqtt.topics import telemetry_filter
 
 log = logging.getLogger("emo_mqtt.dashboard")
 
@@ -39,7 +40,7 @@ KEEPALIVE_S = 15.0
 MAX_CONNECTIONS = 256
 #: Seconds between two looks at the broker connection, for SSE clients.
 LINK_CHECK_S = 2.0
-SUBSCRIPTIONS = ("emo/+/status/#", "emo/+/metrics/#")
+SUBSCRIPTIONS = (telemetry_filter(),)
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
