@@ -439,8 +439,30 @@ async def test_dashboard_in_chromium(mosquitto: BrokerHandle, tmp_path: Path) ->
         # all gone offline cleanly at the end of the run.
         assert element_text(dom, "node-total") == "7", dom[:3000]
         assert element_text(dom, "node-count") == "0"
-        assert dom.count('data-state="offline"') == 7
+        # A finished run says so; its nodes are done (grey), not failed (red).
+        assert element_text(dom, "run-state") == "finished: 2/2 rounds"
+        assert dom.count('data-state="done"') == 7 and 'data-state="offline"' not in dom
+        assert "no alerts" in dom, "nodes leaving a finished run are not alerts"
         assert element_text(dom, "latest-accuracy") == expected
+        # The big-fleet view: counts by state, the two sites, the last round's stragglers.
+        counts = re.search(r'id="state-counts".*?</table>', dom, re.S)
+        assert counts and "<td>device</td><td>0</td><td>4</td><td>0</td>" in counts.group(0)
+        sites = re.search(r'id="sites".*?</table>', dom, re.S)
+        assert sites and sites.group(0).count("<tr>") == 3  # head + ovl0 + ovl1
+        assert "<td>ovl0</td><td>2</td>" in sites.group(0)
+        assert "round 2 closed" in element_text(dom, "stragglers")
+        assert 'id="search"' in dom
+        assert not re.search(r'id="controller-card"[^>]*hidden', dom), "EMO has a controller"
+        fl_dom = await chromium(f"http://127.0.0.1:{port}/?run=dash-fl", tmp_path, "--dump-dom")
+        assert re.search(r'id="controller-card"[^>]*hidden', fl_dom), "FedAvg has none"
+        assert element_text(fl_dom, "run-state") == "finished: 2/2 rounds"
+        code, _, found = await get(port, "/api/search?run=dash-emo&q=dev01")
+        hit = json.loads(found)["results"][0]
+        assert code == 200 and (hit["id"], hit["site"], hit["state"]) == (
+            "dev01",
+            "ovl1",
+            "offline",
+        )
         assert not math.isnan(emo["accuracy"])
         assert "dash-fl" in dom and "<svg" in dom  # FedAvg's accuracy line beside EMO's
         assert "no overlay in this run" not in dom
