@@ -239,8 +239,8 @@ async def _handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.Stream
                 args = parse_qs(query, max_num_fields=4)
             except ValueError:
                 args = {}
-            found = hub.state.search(args.get("run", [""])[0], args.get("q", [""])[0])
-            body, ctype, status = json.dumps(found).encode(), "application/json", 200
+            hits = hub.state.search(args.get("run", [""])[0], args.get("q", [""])[0])
+            body, ctype, status = json.dumps(hits).encode(), "application/json", 200
         elif path == "/metrics":
             body, ctype, status = hub.metrics_text(), "text/plain; version=0.0.4", 200
         elif path.startswith("/static/") and (found := _static(path[len("/static/") :])):
