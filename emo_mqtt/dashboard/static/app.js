@@ -7,14 +7,33 @@ const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2"
 // How long each snapshot took to render, and when (benchmarks read it: emo bench dashboard).
 window.emoPerf = { renders: [] };
 
-// A run's colour from its name (FNV-1a): the same run keeps its colour when others appear.
-function runColor(name) {
+// Three shades per algorithm: a run's colour says its algorithm, and its name (hashed)
+// picks the shade, so a run keeps its colour whatever other runs appear.
+const ALGORITHM_SHADES = {
+  fl: ["#2563eb", "#1e40af", "#60a5fa"],
+  sfl: ["#d97706", "#92400e", "#f59e0b"],
+  sfl_v1: ["#0891b2", "#155e75", "#22d3ee"],
+  emo: ["#dc2626", "#991b1b", "#f87171"],
+  emo_all: ["#7c3aed", "#5b21b6", "#a78bfa"],
+};
+
+// Each kind of bytes in its own colour, the same in every run.
+const KIND_COLORS = { weights: "#2563eb", activations: "#dc2626", gradients: "#d97706",
+  control: "#7c3aed", status: "#475569", metrics: "#0891b2", inference: "#db2777",
+  bench: "#65a30d" };
+
+function fnv(name) {
   let h = 0x811c9dc5;
   for (let i = 0; i < name.length; i++) {
     h ^= name.charCodeAt(i);
     h = Math.imul(h, 0x01000193) >>> 0;
   }
-  return COLORS[h % COLORS.length];
+  return h;
+}
+
+function runColor(name, algorithm) {
+  const shades = ALGORITHM_SHADES[algorithm];
+  return shades ? shades[fnv(name) % shades.length] : COLORS[fnv(name) % COLORS.length];
 }
 const SVG = "http://www.w3.org/2000/svg";
 let snapshot = null;
@@ -224,7 +243,7 @@ function renderAccuracy(run) {
     .sort((a, b) => a.name.localeCompare(b.name)).slice(0, COLORS.length);
   const series = [];
   runs.forEach((r) => {
-    const color = runColor(r.name);
+    const color = runColor(r.name, r.algorithm);
     const pts = r.accuracy.filter((p) => p.accuracy !== null).map((p) => [p.round, p.accuracy]);
     series.push({ name: r.name, color, points: pts, width: run && r.name === run.name ? 3 : 2 });
     // The FL model's own line, for runs whose deployed model differs from it (EMO).
@@ -247,7 +266,7 @@ function renderBytes(run) {
   const kinds = [...new Set(samples.flatMap((s) => Object.keys(s.by_kind)))].sort();
   const t0 = samples.length ? samples[0].t : 0;
   // Each kind keeps its colour (by name) whichever kinds a run has.
-  const series = kinds.map((k) => ({ name: k, color: runColor(k),
+  const series = kinds.map((k) => ({ name: k, color: KIND_COLORS[k] || runColor(k),
     points: samples.map((s) => [s.t - t0, s.by_kind[k] || 0]) }));
   // Log scale: SplitFed's activations and a FedAvg run's weights differ by orders of
   // magnitude; on a linear axis all but the largest are a flat line at zero.
