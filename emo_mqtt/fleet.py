@@ -241,6 +241,11 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
     retained += [topic(Kind.STATUS, run, node=n, role="device") for n in others]
     retained += [topic(Kind.STATUS, run, node=n, role="overlay") for n in overlays]
     retained += [topic(Kind.STATUS, run, node=n, role="server") for n in server]
+    # Final metrics are retained too (dashboards opened later read them), and the run state.
+    retained += [topic(Kind.METRICS, run, node=n, role="device") for n in others]
+    retained += [topic(Kind.METRICS, run, node=n, role="overlay") for n in overlays]
+    retained += [topic(Kind.METRICS, run, node=n, role="server") for n in server]
+    retained.append(topic(Kind.RUN_STATE, run))
     async with open_bus(broker, f"{run}-reset", clean_start=True) as bus:
         for where in retained:
             await bus.publish(where, b"", retain=True)  # an empty retained payload clears it
@@ -287,6 +292,8 @@ class Monitor:
 
     async def _loop(self) -> None:
         async for message in self.bus.messages():
+            if not message.payload:
+                continue  # a retained topic (final metrics) being cleared: not a message
             # Anyone who may write a metrics topic (every device) may put anything there,
             # retained even: parse it as untrusted input, and only the server's events count.
             try:
