@@ -14,12 +14,7 @@ from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.config import RunConfig
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.messages import Limits, state_spec
-from emo_mqtt.models import (
-    build_fl_model,
-    build_overlay_model,
-    build_split_model,
-    state_to_numpy,
-)
+from emo_mqtt.models import build_fl_model, build_overlay_model, state_to_numpy
 
 
 def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = None) -> Limits:
@@ -31,13 +26,7 @@ def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = 
     with torch.random.fork_rng(devices=[]):
         fl = build_fl_model(config.fl.model)
         overlay = build_overlay_model(config.emo.overlay_model, fl.activation_shape, fl.num_classes)
-        # SplitFed's whole model: the trunk under the overlay model (its server half).
-        whole = (
-            build_split_model(config.fl.model, config.emo.overlay_model, fl.num_classes)
-            if algorithm.is_split
-            else fl
-        )
-    full = state_spec(state_to_numpy(whole))
+    full = state_spec(state_to_numpy(fl))
     device_side = state_spec(state_to_numpy(fl.trunk)) if algorithm.is_split else full
     epochs, batch = config.fl.local_epochs, config.fl.batch_size
     per_device = config.data.samples_per_device or None
@@ -53,7 +42,9 @@ def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = 
         max_batches = max(1, math.ceil(per_device / batch) * epochs)
     return Limits(
         round_weights=device_side,
-        done_weights=full,
+        # SplitFed's done message carries the device half: the server half (the large model)
+        # never leaves the server, and would not fit one retained message.
+        done_weights=device_side,
         overlay_weights=state_spec(state_to_numpy(overlay)),
         activation_shape=tuple(fl.activation_shape),
         num_classes=fl.num_classes,

@@ -509,11 +509,14 @@ class ServerStrategy:
         return {} if self.overlays is None else self.overlays.rounds()
 
     def finish(self, final: dict[str, Any]) -> tuple[dict[str, np.ndarray], Outgoing]:
-        """The final model state and the ``done`` message that carries it."""
+        """The final model state (all of it) and the ``done`` message (the device side)."""
         self.state = RoundState.FINISHED
         state = state_to_numpy(self.model)
+        # SplitFed: the devices' half only (the server half stays on the server; it is in
+        # the returned state, saved as fl_model.npz).
+        sent = self.device_side_state() if self.split is not None else state
         return state, Outgoing(
-            Kind.SERVER_DONE, None, Done(final["rounds"], state, "finished"), retain=True
+            Kind.SERVER_DONE, None, Done(final["rounds"], sent, "finished"), retain=True
         )
 
     # -- checkpoint --------------------------------------------------------------------------
