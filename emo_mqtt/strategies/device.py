@@ -114,11 +114,15 @@ def outbox_bound(
 
     ``emo_all`` is the reference "every activation, fp32": its outbox holds a whole round's
     capture (every sample once: fp32 activations, int64 id and label), so that nothing is
-    evicted and the label is true as measured. An IoT device with less memory cannot run
-    it; the controlled ``emo`` keeps the configured bound.
+    evicted and the label is true as measured; so does ``emo`` with the controller off
+    (``controller.enabled = false``: every activation, fp32, too). An IoT device with less
+    memory cannot run it; the controlled ``emo`` keeps the configured bound.
     """
     bound = config.emo.outbox_kib * 1024
-    if algorithm.sends_everything:
+    everything = algorithm.sends_everything or (
+        algorithm.uses_overlays and not config.controller.enabled
+    )
+    if everything:
         per_sample = math.prod(activation_shape) * 4 + 2 * 8
         bound = max(bound, samples * per_sample)
     return bound
