@@ -899,6 +899,7 @@ async def run_scenario(
                         "bytes": a["bytes"],
                         "wall_s": a["wall_s"],
                         "sim_time_s": a["sim_time_s"],
+                        "time_to_final_s": a["time_to_final_s"],
                         "time_to_target_s": a["time_to_target_s"],
                     }
                     for name, a in algorithms.items()
