@@ -21,6 +21,10 @@ overlays follow from the cut layer they are given.
   96,170 parameters (16x); on a 4x4 cut, three 3x3 convs (64, 64, 128)-avgpool-linear:
   121,866 (20x).
 
+SplitFed's model (``build_split_model``) is an FL model's trunk with an overlay model as its
+head (the server half): ``cnn-small`` + ``overlay-mlp`` is 208 device-side parameters and
+726,538 server-side.
+
 The FL models hold no dropout and no batch norm on purpose: their training must be a pure
 function of (weights, data order), so that capturing activations cannot change a bit of it,
 and FedAvg of batch-norm statistics across non-IID devices is a known failure mode.

@@ -337,7 +337,6 @@ class DeviceNode(Node):
         msg = activations_message(r, capture.outbox.pop_all(), tuple(self.model.activation_shape))
         sent = len(msg.sample_ids)
         self.activations_evicted += capture.captured - sent
-        self.activations_published += sent
         self.activations_duplicates += sent - len(np.unique(msg.sample_ids))
         self.activation_bytes += int(
             msg.data.nbytes
@@ -347,13 +346,18 @@ class DeviceNode(Node):
         )
         # In the background: on a slow uplink, the next round's FL update must not queue
         # behind megabytes of activations (FL never waits for the overlays).
-        await self.send(
-            Kind.DEVICE_ACTIVATIONS,
-            msg.to_body(),
-            msg_kind=msg.KIND,
-            node=self.node_id,
-            background=True,
-        )
+        try:
+            await self.send(
+                Kind.DEVICE_ACTIVATIONS,
+                msg.to_body(),
+                msg_kind=msg.KIND,
+                node=self.node_id,
+                background=True,
+            )
+        except EmoError:
+            self.activations_dropped += sent  # never went up: counted, then logged above
+            raise
+        self.activations_published += sent
 
     async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
         client = SplitClient(self.config, self.data, r, weights, self.node_id)
