@@ -173,3 +173,14 @@ def test_splitfed_fleet_trains_the_large_model() -> None:
     assert summary["params"]["server"] == 726_538
     assert summary["accuracy"] == summary["fl_accuracy"] > 0.2
     assert summary["activations"]["captured"] == 0
+
+
+def test_a_small_outbox_evicts_and_the_counts_say_so() -> None:
+    """The controlled emo keeps emo.outbox_kib: 64 KiB cannot hold a round of 150 samples
+    even at int8, so the outbox evicts, and captured = published + evicted + dropped."""
+    config = from_dict({**SMALL, "emo": {**SMALL["emo"], "outbox_kib": 64}})
+    plan = plan_data(config)
+    summary = asyncio.run(run_algorithm(MemoryBroker(), config, "emo", plan, say=lambda _: None))
+    act = summary["activations"]
+    assert act["evicted"] > 0 and act["published"] > 0 and act["duplicates"] == 0
+    assert act["captured"] == act["published"] + act["evicted"] + act["dropped"]
