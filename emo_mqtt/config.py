@@ -114,9 +114,18 @@ class FLSection:
 
 @dataclass(frozen=True)
 class SFLSection:
-    """``[sfl]``: the SplitFed baselines."""
+    """``[sfl]``: the SplitFed baselines.
 
+    The server half is the scenario's overlay model (``emo.overlay_model``) stacked on the
+    FL trunk: the large model SplitFed exists to train (see docs/algorithms.md).
+    """
+
+    #: SGD learning rate of the device half (the FL trunk).
     lr: float = 0.05
+    #: Optimiser of the server half: "sgd" (plain SGD) or "adam".
+    server_optimizer: Literal["sgd", "adam"] = "sgd"
+    #: Learning rate of the server half (0: the same as ``lr``).
+    server_lr: float = 0.0
     #: Seconds a device waits for the gradient of one batch before giving up the round.
     gradient_timeout_s: float = 60.0
 
@@ -357,6 +366,7 @@ def _check(c: RunConfig) -> None:
     _require(c.fl.batch_size >= 1, "fl.batch_size", "must be at least 1")
     _require(c.fl.lr > 0, "fl.lr", "must be > 0")
     _require(c.sfl.lr > 0, "sfl.lr", "must be > 0")
+    _require(c.sfl.server_lr >= 0, "sfl.server_lr", "must be >= 0 (0: the same as sfl.lr)")
     _require(c.emo.overlay_lr > 0, "emo.overlay_lr", "must be > 0")
     _require(
         c.emo.cache_entries >= c.emo.overlay_batch_size,

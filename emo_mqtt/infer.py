@@ -29,7 +29,7 @@ from emo_mqtt.data import FMNIST_MEAN, FMNIST_STD, load_fashion_mnist
 from emo_mqtt.ensemble import Ensemble
 from emo_mqtt.errors import CodecError, ConfigError, EmoError
 from emo_mqtt.messages import InferRequest, InferResponse, Limits, MessageError, check_kind
-from emo_mqtt.models import FLModel, build_fl_model, load_numpy_state
+from emo_mqtt.models import FLModel, build_fl_model, build_split_model, load_numpy_state
 from emo_mqtt.topics import Kind, parse, subscription, topic
 from emo_mqtt.training import predict_proba
 
@@ -77,7 +77,11 @@ def load_predictor(run_dir: Path, algorithm: str = "emo") -> Predictor:
     if ensemble is not None:
         fl = ensemble.fl_model
     else:
-        fl = build_fl_model(meta["fl_model"])
+        fl = (
+            build_split_model(meta["fl_model"], meta["server_model"])
+            if meta.get("server_model")
+            else build_fl_model(meta["fl_model"])
+        )
         with np.load(where / "fl_model.npz", allow_pickle=False) as npz:
             load_numpy_state(fl, {k: npz[k] for k in npz.files})
     return Predictor(meta["run"], algorithm, fl, ensemble)

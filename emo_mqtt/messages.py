@@ -79,7 +79,7 @@ class Limits:
 
     - ``round_weights``: keys, shapes and dtypes of what ``server/round`` and updates carry
       (the whole FL model, or its trunk under SplitFed);
-    - ``done_weights``: the whole FL model (``server/done``);
+    - ``done_weights``: the whole FL model (``server/done``; SplitFed: its device half);
     - ``overlay_weights``: an overlay model's state;
     - ``activation_shape`` and ``num_classes``: activations and labels;
     - ``max_samples``: per device, the most samples an update may claim (its share of the

@@ -21,6 +21,10 @@ overlays follow from the cut layer they are given.
   96,170 parameters (16x); on a 4x4 cut, three 3x3 convs (64, 64, 128)-avgpool-linear:
   121,866 (20x).
 
+SplitFed's model (``build_split_model``) is an FL model's trunk with an overlay model as its
+head (the server half): ``cnn-small`` + ``overlay-mlp`` is 208 device-side parameters and
+726,538 server-side.
+
 The FL models hold no dropout and no batch norm on purpose: their training must be a pure
 function of (weights, data order), so that capturing activations cannot change a bit of it,
 and FedAvg of batch-norm statistics across non-IID devices is a known failure mode.
@@ -46,6 +50,7 @@ __all__ = [
     "StateError",
     "build_fl_model",
     "build_overlay_model",
+    "build_split_model",
     "load_numpy_state",
     "param_count",
     "state_to_numpy",
@@ -246,6 +251,21 @@ def build_overlay_model(
     if not shape or min(shape) < 1:
         raise ConfigError(f"bad activation shape {activation_shape!r}")
     return OverlayModel(OVERLAY_MODELS[name](shape, num_classes), shape, name)
+
+
+def build_split_model(name: str, server_half: str, num_classes: int = 10) -> FLModel:
+    """SplitFed's large model: the FL model's trunk (device half) under an overlay model.
+
+    The server half is the overlay model ``server_half`` (the scenario's
+    ``emo.overlay_model``) on the trunk's cut layer: the same large model EMO's overlays
+    train, stacked vertically, so that SplitFed trains what it exists to train (a model the
+    devices cannot hold) rather than the FL model's small head. Built from torch's global
+    RNG: the trunk first, exactly as :func:`build_fl_model` builds it for the same seed, then
+    the server half.
+    """
+    model = build_fl_model(name, num_classes)
+    model.head = build_overlay_model(server_half, model.activation_shape, num_classes)
+    return model
 
 
 def param_count(module: nn.Module) -> int:

@@ -43,9 +43,13 @@ _STYLES = ("-", "--", "-.", ":")
 
 _COMPARISON_TEXT = {
     "emo_minus_fl_points": "EMO accuracy minus FL accuracy (points)",
+    "emo_minus_fl_calibrated_points": (
+        "EMO accuracy minus FL accuracy calibrated as the ensemble is (points)"
+    ),
     "fl_model_identical_with_overlays": "FL model bit-identical with and without overlays",
     "sfl_bytes_over_emo_bytes": "SFL bytes / EMO bytes",
-    "sfl_time_over_emo_time": "SFL training time / EMO training time",
+    "sfl_time_over_emo_time": "SFL time to its final accuracy / EMO's",
+    "sfl_sim_time_over_emo_sim_time": "SFL time to its last round's close / EMO's",
     "sfl_time_to_target_over_emo": "SFL time to the target accuracy / EMO's",
     "common_accuracy": "best accuracy both SFL and EMO reached",
     "sfl_time_to_common_over_emo": "SFL time to that common accuracy / EMO's",
@@ -128,17 +132,19 @@ def _fmt(value: Any) -> str:
 
 def _table(algorithms: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
-        "| algorithm | accuracy | FL model accuracy | MB sent | activation MB | time s "
-        "| rounds | s to target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| algorithm | accuracy | FL model accuracy | calibrated | MB sent | activation MB "
+        "| time s | s to final | rounds | s to target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, a in algorithms.items():
         by_kind = a.get("bytes_by_kind", {})
         lines.append(
             f"| {name} | {float(a['accuracy']):.4f} | {float(a['fl_accuracy']):.4f} "
+            f"| {_fmt(a.get('calibrated_accuracy'))} "
             f"| {float(a.get('bytes', 0)) / 1e6:.2f} "
             f"| {float(by_kind.get('activations', 0)) / 1e6:.2f} "
-            f"| {float(a.get('sim_time_s', a.get('wall_s', 0))):.1f} | {a.get('rounds', '-')} "
+            f"| {float(a.get('sim_time_s', a.get('wall_s', 0))):.1f} "
+            f"| {_fmt(a.get('time_to_final_s'))} | {a.get('rounds', '-')} "
             f"| {_fmt(a.get('time_to_target_s', a.get('wall_to_target_s')))} |"
         )
     return lines

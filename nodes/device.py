@@ -43,6 +43,8 @@ from emo_mqtt.strategies.device import (
     RoundAction,
     SplitClient,
     activations_message,
+    capture_start,
+    outbox_bound,
 )
 from emo_mqtt.topics import Kind, ParsedTopic, topic
 from emo_mqtt.training import make_generator, make_rng, train_local
@@ -88,10 +90,18 @@ class DeviceNode(Node):
         self._training: asyncio.Task[None] | None = None
         #: Activations go up one round at a time, beside the rounds (see _queue_activations):
         #: the round whose activations wait for the link, and the task sending them.
-        self._pending_activations: tuple[int, DeviceOutbox[ActivationBatch]] | None = None
+        self._pending_activations: tuple[int, ActivationCapture] | None = None
         self._activation_sender: asyncio.Task[None] | None = None
         #: Rounds of activations dropped unsent because the uplink had not caught up.
         self.activation_rounds_dropped = 0
+        #: Samples whose activations were captured, published, evicted from the outbox, or
+        #: dropped unsent with their round; and repeats of a sample within one published
+        #: round (0 by construction: capture runs in the last local epoch only).
+        self.activations_captured = 0
+        self.activations_published = 0
+        self.activations_evicted = 0
+        self.activations_dropped = 0
+        self.activations_duplicates = 0
         self._gradients: dict[tuple[int, int], asyncio.Future[torch.Tensor]] = {}
         self.activation_bytes = 0
         self.rounds_trained = 0
@@ -141,6 +151,11 @@ class DeviceNode(Node):
             decision=self.strategy.decision.to_dict(),
             decision_round=self.strategy.decision_round,
             activation_rounds_dropped=self.activation_rounds_dropped,
+            activations_captured=self.activations_captured,
+            activations_published=self.activations_published,
+            activations_evicted=self.activations_evicted,
+            activations_dropped=self.activations_dropped,
+            activations_duplicates=self.activations_duplicates,
             compute_speed=self.compute_speed,
             compute_busy_s=round(self.compute_busy_s, 3),
             compute_wait_s=round(self.compute_wait_s, 3),
@@ -204,7 +219,7 @@ class DeviceNode(Node):
         if self._activation_sender is not None:  # the run is over: no overlay trains any more
             self._activation_sender.cancel()
 
-    def _queue_activations(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
+    def _queue_activations(self, r: int, capture: ActivationCapture) -> None:
         """Send round ``r``'s activations when the link is free; older unsent ones are dropped.
 
         Activations go beside the rounds, not in them: the next round's announcement cancels
@@ -216,16 +231,20 @@ class DeviceNode(Node):
         """
         if self._pending_activations is not None:
             self.activation_rounds_dropped += 1
-        self._pending_activations = (r, outbox)
+            dropped = self._pending_activations[1]
+            held = sum(len(b) for b in dropped.outbox.pop_all())
+            self.activations_evicted += dropped.captured - held
+            self.activations_dropped += held
+        self._pending_activations = (r, capture)
         if self._activation_sender is None or self._activation_sender.done():
             self._activation_sender = asyncio.create_task(self._send_activations())
 
     async def _send_activations(self) -> None:
         while self._pending_activations is not None:
-            r, outbox = self._pending_activations
+            r, capture = self._pending_activations
             self._pending_activations = None
             try:
-                await self._flush_outbox(r, outbox)
+                await self._flush_outbox(r, capture)
             except EmoError as exc:  # a publish timed out or the bus closed: try the next
                 log.warning(
                     "device %s: round %d activations not published: %s", self.node_id, r, exc
@@ -263,7 +282,8 @@ class DeviceNode(Node):
             await asyncio.sleep(wait)
 
     def _new_outbox(self) -> DeviceOutbox[ActivationBatch]:
-        return DeviceOutbox(self.config.emo.outbox_kib * 1024)
+        shape = tuple(self.model.activation_shape)
+        return DeviceOutbox(outbox_bound(self.config, self.algorithm, len(self.data), shape))
 
     async def _fl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
         model = build_fl_model(self.config.fl.model)
@@ -277,7 +297,11 @@ class DeviceNode(Node):
             decision = await self._current_decision(r)
             # Its own stream: what is published never touches the training RNG.
             capture = ActivationCapture(
-                r, decision, make_rng(c.run.seed, "activations", self.node_id, r), outbox
+                r,
+                decision,
+                make_rng(c.run.seed, "activations", self.node_id, r),
+                outbox,
+                first_step=capture_start(len(self.data), c.fl.batch_size, c.fl.local_epochs),
             )
         report, busy_s = await compute(
             _timed,
@@ -299,7 +323,8 @@ class DeviceNode(Node):
             "device %s: round %d trained, update sent (loss %.4f)", self.node_id, r, report.loss
         )
         if capture is not None:
-            self._queue_activations(r, outbox)
+            self.activations_captured += capture.captured
+            self._queue_activations(r, capture)
 
     def _stamped(self, update: Update) -> Update:
         """``update`` marked with the server start whose round it answers (kept for resends)."""
@@ -307,9 +332,12 @@ class DeviceNode(Node):
         self.strategy.last_update = stamped
         return stamped
 
-    async def _flush_outbox(self, r: int, outbox: DeviceOutbox[ActivationBatch]) -> None:
+    async def _flush_outbox(self, r: int, capture: ActivationCapture) -> None:
         """Publish this round's activations in one message (chunked by the bus if large)."""
-        msg = activations_message(r, outbox.pop_all(), tuple(self.model.activation_shape))
+        msg = activations_message(r, capture.outbox.pop_all(), tuple(self.model.activation_shape))
+        sent = len(msg.sample_ids)
+        self.activations_evicted += capture.captured - sent
+        self.activations_duplicates += sent - len(np.unique(msg.sample_ids))
         self.activation_bytes += int(
             msg.data.nbytes
             + msg.sample_ids.nbytes
@@ -318,13 +346,18 @@ class DeviceNode(Node):
         )
         # In the background: on a slow uplink, the next round's FL update must not queue
         # behind megabytes of activations (FL never waits for the overlays).
-        await self.send(
-            Kind.DEVICE_ACTIVATIONS,
-            msg.to_body(),
-            msg_kind=msg.KIND,
-            node=self.node_id,
-            background=True,
-        )
+        try:
+            await self.send(
+                Kind.DEVICE_ACTIVATIONS,
+                msg.to_body(),
+                msg_kind=msg.KIND,
+                node=self.node_id,
+                background=True,
+            )
+        except EmoError:
+            self.activations_dropped += sent  # never went up: counted, then logged above
+            raise
+        self.activations_published += sent
 
     async def _sfl_round(self, r: int, weights: dict[str, np.ndarray]) -> None:
         client = SplitClient(self.config, self.data, r, weights, self.node_id)

@@ -42,7 +42,9 @@ def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = 
         max_batches = max(1, math.ceil(per_device / batch) * epochs)
     return Limits(
         round_weights=device_side,
-        done_weights=full,
+        # SplitFed's done message carries the device half: the server half (the large model)
+        # never leaves the server, and would not fit one retained message.
+        done_weights=device_side,
         overlay_weights=state_spec(state_to_numpy(overlay)),
         activation_shape=tuple(fl.activation_shape),
         num_classes=fl.num_classes,

@@ -440,8 +440,13 @@ class ServerNode(Node):
         self.final = {
             "accuracy": scores["accuracy"],
             "fl_accuracy": scores["fl_accuracy"],
+            # The FL model (SplitFed: the split model) calibrated as the ensemble is.
+            "fl_calibrated_accuracy": scores.get("fl_calibrated_accuracy"),
             "member_accuracy": scores.get("member_accuracy"),
             "rounds": c.run.rounds,
+            # From round 1 to the final accuracy: the last round, the wait for the
+            # overlays' last models and the final evaluation (fleet.summarize adds the
+            # start wait: time_to_final_s).
             "train_wall_s": round(time.monotonic() - start, 3),
             "fl_model_sha256": "",
             "rejected_updates": self.strategy.rejected_updates,
@@ -473,6 +478,9 @@ class ServerNode(Node):
             "run": self.run,
             "algorithm": self.algorithm.value,
             "fl_model": self.config.fl.model,
+            # SplitFed: fl_model.npz is the whole split model, this overlay model its
+            # server half (emo_mqtt.models.build_split_model).
+            "server_model": self.config.emo.overlay_model if self.algorithm.is_split else None,
             "history": self.history,
             "final": self.final,
             "decisions": self.decisions,

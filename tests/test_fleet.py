@@ -67,6 +67,19 @@ def test_summary_has_every_algorithm(short_run: tuple[RunConfig, dict[str, Any],
         assert entry["rejected"].get("bad_payload", 0) == 0
         # Real training on real data: better than chance after three rounds.
         assert entry["accuracy"] > 0.3, name
+        # Time to the final accuracy goes past the last round's close (final evaluation).
+        assert entry["time_to_final_s"] >= entry["sim_time_s"] > 0, name
+        assert 0.3 < entry["calibrated_accuracy"] <= 1.0, name
+        assert set(entry["params"]) == {"device", "server", "overlay"}
+        if name.startswith("sfl"):
+            # SplitFed's server half is the overlay model, not the FL head.
+            assert (
+                entry["params"]["server"] == summary["algorithms"]["emo"]["params"]["overlay"] // 2
+            )
+    emo_all = summary["algorithms"]["emo_all"]["activations"]
+    assert emo_all["captured"] == emo_all["published"] > 0
+    assert emo_all["evicted"] == emo_all["duplicates"] == 0
+    assert "emo_minus_fl_calibrated_points" in summary["comparisons"]
 
 
 def test_bytes_by_kind_match_each_algorithm(

@@ -75,7 +75,7 @@ def test_write_report_writes_plots_and_markdown(tmp_path: Path) -> None:
         width, height = _png_size(path)
         assert width >= 400 and height >= 300
     report = (tmp_path / "report.md").read_text()
-    assert "| algorithm | accuracy | FL model accuracy | MB sent |" in report
+    assert "| algorithm | accuracy | FL model accuracy | calibrated | MB sent |" in report
     for name in ("fl", "sfl", "emo"):
         assert f"| {name} | " in report
     assert "`emo_minus_fl_points`): 1.23" in report

@@ -33,6 +33,8 @@ __all__ = [
     "RoundAction",
     "SplitClient",
     "activations_message",
+    "capture_start",
+    "outbox_bound",
 ]
 
 
@@ -95,11 +97,45 @@ class DeviceStrategy:
         return self.last_update
 
 
+def capture_start(samples: int, batch_size: int, epochs: int) -> int:
+    """Training steps before the last local epoch: capture skips them.
+
+    Each epoch visits every sample once, so capturing in one epoch only sends each sample's
+    activations at most once a round; the last epoch's are the freshest (the trunk closest
+    to the update the device sends).
+    """
+    return math.ceil(samples / batch_size) * max(epochs - 1, 0)
+
+
+def outbox_bound(
+    config: RunConfig, algorithm: Algorithm, samples: int, activation_shape: tuple[int, ...]
+) -> int:
+    """The device outbox's bound in bytes: ``emo.outbox_kib``, except under ``emo_all``.
+
+    ``emo_all`` is the reference "every activation, fp32": its outbox holds a whole round's
+    capture (every sample once: fp32 activations, int64 id and label), so that nothing is
+    evicted and the label is true as measured; so does ``emo`` with the controller off
+    (``controller.enabled = false``: every activation, fp32, too). An IoT device with less
+    memory cannot run it; the controlled ``emo`` keeps the configured bound.
+    """
+    bound = config.emo.outbox_kib * 1024
+    everything = algorithm.sends_everything or (
+        algorithm.uses_overlays and not config.controller.enabled
+    )
+    if everything:
+        per_sample = math.prod(activation_shape) * 4 + 2 * 8
+        bound = max(bound, samples * per_sample)
+    return bound
+
+
 class ActivationCapture:
     """EMO's add-on to local training: keeps the activations the decision allows.
 
     Called by :func:`~emo_mqtt.training.train_local` after each step; draws only from its
-    own RNG stream (``make_rng(seed, "activations", device, round)``).
+    own RNG stream (``make_rng(seed, "activations", device, round)``). The first
+    ``first_step`` steps (the epochs before the last: :func:`capture_start`) are skipped,
+    so a sample's activations travel at most once a round. ``captured`` counts the samples
+    pushed to the outbox.
     """
 
     def __init__(
@@ -108,17 +144,25 @@ class ActivationCapture:
         decision: ControlDecision,
         rng: np.random.Generator,
         outbox: DeviceOutbox[ActivationBatch],
+        first_step: int = 0,
     ) -> None:
         self.round = r
         self.decision = decision
         self.rng = rng
         self.outbox = outbox
+        self.first_step = first_step
+        self.steps = 0
         self.batch_index = 0
+        self.captured = 0
 
     def __call__(self, idx: np.ndarray, acts: torch.Tensor, labels: np.ndarray) -> None:
+        self.steps += 1
+        if self.steps <= self.first_step:
+            return
         chosen = select_for_publish(self.decision, self.batch_index, len(idx), self.rng)
         self.batch_index += 1
         if chosen.size:
+            self.captured += int(chosen.size)
             self.outbox.push(
                 ActivationBatch.quantize(
                     self.round,

@@ -19,6 +19,7 @@ function the driver runs in its compute pool.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from emo_mqtt.controller import (
     SendEverything,
     activation_drift,
 )
+from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
 from emo_mqtt.fedavg import (
@@ -57,6 +59,7 @@ from emo_mqtt.models import (
     OverlayModel,
     build_fl_model,
     build_overlay_model,
+    build_split_model,
     load_numpy_state,
     state_to_numpy,
 )
@@ -73,6 +76,7 @@ __all__ = [
     "ServerStrategy",
     "SharedHead",
     "SplitServer",
+    "calibrated_accuracy",
     "evaluate",
     "model_digest",
 ]
@@ -156,7 +160,13 @@ class HeadPerDevice:
 
 @dataclass
 class SplitServer:
-    """SplitFed's server half: the head(s) of the round and their optimisers."""
+    """SplitFed's server half: the head(s) of the round and their optimisers.
+
+    The "head" is the server half of the split model (:func:`build_split_model`: the
+    scenario's overlay model on the trunk's cut layer), trained with ``sfl.server_optimizer``
+    at ``sfl.server_lr`` (``sfl.lr`` when 0). Optimiser state lives for one round, as the
+    device half's does.
+    """
 
     config: RunConfig
     policy: HeadPolicy
@@ -166,14 +176,19 @@ class SplitServer:
     losses: list[float] = field(default_factory=list)
 
     def start(self, model: FLModel, sampled: list[str]) -> None:
-        head_state = state_to_numpy(model.head)
         self.heads.clear()
         self.optimizers.clear()
         for key in self.policy.keys(sampled):
-            head = build_fl_model(self.config.fl.model).head
-            load_numpy_state(head, head_state)
+            head = copy.deepcopy(model.head)
             self.heads[key] = head
-            self.optimizers[key] = torch.optim.SGD(head.parameters(), lr=self.config.sfl.lr)
+            self.optimizers[key] = self._optimizer(head)
+
+    def _optimizer(self, head: torch.nn.Module) -> torch.optim.Optimizer:
+        c = self.config.sfl
+        lr = c.server_lr or c.lr
+        if c.server_optimizer == "adam":
+            return torch.optim.Adam(head.parameters(), lr=lr)
+        return torch.optim.SGD(head.parameters(), lr=lr)
 
     def step(self, device: str, msg: SflActivations) -> torch.Tensor:
         """One batch: forward, backward and step of the device's head; the gradient."""
@@ -258,7 +273,13 @@ class ServerStrategy:
         self.algorithm = algorithm
         self.plan = plan
         seed_everything(config.run.seed)
-        self.model = build_fl_model(config.fl.model)
+        # SplitFed trains the large model (trunk + the overlay model as server half); the
+        # trunk's initial weights are the FL model's for the same seed either way.
+        self.model = (
+            build_split_model(config.fl.model, config.emo.overlay_model)
+            if algorithm.is_split
+            else build_fl_model(config.fl.model)
+        )
         self.state = RoundState.IDLE
         self.round = 0
         self.history: list[dict[str, Any]] = []
@@ -488,11 +509,14 @@ class ServerStrategy:
         return {} if self.overlays is None else self.overlays.rounds()
 
     def finish(self, final: dict[str, Any]) -> tuple[dict[str, np.ndarray], Outgoing]:
-        """The final model state and the ``done`` message that carries it."""
+        """The final model state (all of it) and the ``done`` message (the device side)."""
         self.state = RoundState.FINISHED
         state = state_to_numpy(self.model)
+        # SplitFed: the devices' half only (the server half stays on the server; it is in
+        # the returned state, saved as fl_model.npz).
+        sent = self.device_side_state() if self.split is not None else state
         return state, Outgoing(
-            Kind.SERVER_DONE, None, Done(final["rounds"], state, "finished"), retain=True
+            Kind.SERVER_DONE, None, Done(final["rounds"], sent, "finished"), retain=True
         )
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -557,6 +581,8 @@ def evaluate(
     split = plan.test if final else plan.eval_subset
     fl = evaluate_model(model, split)
     out: dict[str, Any] = {"fl_accuracy": fl.accuracy, "fl_loss": fl.loss, "accuracy": fl.accuracy}
+    if final:
+        out["fl_calibrated_accuracy"] = calibrated_accuracy(model, plan.validation, split)
     if ensemble is not None:
         ensemble, poisoned = _without_poisoned(ensemble, plan)
         if poisoned:
@@ -579,6 +605,18 @@ def evaluate(
     elif "poisoned" in out:
         out["overlay_rounds"] = {}
     return out
+
+
+def calibrated_accuracy(model: FLModel, validation: Split, split: Split) -> float:
+    """``model`` alone, calibrated as the ensemble is, scored on ``split``.
+
+    The same :class:`~emo_mqtt.ensemble.Ensemble` fit EMO's ensemble gets (log pooling,
+    temperature and per-class bias fitted on the server's validation split), with the model
+    as its only member: what calibration alone is worth, so that EMO is not credited with it.
+    """
+    alone = Ensemble(model, {})
+    alone.fit(validation)
+    return float(alone.evaluate(split).accuracy)
 
 
 def _without_poisoned(ensemble: Ensemble, plan: DataPlan) -> tuple[Ensemble | None, list[str]]:
