@@ -390,6 +390,7 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
         port=args.port,
         run=args.run,
         bind=args.bind,
+        fleet_replay=args.fleet_replay,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -611,6 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.add_argument(
+        "--fleet-replay",
+        action="store_true",
+        help='every overlay may read every device\'s activations ([emo] replay_scope = "fleet")',
+    )
     p.set_defaults(func=cmd_fleet_provision)
 
     p = sub.add_parser("infer", help="ensemble inference from a saved run")

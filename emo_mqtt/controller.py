@@ -30,6 +30,7 @@ __all__ = [
     "Controller",
     "ControllerConfig",
     "ConvergenceController",
+    "FixedRule",
     "SendEverything",
     "activation_drift",
     "relative_improvement",
@@ -149,6 +150,35 @@ class SendEverything:
     def decide(self, device_id: str, round: int) -> ControlDecision:
         del device_id, round
         return ControlDecision(1.0, "fp32", 1, "send-everything")
+
+
+@dataclass(frozen=True)
+class FixedRule:
+    """An ablation of the controller: the same share and precision for every device and
+    round, whatever the signals say (``emo_int8``: share 1 at int8; ``emo_fixed``: the
+    scenario's ``fixed_share`` at ``fixed_precision``).
+
+    A share below 1 is a fraction of every batch (interval 1): "every round, s of the
+    samples", the rule the controller has to beat.
+    """
+
+    share: float
+    precision: Precision
+    name: str = "fixed"
+
+    def __post_init__(self) -> None:
+        # Validated like any decision (share in [0, 1], a known precision).
+        ControlDecision(self.share, self.precision, 1, self.name)
+
+    def observe_round(self, round: int, drift: float | None, fl_loss: float | None) -> None:
+        del round, drift, fl_loss
+
+    def observe_overlay(self, overlay_id: str, round: int, loss: float) -> None:
+        del overlay_id, round, loss
+
+    def decide(self, device_id: str, round: int) -> ControlDecision:
+        del device_id, round
+        return ControlDecision(self.share, self.precision, 1, self.name)
 
 
 @dataclass(frozen=True)
