@@ -169,7 +169,7 @@ def test_with_fleet_replay_each_overlay_caches_every_devices_activations() -> No
         }
     )
     plan = plan_data(config)
-    entry = asyncio.run(run_algorithm(MemoryBroker(), config, "emo_int8", plan, say=lambda _: 0))
+    entry = asyncio.run(run_algorithm(MemoryBroker(), config, "emo_int8", plan, say=lambda _: None))
     sent = sum(len(plan.device(d)) for d in config.device_ids())
     epochs, rounds = config.fl.local_epochs, config.run.rounds
     # emo_int8: every sample of every epoch of every round, to both overlays.
