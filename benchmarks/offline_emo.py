@@ -8,15 +8,23 @@ the *validation* split, never on test data: the server's 2,000 validation images
 two, one half fits the ensemble's combiner and measures drift (as in a real run), the other
 half stands in for the test set. The test set is not loaded into the comparison at all.
 
-Variants (each also reports its FL model's accuracy, bit-identical across them):
-``emo_all`` (every activation, fp32: the reference for what the controller saves); ``emo``
-with the controller at each ``--staleness-budget`` given (the knob that sets the share of
-samples published: share = drift / budget).
+Variants (each also reports its FL model's accuracy, bit-identical across them): the
+``--algorithms`` given (default ``emo_all emo``; any of ``fl``, ``emo``, ``emo_all``,
+``emo_int8``, ``emo_fixed``), ``emo`` at each ``--staleness-budget`` given (the knob that
+sets the share of samples published: share = drift / budget), each at every
+``--overlays`` count given. ``--set section.key=value`` overrides any scenario key. With
+``emo`` and a fixed rule among the variants it prints the controller against the best fixed
+rule (:func:`emo_mqtt.fleet.fixed_rule_comparisons`, on the means over seeds); every variant
+prints the overlays' spill counters.
 
 Usage::
 
     python benchmarks/offline_emo.py                                 # quickstart settings
     python benchmarks/offline_emo.py --seeds 1 2 --staleness-budget 0.125 0.25 0.5
+    python benchmarks/offline_emo.py --algorithms emo emo_all emo_int8 emo_fixed
+    python benchmarks/offline_emo.py --scenario scenarios/scaling.toml --overlays 1 2 4 \
+        --algorithms emo
+    python benchmarks/offline_emo.py --algorithms fl --set fl.lr=0.2 --set fl.local_epochs=1
     python benchmarks/offline_emo.py --scenario scenarios/quickstart.toml --rounds 6 --json o.json
     python benchmarks/offline_emo.py --timing                        # unit timings
 """
