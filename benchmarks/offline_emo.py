@@ -83,6 +83,12 @@ def one(config: RunConfig, algorithm: str, plan: DataPlan) -> dict[str, Any]:
         "bytes": entry["bytes"],
         "bytes_by_kind": entry["bytes_by_kind"],
         "overlay_cache": entry.get("overlay_cache"),
+        # What the server decided for the first device, round by round (share, precision).
+        "decisions_first_device": [
+            (d["round"], round(d["fraction"] / d["interval"], 3), d["precision"])
+            for d in entry.get("controller_decisions", [])
+            if d["device"] == "dev00"
+        ],
         "fl_model_sha256": entry["fl_model_sha256"],
         "wall_s": round(time.perf_counter() - began, 1),
     }
