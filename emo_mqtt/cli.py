@@ -590,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
         "address, keeping the login and TLS files)",
     )
     p.add_argument("--config", required=True, help="the fleet's scenario file")
-    p.add_argument("--algorithm", default="emo", help="fl, sfl, sfl_v1, emo or emo_all")
+    p.add_argument(
+        "--algorithm", default="emo", help="fl, sfl, sfl_v1, emo, emo_all, emo_int8 or emo_fixed"
+    )
     p.add_argument("--out", help="server: directory for the trained models")
     p.set_defaults(func=cmd_node)
 
