@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.bus import BusOptions, open_bus
@@ -35,9 +35,13 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
+from emo_mqtt.sites import counts_since
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
 from emo_mqtt.training import make_generator, train_local
+
+if TYPE_CHECKING:
+    from emo_mqtt.broker.sites import SiteBrokers
 
 log = logging.getLogger("emo_mqtt.fleet")
 
@@ -237,6 +241,11 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
     retained += [topic(Kind.STATUS, run, node=n, role="device") for n in others]
     retained += [topic(Kind.STATUS, run, node=n, role="overlay") for n in overlays]
     retained += [topic(Kind.STATUS, run, node=n, role="server") for n in server]
+    # Final metrics are retained too (dashboards opened later read them), and the run state.
+    retained += [topic(Kind.METRICS, run, node=n, role="device") for n in others]
+    retained += [topic(Kind.METRICS, run, node=n, role="overlay") for n in overlays]
+    retained += [topic(Kind.METRICS, run, node=n, role="server") for n in server]
+    retained.append(topic(Kind.RUN_STATE, run))
     async with open_bus(broker, f"{run}-reset", clean_start=True) as bus:
         for where in retained:
             await bus.publish(where, b"", retain=True)  # an empty retained payload clears it
@@ -283,6 +292,8 @@ class Monitor:
 
     async def _loop(self) -> None:
         async for message in self.bus.messages():
+            if not message.payload:
+                continue  # a retained topic (final metrics) being cleared: not a message
             # Anyone who may write a metrics topic (every device) may put anything there,
             # retained even: parse it as untrusted input, and only the server's events count.
             try:
@@ -425,8 +436,13 @@ async def run_algorithm(
     out_dir: Path | None = None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry.
+
+    With ``sites`` (``--topology sites``), ``broker`` is the cloud broker: the server talks
+    to it, and the other nodes to their site's broker (``sites.topology.broker_for``);
+    the entry gains ``bridge``, the bytes that crossed the bridges meanwhile.
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
@@ -447,9 +463,15 @@ async def run_algorithm(
     replay: NetworkReplay | None = None
     checkpoint_dir: Path | None = None
 
+    def broker_of(node_id: str) -> Any:
+        """The broker (URL) ``node_id`` connects to: its proxy's, its site's, or ``broker``."""
+        if replay is not None:
+            return replay.url(node_id)
+        return broker if sites is None else sites.topology.broker_for(node_id)
+
     def make(node_id: str) -> Node:
         node = build_node(
-            replay.url(node_id) if replay is not None else broker,
+            broker_of(node_id),
             config,
             algorithm,
             plan,
@@ -479,6 +501,9 @@ async def run_algorithm(
         say(f"[{algorithm:>7}] network: {node_id} restarts")
         launch(make(node_id))
 
+    if config.network.enabled and sites is not None:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
+    bridge_before = None if sites is None else sites.bridge_counts()
     if config.network.enabled:
         if not isinstance(broker, str):
             raise ConfigError(
@@ -551,6 +576,8 @@ async def run_algorithm(
     # Round times count from round 1; the summary counts from the start of the run.
     offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
     entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
+    if sites is not None and bridge_before is not None:
+        entry["bridge"] = counts_since(sites.bridge_counts(), bridge_before)
     entry["logged_messages"] = len(msglog.rows)
     entry["logged_bytes"] = msglog.total_bytes
     if replay is not None:
@@ -800,8 +827,10 @@ class Interrupted(EmoError):
         self.summary = summary
 
 
-def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {
+def _summary(
+    config: RunConfig, algorithms: dict[str, dict[str, Any]], kept: list[str] | None = None
+) -> dict[str, Any]:
+    summary = {
         "scenario": config.source,
         "run_id": config.run.id,
         "state": "finished",
@@ -809,6 +838,9 @@ def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[s
         "algorithms": algorithms,
         "comparisons": comparisons(algorithms),
     }
+    if kept:  # --resume: these finished in an earlier run of this directory (another run id)
+        summary["kept_from_earlier_run"] = kept
+    return summary
 
 
 def _write_outputs(summary: dict[str, Any], out_dir: Path, *, report: bool = True) -> list[Path]:
@@ -833,13 +865,22 @@ async def run_scenario(
     out_dir: Path | None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    keep: dict[str, dict[str, Any]] | None = None,
+    *,
+    sites: SiteBrokers | None = None,
 ) -> dict[str, Any]:
     """Run every algorithm of ``config`` on the same data split and seed; the summary.
 
+    With ``sites``, ``broker`` is their cloud broker (see :func:`run_algorithm`).
+
     With ``out_dir``, writes summary.json there, and the plots and report.md beside it
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
-    algorithm and a last one (``"event": "done"``) with the paths written.
+    algorithm and a last one (``"event": "done"``) with the paths written. ``keep``: the
+    entries of algorithms that finished in an earlier run (``--resume``): not run again,
+    listed in the summary as they were (those not in ``run.algorithms`` after the others).
     """
+    keep = dict(keep or {})
+    kept = list(keep)
     config = with_run_id(config)
     runs = [run_id(config, a) for a in config.run.algorithms]
     await ensure_not_live(broker, runs, f"{config.run.id}-check-{secrets.token_hex(3)}")
@@ -863,29 +904,39 @@ async def run_scenario(
     current = ""
     try:
         for current in config.run.algorithms:
+            if current in keep:
+                say(f"== {current}: finished in the earlier run (--resume), kept")
+                algorithms[current] = keep.pop(current)
+                continue
             overlays = Algorithm.parse(current).uses_overlays
             say(
                 f"== {current}: {config.fleet.devices} devices"
                 + (f", {config.fleet.overlays} overlays" if overlays else "")
             )
             algorithms[current] = await run_algorithm(
-                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen
+                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen, sites=sites
             )
     except asyncio.CancelledError:
         # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the
         # algorithm that was running is marked with the last round it closed.
-        summary = _summary(config, algorithms)
+        algorithms.update(keep)
+        summary = _summary(config, algorithms, kept)
         summary["state"] = "interrupted"
         summary["interrupted"] = {
             "algorithm": current,
             "last_round": last_round.get(current, 0),
             "rounds": config.run.rounds,
-            "not_started": list(config.run.algorithms[len(algorithms) + 1 :]),
+            "not_started": [
+                a
+                for a in config.run.algorithms[config.run.algorithms.index(current) + 1 :]
+                if a not in keep
+            ],
         }
         if out_dir is not None:
             await asyncio.to_thread(_write_outputs, summary, out_dir, report=bool(algorithms))
         raise Interrupted(summary) from None
-    summary = _summary(config, algorithms)
+    algorithms.update(keep)  # finished earlier, not asked for this time: still reported
+    summary = _summary(config, algorithms, kept)
     written: list[Path] = []
     if out_dir is not None:
         # Files and plots from a worker thread: the event loop never waits on the disk.
