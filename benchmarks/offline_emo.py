@@ -8,15 +8,23 @@ the *validation* split, never on test data: the server's 2,000 validation images
 two, one half fits the ensemble's combiner and measures drift (as in a real run), the other
 half stands in for the test set. The test set is not loaded into the comparison at all.
 
-Variants (each also reports its FL model's accuracy, bit-identical across them):
-``emo_all`` (every activation, fp32: the reference for what the controller saves); ``emo``
-with the controller at each ``--staleness-budget`` given (the knob that sets the share of
-samples published: share = drift / budget).
+Variants (each also reports its FL model's accuracy, bit-identical across them): the
+``--algorithms`` given (default ``emo_all emo``; any of ``fl``, ``emo``, ``emo_all``,
+``emo_int8``, ``emo_fixed``), ``emo`` at each ``--staleness-budget`` given (the knob that
+sets the share of samples published: share = drift / budget), each at every
+``--overlays`` count given. ``--set section.key=value`` overrides any scenario key. With
+``emo`` and a fixed rule among the variants it prints the controller against the best fixed
+rule (:func:`emo_mqtt.fleet.fixed_rule_comparisons`, on the means over seeds); every variant
+prints the overlays' spill counters.
 
 Usage::
 
     python benchmarks/offline_emo.py                                 # quickstart settings
     python benchmarks/offline_emo.py --seeds 1 2 --staleness-budget 0.125 0.25 0.5
+    python benchmarks/offline_emo.py --algorithms emo emo_all emo_int8 emo_fixed
+    python benchmarks/offline_emo.py --scenario scenarios/scaling.toml --overlays 1 2 4 \
+        --algorithms emo
+    python benchmarks/offline_emo.py --algorithms fl --set fl.lr=0.2 --set fl.local_epochs=1
     python benchmarks/offline_emo.py --scenario scenarios/quickstart.toml --rounds 6 --json o.json
     python benchmarks/offline_emo.py --timing                        # unit timings
 """
@@ -26,7 +34,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +46,7 @@ import torch
 from emo_mqtt.bus import MemoryBroker
 from emo_mqtt.config import RunConfig, load_config
 from emo_mqtt.dataplan import DataPlan, plan_data
-from emo_mqtt.fleet import run_algorithm
+from emo_mqtt.fleet import fixed_rule_comparisons, run_algorithm
 from emo_mqtt.models import build_fl_model, build_overlay_model
 from emo_mqtt.nodes import compute
 from emo_mqtt.training import (
@@ -59,18 +70,64 @@ def tuning_plan(config: RunConfig) -> DataPlan:
 
 def one(config: RunConfig, algorithm: str, plan: DataPlan) -> dict[str, Any]:
     began = time.perf_counter()
-    entry = asyncio.run(run_algorithm(MemoryBroker(), config, algorithm, plan, say=lambda _: None))
+    with tempfile.TemporaryDirectory(prefix="offline-emo-") as out:
+        # An output directory gives the overlays their spill tier, as in ``emo run``.
+        entry = asyncio.run(
+            run_algorithm(MemoryBroker(), config, algorithm, plan, out_dir=Path(out), say=_quiet)
+        )
     return {
         "val_accuracy": entry["accuracy"],
         "fl_val_accuracy": entry["fl_accuracy"],
+        "member_val_accuracy": entry.get("member_accuracy"),
         "activation_bytes": entry["bytes_by_kind"].get("activations", 0),
         "bytes": entry["bytes"],
+        "bytes_by_kind": entry["bytes_by_kind"],
+        "overlay_cache": entry.get("overlay_cache"),
+        # What the server decided for the first device, round by round (share, precision).
+        "decisions_first_device": [
+            (d["round"], round(d["fraction"] / d["interval"], 3), d["precision"])
+            for d in entry.get("controller_decisions", [])
+            if d["device"] == "dev00"
+        ],
         "fl_model_sha256": entry["fl_model_sha256"],
         "wall_s": round(time.perf_counter() - began, 1),
     }
 
 
-def sweep(config: RunConfig, seeds: list[int], budgets: list[float]) -> dict[str, Any]:
+def _quiet(_: str) -> None:
+    pass
+
+
+def variants(
+    config: RunConfig, algorithms: list[str], budgets: list[float], overlays: list[int]
+) -> list[tuple[str, RunConfig, str]]:
+    """(name, configuration, algorithm) of every variant of one seed."""
+    out: list[tuple[str, RunConfig, str]] = []
+    for count in overlays or [config.fleet.overlays]:
+        cfg = config.with_overrides(fleet={"overlays": count})
+        suffix = f" overlays={count}" if overlays else ""
+        for algorithm in algorithms:
+            if algorithm == "emo" and budgets:
+                out += [
+                    (
+                        f"emo budget={b:g}{suffix}",
+                        cfg.with_overrides(controller={"staleness_budget": b}),
+                        "emo",
+                    )
+                    for b in budgets
+                ]
+            else:
+                out.append((f"{algorithm}{suffix}", cfg, algorithm))
+    return out
+
+
+def sweep(
+    config: RunConfig,
+    seeds: list[int],
+    algorithms: list[str],
+    budgets: list[float],
+    overlays: list[int],
+) -> dict[str, Any]:
     """Every variant for every seed; results by variant then seed."""
     compute.configure(config.fleet.parallel_training)
     out: dict[str, Any] = {}
@@ -78,21 +135,34 @@ def sweep(config: RunConfig, seeds: list[int], budgets: list[float]) -> dict[str
         seeded = config.with_overrides(run={"seed": seed})
         plan = tuning_plan(seeded)
         # FL's own figure is every EMO run's ``fl_val_accuracy`` (bit-identical FL).
-        variants: list[tuple[str, RunConfig, str]] = [("emo_all", seeded, "emo_all")]
-        variants += [
-            (f"emo budget={b:g}", seeded.with_overrides(controller={"staleness_budget": b}), "emo")
-            for b in budgets
-        ]
-        for name, cfg, algorithm in variants:
+        for name, cfg, algorithm in variants(seeded, algorithms, budgets, overlays):
             result = one(cfg, algorithm, plan)
             out.setdefault(name, {})[str(seed)] = result
+            spill = result["overlay_cache"] or {}
             print(
-                f"seed {seed} {name:18} val acc {result['val_accuracy']:.4f} "
+                f"seed {seed} {name:24} val acc {result['val_accuracy']:.4f} "
                 f"(FL {result['fl_val_accuracy']:.4f}) activations "
-                f"{result['activation_bytes'] / 1e6:7.2f} MB  {result['wall_s']:6.1f} s",
+                f"{result['activation_bytes'] / 1e6:7.2f} MB  spilled "
+                f"{spill.get('spill_entries_written', 0)} taken "
+                f"{spill.get('spill_entries_taken', 0)}  {result['wall_s']:6.1f} s",
                 flush=True,
             )
     return out
+
+
+def controller_vs_fixed(results: dict[str, Any]) -> dict[str, Any]:
+    """``comparisons`` of :mod:`emo_mqtt.fleet` on the per-variant means (validation)."""
+    means: dict[str, dict[str, Any]] = {}
+    for name, by_seed in results.items():
+        key = "emo" if name.startswith("emo budget=") else name
+        if key in means or key not in ("emo", "emo_all", "emo_int8", "emo_fixed"):
+            continue
+        runs = list(by_seed.values())
+        means[key] = {
+            "accuracy": float(np.mean([r["val_accuracy"] for r in runs])),
+            "bytes_by_kind": {"activations": float(np.mean([r["activation_bytes"] for r in runs]))},
+        }
+    return fixed_rule_comparisons(means)
 
 
 def table(results: dict[str, Any]) -> str:
@@ -105,7 +175,7 @@ def table(results: dict[str, Any]) -> str:
         accs = [r["val_accuracy"] for r in by_seed.values()]
         mb = [r["activation_bytes"] / 1e6 for r in by_seed.values()]
         saved = ""
-        if ref and name.startswith("emo "):
+        if ref and name != "emo_all":
             full = np.mean([r["activation_bytes"] for r in ref.values()])
             saved = f"{1 - np.mean([r['activation_bytes'] for r in by_seed.values()]) / full:.1%}"
         lines.append(
@@ -113,6 +183,18 @@ def table(results: dict[str, Any]) -> str:
             f"{' / '.join(f'{a:.4f}' for a in accs)} | {np.mean(mb):.1f} | {saved} |"
         )
     return "\n".join(lines)
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``section.key=value`` overrides (values as TOML scalars)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not value or not name:
+            raise SystemExit(f"offline_emo: --set wants section.key=value, got {item!r}")
+        out.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
+    return out
 
 
 def micro_timings(threads: int, fl_model: str = "cnn-small") -> dict[str, float]:
@@ -155,7 +237,29 @@ def main() -> None:
     parser.add_argument("--scenario", default="scenarios/quickstart.toml")
     parser.add_argument("--rounds", type=int, help="override [run] rounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
-    parser.add_argument("--staleness-budget", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=["emo_all", "emo"],
+        help="EMO variants to run (emo, emo_all, emo_int8, emo_fixed)",
+    )
+    parser.add_argument(
+        "--staleness-budget",
+        type=float,
+        nargs="*",
+        default=[],
+        help="run emo at each of these budgets (default: the scenario's)",
+    )
+    parser.add_argument(
+        "--overlays", type=int, nargs="*", default=[], help="run every variant with N overlays"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario key, e.g. --set controller.warmup_rounds=1",
+    )
     parser.add_argument(
         "--timing", action="store_true", help="only print unit timings (1 and 2 torch threads)"
     )
@@ -172,12 +276,22 @@ def main() -> None:
     # Every device answers every round here: a deadline would only make the figures depend
     # on how loaded the machine is (a round closing early under load).
     config = config.with_overrides(fleet={"round_deadline_s": 3600.0})
-    results = sweep(config, args.seeds, args.staleness_budget)
+    if args.set:
+        config = config.with_overrides(**parse_set(args.set))
+    results = sweep(config, args.seeds, args.algorithms, args.staleness_budget, args.overlays)
     print(table(results))
+    versus = controller_vs_fixed(results)
+    if versus:
+        print("controller vs best fixed rule (means):", json.dumps(versus))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(
-                {"scenario": args.scenario, "config": config.to_dict(), "results": results},
+                {
+                    "scenario": args.scenario,
+                    "config": config.to_dict(),
+                    "results": results,
+                    "controller_vs_fixed": versus,
+                },
                 fh,
                 indent=1,
             )

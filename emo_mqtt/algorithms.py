@@ -21,6 +21,11 @@ class Algorithm(StrEnum):
     SFL_V1 = "sfl_v1"
     EMO = "emo"
     EMO_ALL = "emo_all"
+    #: Ablation of the controller: every sample, every batch, int8; no signals.
+    EMO_INT8 = "emo_int8"
+    #: Ablation of the controller: a fixed share of samples at a fixed precision
+    #: (``[controller] fixed_share`` / ``fixed_precision``); no signals.
+    EMO_FIXED = "emo_fixed"
 
     @classmethod
     def parse(cls, value: str) -> Algorithm:
@@ -34,7 +39,12 @@ class Algorithm(StrEnum):
     @property
     def uses_overlays(self) -> bool:
         """FL plus overlays that train on the devices' activations (EMO)."""
-        return self in (Algorithm.EMO, Algorithm.EMO_ALL)
+        return self in (
+            Algorithm.EMO,
+            Algorithm.EMO_ALL,
+            Algorithm.EMO_INT8,
+            Algorithm.EMO_FIXED,
+        )
 
     @property
     def is_split(self) -> bool:
@@ -55,3 +65,9 @@ class Algorithm(StrEnum):
     def sends_everything(self) -> bool:
         """EMO with the controller off: every activation, fp32."""
         return self is Algorithm.EMO_ALL
+
+    @property
+    def fixed_rule(self) -> bool:
+        """EMO with a fixed activation rule and no convergence signal (the controller's
+        ablations: ``emo_int8``, ``emo_fixed``)."""
+        return self in (Algorithm.EMO_INT8, Algorithm.EMO_FIXED)

@@ -458,6 +458,42 @@ class ReplayCache:
         self.stats.refilled += result.inserted + result.replaced
         return result.inserted + result.replaced
 
+    def rotate(self, current_round: int, max_staleness: int, limit: int) -> int:
+        """Swap up to ``limit`` fresh entries of the spill tier with the entries held longest.
+
+        What overflowed to disk is part of the replay set, not a graveyard: each call
+        brings fresh spilled entries back (into free slots first, then in place of the
+        entries inserted longest ago, which go to the spill tier in turn), so that over
+        successive rounds the overlay replays everything its devices sent within the
+        staleness bound, not only the newest ``capacity`` entries. Returns the entries
+        brought back (0 without a spill tier or with nothing fresh on it).
+        """
+        if self.spill is None:
+            return 0
+        self.purge_stale(current_round, max_staleness)
+        if limit < 1 or not self.spill.blocks:
+            return 0
+        # Oldest blocks first: what this call swaps out is written as the newest block, so
+        # successive calls cycle through the whole tier instead of taking it straight back.
+        block = self.spill.take(
+            current_round, max_staleness, min(int(limit), self.capacity), oldest_first=True
+        )
+        if block is None:
+            return 0
+        need = len(block) - len(self._free)
+        if need > 0:
+            held = np.flatnonzero(self._valid)
+            out = held[np.argsort(self._seq[held], kind="stable")[:need]]
+            outgoing = self._extract(out)
+            for slot in out:
+                self._free_slot(int(slot))
+            self.stats.evicted += int(out.size)
+            self.spill.write(outgoing)
+            self.stats.spilled += len(outgoing)
+        result = self._insert(block, spill_evictions=False)
+        self.stats.refilled += result.inserted + result.replaced
+        return result.inserted + result.replaced
+
     # -- reads ----------------------------------------------------------------------------
 
     def fresh_count(self, current_round: int, max_staleness: int) -> int:

@@ -453,6 +453,9 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--sites {args.sites}: one overlay per site, so --overlays is {args.sites}"
             )
+        if args.fleet_replay:
+            # A site's broker carries its own devices' activations only (they stay on site).
+            raise ConfigError("--fleet-replay cannot be combined with --sites")
         hosts = None if args.site_hosts is None else [h.strip() for h in args.site_hosts.split(",")]
         result = provision_sites(
             Path(args.out),
@@ -475,6 +478,7 @@ def cmd_fleet_provision(args: argparse.Namespace) -> int:
         port=args.port,
         run=args.run,
         bind=args.bind,
+        fleet_replay=args.fleet_replay,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -694,7 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
         "address, keeping the login and TLS files)",
     )
     p.add_argument("--config", required=True, help="the fleet's scenario file")
-    p.add_argument("--algorithm", default="emo", help="fl, sfl, sfl_v1, emo or emo_all")
+    p.add_argument(
+        "--algorithm", default="emo", help="fl, sfl, sfl_v1, emo, emo_all, emo_int8 or emo_fixed"
+    )
     p.add_argument("--out", help="server: directory for the trained models")
     p.set_defaults(func=cmd_node)
 
@@ -716,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.add_argument(
+        "--fleet-replay",
+        action="store_true",
+        help='every overlay may read every device\'s activations ([emo] replay_scope = "fleet")',
+    )
     p.add_argument(
         "--sites",
         type=_count,

@@ -148,6 +148,12 @@ class EMOSection:
     max_staleness: int = 3
     #: Device outbox bound, KiB.
     outbox_kib: int = 4096
+    #: Whose activations an overlay replays: "own" (the devices it serves, the paper's
+    #: partition of the fleet) or "fleet" (every device's: the broker fans each device's
+    #: activations out to every overlay, so the overlays become diverse members trained on
+    #: the same data from different initialisations, and more overlays add members instead
+    #: of splitting the data; docs/algorithms.md section 7, "Horizontal scaling").
+    replay_scope: Literal["own", "fleet"] = "own"
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,10 @@ class ControllerSection:
     enabled: bool = True
     #: Validation samples on which the server measures trunk drift between rounds.
     probe_samples: int = 256
+    #: ``emo_fixed`` (an ablation, no signals): share of every batch's samples published ...
+    fixed_share: float = 0.5
+    #: ... and at what precision (fp32, fp16 or int8).
+    fixed_precision: Literal["fp32", "fp16", "int8"] = "int8"
     #: Thresholds given in the file, as (name, value) pairs.
     policy_overrides: tuple[tuple[str, Any], ...] = ()
 
@@ -222,6 +232,12 @@ class RunConfig:
 
     def devices_of(self, overlay: str) -> list[str]:
         return [d for d in self.device_ids() if self.overlay_of(d) == overlay]
+
+    def replays_of(self, overlay: str) -> list[str]:
+        """The devices whose activations ``overlay`` caches and replays (``emo.replay_scope``)."""
+        if self.emo.replay_scope == "fleet":
+            return self.device_ids()
+        return self.devices_of(overlay)
 
     def compute_speed(self, device: str) -> float:
         """``device``'s training speed relative to this machine."""
@@ -376,6 +392,7 @@ def _check(c: RunConfig) -> None:
     _require(c.emo.max_staleness >= 0, "emo.max_staleness", "must be >= 0")
     _require(c.emo.overlay_steps_per_round >= 0, "emo.overlay_steps_per_round", "must be >= 0")
     _require(c.controller.probe_samples >= 1, "controller.probe_samples", "must be at least 1")
+    _require(0 < c.controller.fixed_share <= 1, "controller.fixed_share", "must be in (0, 1]")
 
 
 def _check_data(c: RunConfig) -> None:

@@ -671,7 +671,77 @@ def summarize(
         # Overlays whose models were refused as poisoned (non-finite), by times refused.
         "poisoned_overlays": done.get("poisoned_overlays") or {},
         "fl_model_sha256": done["fl_model_sha256"],
-        "controller_decisions": server.decisions if Algorithm.parse(algorithm).controlled else [],
+        "controller_decisions": server.decisions if _decides(algorithm) else [],
+        "overlay_cache": overlay_cache_totals(monitor.final),
+    }
+
+
+def _decides(algorithm: str) -> bool:
+    """Whether the server's per-device decisions are worth keeping in the summary."""
+    parsed = Algorithm.parse(algorithm)
+    return parsed.controlled or parsed.fixed_rule
+
+
+#: Overlay counters summed into ``overlay_cache`` (what the replay cache and its spill tier did).
+_CACHE_COUNTERS = ("offered", "evicted", "purged", "refilled", "sampled_entries", "spilled")
+_SPILL_COUNTERS = (
+    "spill_entries_written",
+    "spill_entries_taken",
+    "spill_entries_dropped",
+    "spill_bytes",
+    "spill_blocks",
+)
+
+
+def overlay_cache_totals(final: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """The overlays' replay-cache and spill-tier counters, summed over the overlays, from
+    their final metrics (all zero without overlays). ``spill_entries_written`` > 0 means
+    capacity evictions went to disk; ``spill_entries_taken`` that replay read them back."""
+    out = {k: 0 for k in (*_CACHE_COUNTERS, *_SPILL_COUNTERS)}
+    for node, metrics in final.items():
+        if not node.startswith("overlay/"):
+            continue
+        stats = metrics.get("cache_stats") or {}
+        for k in _CACHE_COUNTERS:
+            out[k] += int(stats.get(k, 0))
+        for k in _SPILL_COUNTERS:
+            out[k] += int(metrics.get(k, 0))
+    return out
+
+
+def best_fixed_rule(algorithms: dict[str, dict[str, Any]]) -> str | None:
+    """The controller's strongest ablation that ran: of ``emo_int8`` and ``emo_fixed``, the
+    more accurate, the fewer activation bytes on a tie (None when neither ran)."""
+    ran = [a for a in Algorithm if a.fixed_rule and a.value in algorithms]
+    if not ran:
+        return None
+    best = max(
+        ran,
+        key=lambda a: (
+            algorithms[a.value]["accuracy"],
+            -algorithms[a.value]["bytes_by_kind"].get("activations", 0),
+        ),
+    )
+    return best.value
+
+
+def fixed_rule_comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The convergence-aware controller (``emo``) against its best fixed rule.
+
+    ``controller_vs_best_fixed_bytes``: emo's activation bytes over the best fixed rule's
+    (below 1: the controller sends less); ``controller_vs_best_fixed_points``: emo's
+    accuracy minus the best fixed rule's, in points (negative: the controller is worse).
+    """
+    emo, best = algorithms.get("emo"), best_fixed_rule(algorithms)
+    if emo is None or best is None:
+        return {}
+    fixed = algorithms[best]
+    act = emo["bytes_by_kind"].get("activations", 0)
+    act_fixed = fixed["bytes_by_kind"].get("activations", 0)
+    return {
+        "best_fixed_rule": best,
+        "controller_vs_best_fixed_bytes": round(act / act_fixed, 4) if act_fixed else None,
+        "controller_vs_best_fixed_points": round(100 * (emo["accuracy"] - fixed["accuracy"]), 2),
     }
 
 
@@ -754,6 +824,7 @@ def comparisons(algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out["controller_accuracy_cost_points"] = round(
             100 * (full["accuracy"] - emo["accuracy"]), 2
         )
+    out.update(fixed_rule_comparisons(algorithms))
     return out
 
 

@@ -89,14 +89,22 @@ def devices_of(overlay: int, devices: int, overlays: int) -> list[str]:
     return [d for i, d in enumerate(_device_ids(devices)) if i % overlays == overlay]
 
 
-def acl_text(devices: int, overlays: int, run: str | None = None, server: str = "server") -> str:
+def acl_text(
+    devices: int,
+    overlays: int,
+    run: str | None = None,
+    server: str = "server",
+    *,
+    fleet_replay: bool = False,
+) -> str:
     """The Mosquitto ACL file: what each username may read and write.
 
     Topics are ``emo/<run>/...``; with ``run`` None the run level is ``+`` (any run).
     Devices write only below their own id and read the round, the end of the run, their
     own control topic and their own SplitFed gradients; overlays read only their own
-    devices' activations; only the server writes ``server/*`` and ``control/*``; the
-    monitor only reads the telemetry branch (statuses, metrics, run states).
+    devices' activations (every device's with ``fleet_replay``: ``[emo] replay_scope =
+    "fleet"``); only the server writes ``server/*`` and ``control/*``; the monitor only
+    reads the telemetry branch (statuses, metrics, run states).
     """
     r = f"{ROOT}/{run if run is not None else '+'}"
     lines = [
@@ -131,7 +139,12 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
         block(
             f"overlay-{ovl}",
             [
-                *(f"{r}/device/{d}/activations" for d in devices_of(k, devices, overlays)),
+                *(
+                    f"{r}/device/{d}/activations"
+                    for d in (
+                        _device_ids(devices) if fleet_replay else devices_of(k, devices, overlays)
+                    )
+                ),
                 f"{r}/server/round",
                 f"{r}/server/done",
             ],
@@ -354,6 +367,7 @@ def provision(
     run: str | None = None,
     bind: str | None = None,
     days: int = DAYS,
+    fleet_replay: bool = False,
 ) -> dict[str, object]:
     """Write the CA, certificates, credentials, ACLs and broker config for a fleet under ``out``.
 
@@ -462,7 +476,9 @@ def provision(
         node_json.chmod(0o600)
 
     _hash_passwords(passwd_tool, out, passwords)
-    (out / "acl").write_text(acl_text(devices, overlays, run), encoding="utf-8")
+    (out / "acl").write_text(
+        acl_text(devices, overlays, run, fleet_replay=fleet_replay), encoding="utf-8"
+    )
     (out / "acl").chmod(0o600)
     user, uid, gid = _broker_user()
     (out / "mosquitto.conf").write_text(_conf_text(out, port, bind, user), encoding="utf-8")

@@ -151,15 +151,18 @@ class SpillTier:
         self._enforce_bound()
         return size
 
-    def take(self, current_round: int, max_staleness: int, limit: int) -> SpillBlock | None:
-        """Remove and return up to ``limit`` fresh entries, newest blocks first.
+    def take(
+        self, current_round: int, max_staleness: int, limit: int, *, oldest_first: bool = False
+    ) -> SpillBlock | None:
+        """Remove and return up to ``limit`` fresh entries, newest blocks first (oldest first
+        with ``oldest_first``: a rotation through the tier, which writes back what it swaps out).
 
         Entries older than ``max_staleness`` rounds are deleted on the way (rounds only grow,
         so they can never become fresh again); untaken fresh entries stay on disk.
         """
         taken: list[SpillBlock] = []
         want = int(limit)
-        for seq in sorted(self._blocks, reverse=True):
+        for seq in sorted(self._blocks, reverse=not oldest_first):
             if want <= 0:
                 break
             block = self._load(seq)

@@ -25,10 +25,10 @@ def test_defaults_and_layout() -> None:
     assert c.overlay_ids() == ["ovl0", "ovl1"]
     assert c.devices_of("ovl0") == ["dev00", "dev02", "dev04"]
     assert c.overlay_of("dev03") == "ovl1"
-    assert c.controller.policy().max_fraction == 1.0
-    tuned = from_dict({"controller": {"max_fraction": 0.5, "enabled": False}})
-    assert tuned.controller.policy().max_fraction == 0.5 and not tuned.controller.enabled
-    assert tuned.to_dict()["controller"]["max_fraction"] == 0.5
+    assert c.controller.policy().max_fraction == 0.5
+    tuned = from_dict({"controller": {"max_fraction": 0.8, "enabled": False}})
+    assert tuned.controller.policy().max_fraction == 0.8 and not tuned.controller.enabled
+    assert tuned.to_dict()["controller"]["max_fraction"] == 0.8
 
 
 @pytest.mark.parametrize(

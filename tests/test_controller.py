@@ -40,6 +40,9 @@ def test_relative_improvement() -> None:
 
 
 def controller(**kw: float) -> ConvergenceController:
+    """A controller with the full range of shares and the fp16 step in play (the mechanism
+    under test; the shipped defaults cap the share at 0.5 and stay at int8 longer)."""
+    kw = {"max_fraction": 1.0, "precision_budget": 0.2, **kw}
     return ConvergenceController(ControllerConfig(**kw))  # type: ignore[arg-type]
 
 
@@ -75,7 +78,7 @@ def test_share_tracks_drift_with_floor_and_ceiling() -> None:
     assert cfg.floor == pytest.approx(1 - 0.5**0.25)
     assert shares[0] == pytest.approx(cfg.floor)
     assert share_at(0.1) == pytest.approx(0.1 / cfg.staleness_budget)
-    assert shares[-1] == pytest.approx(cfg.max_fraction)
+    assert shares[-1] == pytest.approx(1.0)  # max_fraction
     assert share_at(0.0001, min_coverage=0.0, min_fraction=0.2) == pytest.approx(0.2)
 
 
@@ -118,6 +121,19 @@ def test_overlay_plateau_cuts_its_devices_only() -> None:
         c.observe_round(r, drift=0.001, fl_loss=None)
         c.observe_overlay("ov-0", r, 0.5)
     assert c.decide("d0", 8).share == pytest.approx(ControllerConfig().floor)
+
+
+def test_shipped_defaults_cap_the_share_and_keep_int8() -> None:
+    """The defaults tuned on validation (docs/algorithms.md section 6): at most half of the
+    samples per round, int8 while drift is above int8's own error."""
+    c = ConvergenceController()
+    assert c.decide("d", 0) == ControlDecision(0.5, "int8", 1, "warmup")
+    for r, drift in enumerate([0.6, 0.3, 0.05, 0.02]):
+        c.observe_round(r, drift, None)
+    late = c.decide("d", 4)
+    assert late.precision == "int8" and late.share == pytest.approx(ControllerConfig().floor)
+    c.observe_round(4, 0.005, None)
+    assert c.decide("d", 5).precision == "fp16"
 
 
 def test_interval_for_small_shares() -> None:

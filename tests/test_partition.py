@@ -32,6 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # partitioner (commit 2169867) before rebalancing replaced the retries. The quick start's
 # and the paper's FL model hashes and docs/results.md depend on these partitions.
 PINNED = [
+    # ablation, scaling and spill share the quick start's data section: the same partition.
+    ("ablation.toml", 1, "e23d05b392f9b71db7fc216ea8cd77810120145591535922daa5511f81cbd447"),
+    ("scaling.toml", 1, "e23d05b392f9b71db7fc216ea8cd77810120145591535922daa5511f81cbd447"),
+    ("spill.toml", 1, "e23d05b392f9b71db7fc216ea8cd77810120145591535922daa5511f81cbd447"),
     ("cellular.toml", 3, "392f79c7683aeb834144234f82828ae0554826fb20d5afd04d46da70fda4770c"),
     ("duty_cycle.toml", 5, "f6d267ea107f02e879847e61248b92463324a172e629c6a277770e423841c322"),
     ("fedscale.toml", 4, "6273b65d5ea23fef92e2b61fe81fc3088b7c94a66721edc218c8683a55aceba0"),

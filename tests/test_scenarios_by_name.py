@@ -25,7 +25,7 @@ def test_shipped_scenarios_load_by_name_from_anywhere(
     assert load_config("quickstart").run.name == "quickstart"
     assert load_config("quickstart.toml").run.name == "quickstart"
     assert load_config("scenarios/wan_outage.toml").network.enabled  # traces found
-    with pytest.raises(ConfigError, match="shipped scenarios, usable by name: cellular"):
+    with pytest.raises(ConfigError, match="shipped scenarios, usable by name: ablation, cellular"):
         load_config("nope")
 
 

@@ -68,7 +68,12 @@ def trained_update(
 
 
 def test_algorithm_properties() -> None:
-    assert [a for a in Algorithm if a.uses_overlays] == [Algorithm.EMO, Algorithm.EMO_ALL]
+    assert [a for a in Algorithm if a.uses_overlays] == [
+        Algorithm.EMO,
+        Algorithm.EMO_ALL,
+        Algorithm.EMO_INT8,
+        Algorithm.EMO_FIXED,
+    ]
     assert [a for a in Algorithm if a.is_split] == [Algorithm.SFL, Algorithm.SFL_V1]
     assert Algorithm.SFL_V1.head_per_device and not Algorithm.SFL.head_per_device
     assert Algorithm.EMO.controlled and not Algorithm.EMO_ALL.controlled

@@ -36,7 +36,7 @@ class OverlayStrategy:
     def __init__(self, config: RunConfig, node_id: str, spill: SpillTier | None) -> None:
         self.config = config
         self.node_id = node_id
-        self.devices = config.devices_of(node_id)
+        self.devices = config.replays_of(node_id)
         shape = build_fl_model(config.fl.model).activation_shape
         torch.manual_seed(derive_seed(config.run.seed, "overlay-init", node_id))
         self.model = build_overlay_model(config.emo.overlay_model, shape)
@@ -105,6 +105,10 @@ class OverlayStrategy:
         run off the event loop)."""
         c = self.config.emo
         self.cache.purge_stale(r, c.max_staleness)
+        # The upper tier is part of the replay set: when the cache overflowed, half of it
+        # is swapped with fresh entries from disk each round (ReplayCache.rotate), so the
+        # overlay cycles through everything its devices sent, not only the newest entries.
+        self.cache.rotate(r, c.max_staleness, self.cache.capacity // 2)
         rng = make_rng(self.config.run.seed, "overlay", self.node_id, r)
         batches = []
         for _ in range(c.overlay_steps_per_round):

@@ -31,7 +31,9 @@ import torch
 from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.config import RunConfig
 from emo_mqtt.controller import (
+    Controller,
     ConvergenceController,
+    FixedRule,
     SendEverything,
     activation_drift,
 )
@@ -265,6 +267,26 @@ class ClosedRound:
     overlay_rounds: dict[str, int]
 
 
+def control_policy(config: RunConfig, algorithm: Algorithm) -> Controller:
+    """What sets the devices' activation traffic under ``algorithm``: the convergence
+    controller (``emo``, when enabled), a fixed rule with no signal (the ablations
+    ``emo_int8`` and ``emo_fixed``), or every activation at fp32 (``emo_all``, and ``emo``
+    with the controller off)."""
+    if algorithm is Algorithm.EMO_INT8:
+        return FixedRule(1.0, "int8", "fixed: every sample, int8")
+    if algorithm is Algorithm.EMO_FIXED:
+        c = config.controller
+        return FixedRule(
+            c.fixed_share, c.fixed_precision, f"fixed: {c.fixed_share:g} at {c.fixed_precision}"
+        )
+    if algorithm.controlled and config.controller.enabled:
+        controller = ConvergenceController(config.controller.policy())
+        for device in config.device_ids():
+            controller.assign(device, config.overlay_of(device))
+        return controller
+    return SendEverything()
+
+
 class ServerStrategy:
     """FedAvg rounds, plus the SplitFed server half or EMO's overlays and controller."""
 
@@ -289,11 +311,7 @@ class ServerStrategy:
         #: round (FedAvg); SplitFed: mean server-side loss of the round's batches.
         self.last_loss = math.nan
         self.collector: RoundCollector | None = None
-        self.controller: ConvergenceController | SendEverything = SendEverything()
-        if algorithm.controlled and config.controller.enabled:
-            self.controller = ConvergenceController(config.controller.policy())
-            for device in config.device_ids():
-                self.controller.assign(device, config.overlay_of(device))
+        self.controller: Controller = control_policy(config, algorithm)
         self.split: SplitServer | None = None
         if algorithm.is_split:
             policy: HeadPolicy = (
