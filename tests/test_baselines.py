@@ -184,3 +184,20 @@ def test_a_small_outbox_evicts_and_the_counts_say_so() -> None:
     act = summary["activations"]
     assert act["evicted"] > 0 and act["published"] > 0 and act["duplicates"] == 0
     assert act["captured"] == act["published"] + act["evicted"] + act["dropped"]
+
+
+def test_fixed_rules_outbox_holds_a_whole_round_at_their_rate() -> None:
+    """emo_int8 and emo_fixed name a rule: their outbox must hold what the rule captures in
+    a round (at 20,000 samples, more than the configured 4 MiB), or evictions would make
+    them a different, cheaper rule than the one the ablation claims."""
+    config = from_dict(SMALL)
+    shape = (8, 8, 8)
+    n = 20_000
+    configured = config.emo.outbox_kib * 1024
+    int8 = outbox_bound(config, Algorithm.EMO_INT8, n, shape)
+    fixed = outbox_bound(config, Algorithm.EMO_FIXED, n, shape)
+    assert int8 >= n * 512 > configured
+    share, width = config.controller.fixed_share, {"fp32": 4, "fp16": 2, "int8": 1}
+    assert fixed >= int(n * share) * 512 * width[config.controller.fixed_precision]
+    # A small round still gets at least the configured bound.
+    assert outbox_bound(config, Algorithm.EMO_INT8, 10, shape) == configured

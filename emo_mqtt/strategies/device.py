@@ -110,21 +110,31 @@ def capture_start(samples: int, batch_size: int, epochs: int) -> int:
 def outbox_bound(
     config: RunConfig, algorithm: Algorithm, samples: int, activation_shape: tuple[int, ...]
 ) -> int:
-    """The device outbox's bound in bytes: ``emo.outbox_kib``, except under ``emo_all``.
+    """The device outbox's bound in bytes: ``emo.outbox_kib``, except for the references.
 
     ``emo_all`` is the reference "every activation, fp32": its outbox holds a whole round's
     capture (every sample once: fp32 activations, int64 id and label), so that nothing is
     evicted and the label is true as measured; so does ``emo`` with the controller off
-    (``controller.enabled = false``: every activation, fp32, too). An IoT device with less
-    memory cannot run it; the controlled ``emo`` keeps the configured bound.
+    (``controller.enabled = false``: every activation, fp32, too). The fixed rules
+    (``emo_int8``, ``emo_fixed``) likewise hold a whole round at their own share and
+    precision, so that an ablation is the rule it names and not the rule minus evictions.
+    An IoT device with less memory cannot run them; the controlled ``emo`` keeps the
+    configured bound.
     """
     bound = config.emo.outbox_kib * 1024
-    everything = algorithm.sends_everything or (
-        algorithm.uses_overlays and not config.controller.enabled
-    )
-    if everything:
-        per_sample = math.prod(activation_shape) * 4 + 2 * 8
-        bound = max(bound, samples * per_sample)
+    elements = math.prod(activation_shape)
+    if algorithm.sends_everything or (
+        algorithm.uses_overlays and not algorithm.fixed_rule and not config.controller.enabled
+    ):
+        bound = max(bound, samples * (elements * 4 + 2 * 8))
+    elif algorithm.fixed_rule:
+        int8 = algorithm is Algorithm.EMO_INT8
+        precision = "int8" if int8 else config.controller.fixed_precision
+        share = 1.0 if int8 else config.controller.fixed_share
+        width = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
+        # int8 batches also carry a float scale per sample; 8 bytes covers it.
+        per_sample = elements * width + 2 * 8 + (8 if precision == "int8" else 0)
+        bound = max(bound, math.ceil(samples * share) * per_sample)
     return bound
 
 
