@@ -72,6 +72,10 @@ class DataSection:
     eval_samples_per_round: int = 2000
 
 
+#: Most devices a fleet may have (each holds its own MQTT connection).
+MAX_DEVICES = 10_000
+
+
 @dataclass(frozen=True)
 class FleetSection:
     """``[fleet]``: how many nodes, and FedAvg's straggler policy."""
@@ -334,7 +338,9 @@ def _check(c: RunConfig) -> None:
     _require(len(set(c.run.algorithms)) == len(c.run.algorithms), "run.algorithms", "duplicates")
     _require(0 < c.run.target_accuracy <= 1, "run.target_accuracy", "must be in (0, 1]")
     _check_data(c)
-    _require(1 <= c.fleet.devices <= 1000, "fleet.devices", "must be 1..1000")
+    # One MQTT connection per device: past 10,000 a single broker and box are the limit
+    # long before the config is (docs/performance.md); the data check below comes first.
+    _require(1 <= c.fleet.devices <= MAX_DEVICES, "fleet.devices", f"must be 1..{MAX_DEVICES:,}")
     _require(c.fleet.overlays >= 1, "fleet.overlays", "must be at least 1")
     _require(c.fleet.overlays <= c.fleet.devices, "fleet.overlays", "cannot exceed fleet.devices")
     _require(0 < c.fleet.sample_fraction <= 1, "fleet.sample_fraction", "must be in (0, 1]")

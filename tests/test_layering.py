@@ -38,6 +38,7 @@ PURE = [
     "emo_mqtt.telemetry",
     "emo_mqtt.incarnation",
     "emo_mqtt.outdir",
+    "emo_mqtt.placement",
 ]
 
 
