@@ -35,7 +35,7 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
-from emo_mqtt.placement import BrokerMap, assign, start_concurrency
+from emo_mqtt.placement import FLEET_PUBLISH_TIMEOUT_S, BrokerMap, assign, start_concurrency
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, run_filter, subscription
 from emo_mqtt.training import make_generator, train_local
@@ -531,7 +531,13 @@ async def run_algorithm(
             out_dir,
             # Only overlays need one: a restarted overlay resumes its model and cache.
             checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
-            bus_options=None if replay is None else _bus_options(config, replay, node_id),
+            bus_options=(
+                _bus_options(config, replay, node_id)
+                if replay is not None
+                else BusOptions(publish_timeout_s=FLEET_PUBLISH_TIMEOUT_S)
+                if workers
+                else None
+            ),
             incarnation=incarnation,
         )
         node.bus.on_published = msglog.recorder(node_id)

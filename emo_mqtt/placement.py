@@ -23,6 +23,12 @@ AUTO_WORKERS_MIN_DEVICES = 200
 START_CONCURRENCY = 32
 
 
+#: Seconds a node of a fleet run over worker processes waits for a publish to be acknowledged
+#: (plus the bus's allowance per MB). Ten, the LAN default, is short for a loop that serves
+#: thousands of clients while it trains: a late acknowledgement is not a lost broker.
+FLEET_PUBLISH_TIMEOUT_S = 30.0
+
+
 def resolve_workers(requested: int | None, devices: int, cpus: int) -> int:
     """The number of worker processes for a fleet: ``requested`` if given (``0``: none,
     all in this process), else one per CPU for fleets of at least

@@ -30,11 +30,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from emo_mqtt.bus import BusOptions
 from emo_mqtt.config import from_dict
 from emo_mqtt.dataplan import plan_data
 from emo_mqtt.errors import EmoError
 from emo_mqtt.msglog import MessageLog
-from emo_mqtt.placement import BrokerMap, start_concurrency
+from emo_mqtt.placement import FLEET_PUBLISH_TIMEOUT_S, BrokerMap, start_concurrency
 
 log = logging.getLogger("emo_mqtt.workers")
 
@@ -133,6 +134,7 @@ async def _serve(spec: WorkerSpec) -> list[Row]:
             node_id,
             out_dir,
             incarnation=spec.incarnation,
+            bus_options=BusOptions(publish_timeout_s=FLEET_PUBLISH_TIMEOUT_S),
         )
         node.start_gate = gate
         node.bus.on_published = msglog.recorder(node_id)
