@@ -53,6 +53,14 @@ def _count(text: str) -> int:
     return _int_at_least(text, 1, "at least 1")
 
 
+def _seed_list(text: str) -> list[int]:
+    """``1,2,3``: distinct seeds (ints >= 0), in the order given."""
+    seeds = [_int_at_least(part.strip(), 0, "a seed >= 0") for part in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated: {text!r}")
+    return seeds
+
+
 def _chunk_size(text: str) -> int:
     """A size within the bounds of ``BusOptions.chunk_size``."""
     value = _size(text)
@@ -91,6 +99,28 @@ def broker_for(
     with BrokerHandle(kind="auto", max_packet_size=cap) as handle:
         say(f"broker: {handle.describe()}")
         yield handle.url
+
+
+@contextmanager
+def brokers_for_run(
+    args: argparse.Namespace, config: Any, say: Callable[[str], None]
+) -> Iterator[tuple[str, Any]]:
+    """``emo run``'s brokers: ``(url, None)`` as :func:`broker_for`, or with
+    ``--topology sites`` a cloud and bridged site brokers of our own: ``(cloud url, sites)``."""
+    if args.topology != "sites":
+        with broker_for(args.broker, say) as url:
+            yield url, None
+        return
+    from emo_mqtt.broker.sites import SiteBrokers
+    from emo_mqtt.errors import ConfigError
+
+    if args.broker is not None:
+        raise ConfigError("--topology sites starts its own brokers: leave out --broker")
+    if config.network.enabled:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
+    with SiteBrokers(config) as sites:
+        say(f"brokers: {sites.describe()}")
+        yield sites.cloud.url, sites
 
 
 def _check_reachable(host: str, port: int, url: str, timeout_s: float = 3.0) -> None:
@@ -212,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from emo_mqtt.config import load_config
-    from emo_mqtt.fleet import run_scenario, table
+    from emo_mqtt.fleet import table
 
     config = load_config(args.scenario)
     overrides: dict[str, dict[str, object]] = {}
@@ -236,12 +266,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / config.run.name
     say = (lambda _line: None) if args.quiet else _stderr
     from emo_mqtt.fleet import with_run_id
+    from emo_mqtt.multirun import config_record, run_once, run_seeds, seed_config
     from emo_mqtt.outdir import check_out, prepare_out
 
     # The run id and --out are settled before any broker starts or data is read; --out is
     # claimed (cleared, marked) once the broker is found, so a failed start leaves nothing.
     config = with_run_id(config)
-    check_out(out, overwrite=args.overwrite)
+    seeds: list[int] | None = args.seeds
+    for seed in seeds or []:
+        seed_config(config, seed)  # each seed's run id must be valid: refused now, not later
+    record = config_record(config, seeded=seeds is not None)
+    claim = {"overwrite": args.overwrite, "resume": args.resume, "config": record, "seeds": seeds}
+    check_out(out, **claim)
     from emo_mqtt.placement import resolve_workers
 
     if args.workers is None and config.network.enabled:
@@ -258,6 +294,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
 
+    on_event = jsonl if args.jsonl else None
     from emo_mqtt.broker.launch import raise_open_files_limit
 
     # One connection per node, in the broker we start (it inherits the limit) and here.
@@ -265,40 +302,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
-    with broker_for(args.broker, say) as url:
-        prepare_out(out, config.run.id, overwrite=args.overwrite)
-        try:
-            summary = asyncio.run(
-                _until_signalled(
-                    run_scenario(
-                        url,
-                        config,
-                        out,
-                        say=say,
-                        on_event=jsonl if args.jsonl else None,
-                        workers=workers,
-                    )
-                )
+    with brokers_for_run(args, config, say) as (url, sites):
+        prepare_out(out, config.run.id, **claim)
+        work = (
+            run_seeds(
+                url,
+                config,
+                seeds,
+                out,
+                resume=args.resume,
+                say=say,
+                on_event=on_event,
+                sites=sites,
+                workers=workers,
             )
+            if seeds is not None
+            else run_once(
+                url,
+                config,
+                out,
+                resume=args.resume,
+                say=say,
+                on_event=on_event,
+                sites=sites,
+                workers=workers,
+            )
+        )
+        try:
+            summary = asyncio.run(_until_signalled(work))
         except Signalled as stop:
             if stop.interrupted is None:
                 _stderr(f"emo: {stop.name}: interrupted before the first algorithm started")
                 return 128 + stop.signum
             cut = stop.interrupted.summary["interrupted"]
-            finished = list(stop.interrupted.summary["algorithms"])
+            if seeds is not None:
+                runs = stop.interrupted.summary["runs"]
+                finished = [s for s, r in runs.items() if r["state"] == "finished"]
+                done = f"; finished seeds: {', '.join(finished)}" if finished else ""
+                where = f"seed {cut['seed']}, "
+            else:
+                finished = list(stop.interrupted.summary["algorithms"])
+                done = f"; finished: {', '.join(finished)}" if finished else ""
+                where = ""
             _stderr(
-                f"emo: {stop.name}: interrupted during {cut['algorithm']} at round "
-                f"{cut['last_round']}/{cut['rounds']}"
-                + (f"; finished: {', '.join(finished)}" if finished else "")
-                + f"; summary: {out / 'summary.json'}"
+                f"emo: {stop.name}: interrupted during {where}{cut['algorithm']} at round "
+                f"{cut['last_round']}/{cut['rounds']}{done}; summary: {out / 'summary.json'}"
             )
             return 128 + stop.signum
     if args.jsonl:
         return 0  # the last JSON line ("event": "done") names the summary and report
     if args.json:
         print(json.dumps(summary))
+    elif seeds is not None:
+        from emo_mqtt.aggregate_seeds import pm, seeds_table
+
+        print(f"mean ± std (sample) over seeds {', '.join(map(str, seeds))}")
+        print(seeds_table(summary))
+        for key, figure in summary["comparisons"].items():
+            print(f"{key}: {pm(figure)}")
+        print(f"summary: {out / 'summary.json'}")
     else:
         print(table(summary["algorithms"]))
+        for name, entry in summary["algorithms"].items():
+            if "bridge" in entry:  # --topology sites: what crossed the site<->cloud bridges
+                bridge = entry["bridge"]
+                print(
+                    f"bridge {name}: {bridge['bytes'] / 1e6:.2f} MB "
+                    f"(activations {bridge['activation_bytes'] / 1e6:.2f} MB)"
+                )
         for key, value in summary["comparisons"].items():
             print(f"{key}: {value}")
         print(f"summary: {out / 'summary.json'}")
@@ -406,6 +477,28 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_fleet_provision(args: argparse.Namespace) -> int:
     from emo_mqtt.provision import provision
 
+    if args.sites is not None:
+        from emo_mqtt.errors import ConfigError
+        from emo_mqtt.sitesprovision import provision_sites
+
+        if args.overlays not in (0, args.sites):
+            raise ConfigError(
+                f"--sites {args.sites}: one overlay per site, so --overlays is {args.sites}"
+            )
+        hosts = None if args.site_hosts is None else [h.strip() for h in args.site_hosts.split(",")]
+        result = provision_sites(
+            Path(args.out),
+            args.devices,
+            args.sites,
+            host=args.host,
+            port=args.port,
+            site_hosts=hosts,
+            site_port=args.site_port,
+            run=args.run,
+            bind=args.bind,
+        )
+        print(json.dumps(result, indent=2))
+        return 0
     result = provision(
         Path(args.out),
         args.devices,
@@ -576,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
         '(repeatable; values as in TOML: 2, 0.5, true, ["fl", "emo"])',
     )
     _add_broker_option(p)
+    p.add_argument(
+        "--topology",
+        choices=["single", "sites"],
+        default="single",
+        help="single: one broker (default); sites: a cloud broker for the server and one "
+        "bridged site broker per overlay for it and its devices (docs/deployment.md)",
+    )
     p.add_argument("--out", help="output directory (default runs/<scenario name>)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--algorithms", help="override run.algorithms, e.g. fl,emo")
@@ -589,8 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results of an earlier run in --out (without it, such an --out "
-        "is refused; resuming an interrupted run is not supported)",
+        help="replace the results of an earlier run in --out (without it or --resume, "
+        "such an --out is refused)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the run in --out: keep the algorithms (and seeds) that finished, run "
+        "the others; refused if the configuration changed",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="N,N,...",
+        help="run the scenario once per seed (run.seed), into <out>/seed-<N>/, and write "
+        "mean ± std over the seeds to <out>/summary.json",
     )
     p.add_argument(
         "--workers",
@@ -648,6 +761,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker listens on (default: all)")
+    p.add_argument(
+        "--sites",
+        type=_count,
+        help="K edge sites: also write K site brokers (overlay k and its devices) bridged "
+        "to this cloud broker over TLS, under OUT/sites/site<k>/ (docs/deployment.md)",
+    )
+    p.add_argument(
+        "--site-hosts",
+        metavar="H0,H1,...",
+        help="with --sites: each site broker's host name or address (default: --host)",
+    )
+    p.add_argument(
+        "--site-port",
+        type=int,
+        help="with --sites: site k listens on this port + k (default: --port + 1)",
+    )
     p.set_defaults(func=cmd_fleet_provision)
 
     p = sub.add_parser("infer", help="ensemble inference from a saved run")

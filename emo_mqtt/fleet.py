@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.bus import BusOptions, open_bus
@@ -36,9 +36,13 @@ from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
 from emo_mqtt.placement import FLEET_PUBLISH_TIMEOUT_S, BrokerMap, assign, start_concurrency
+from emo_mqtt.sites import counts_since
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
 from emo_mqtt.topics import Kind, ParsedTopic, parse, run_filter, subscription
 from emo_mqtt.training import make_generator, train_local
+
+if TYPE_CHECKING:
+    from emo_mqtt.broker.sites import SiteBrokers
 
 log = logging.getLogger("emo_mqtt.fleet")
 
@@ -453,7 +457,7 @@ def _worker_specs(
     algorithm: str,
     ids: dict[str, list[str]],
     workers: int,
-    broker: str,
+    brokers: BrokerMap,
     incarnation: str,
     out_dir: Path | None,
     origin: float,
@@ -472,7 +476,7 @@ def _worker_specs(
             source=config.source,
             algorithm=algorithm,
             nodes=tuple(share),
-            brokers=BrokerMap(broker),
+            brokers=brokers,
             incarnation=incarnation,
             out_dir=None if out_dir is None else str(out_dir),
             log_origin=origin,
@@ -492,9 +496,14 @@ async def run_algorithm(
     out_dir: Path | None = None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    sites: SiteBrokers | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry.
+
+    With ``sites`` (``--topology sites``), ``broker`` is the cloud broker: the server talks
+    to it, and the other nodes to their site's broker (``sites.topology.broker_for``);
+    the entry gains ``bridge``, the bytes that crossed the bridges meanwhile.
 
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
@@ -521,9 +530,15 @@ async def run_algorithm(
     replay: NetworkReplay | None = None
     checkpoint_dir: Path | None = None
 
+    def broker_of(node_id: str) -> Any:
+        """The broker (URL) ``node_id`` connects to: its proxy's, its site's, or ``broker``."""
+        if replay is not None:
+            return replay.url(node_id)
+        return broker if sites is None else sites.topology.broker_for(node_id)
+
     def make(node_id: str) -> Node:
         node = build_node(
-            replay.url(node_id) if replay is not None else broker,
+            broker_of(node_id),
             config,
             algorithm,
             plan,
@@ -560,6 +575,9 @@ async def run_algorithm(
         say(f"[{algorithm:>7}] network: {node_id} restarts")
         launch(make(node_id))
 
+    if config.network.enabled and sites is not None:
+        raise ConfigError("[network] shaping and --topology sites do not combine yet")
+    bridge_before = None if sites is None else sites.bridge_counts()
     if config.network.enabled:
         if not isinstance(broker, str):
             raise ConfigError(
@@ -598,8 +616,12 @@ async def run_algorithm(
             # Workers start (a fresh interpreter, torch, the data) and connect their share
             # of the fleet, paced: the server's start wait grows with the fleet.
             server.start_timeout_s = max(server.start_timeout_s, 60.0 + 0.05 * len(ids["device"]))
+            # Each node's broker as broker_of says (its site's under --topology sites).
+            nodes = ids["overlay"] + ids["device"]
+            routes = {n: str(broker_of(n)) for n in nodes}
+            brokers = BrokerMap(str(broker), {n: u for n, u in routes.items() if u != broker})
             for spec in _worker_specs(
-                config, algorithm, ids, workers, broker, incarnation, out_dir, start
+                config, algorithm, ids, workers, brokers, incarnation, out_dir, start
             ):
                 name = f"worker-{spec.index}"
                 weight[name] = len(spec.nodes)
@@ -644,6 +666,8 @@ async def run_algorithm(
     # Round times count from round 1; the summary counts from the start of the run.
     offset = 0.0 if server.rounds_started_at is None else server.rounds_started_at - start
     entry = summarize(algorithm, config, monitor, server, wall, offset_s=offset)
+    if sites is not None and bridge_before is not None:
+        entry["bridge"] = counts_since(sites.bridge_counts(), bridge_before)
     entry["logged_messages"] = len(msglog.rows)
     entry["logged_bytes"] = msglog.total_bytes
     if replay is not None:
@@ -822,8 +846,10 @@ class Interrupted(EmoError):
         self.summary = summary
 
 
-def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {
+def _summary(
+    config: RunConfig, algorithms: dict[str, dict[str, Any]], kept: list[str] | None = None
+) -> dict[str, Any]:
+    summary = {
         "scenario": config.source,
         "run_id": config.run.id,
         "state": "finished",
@@ -831,6 +857,9 @@ def _summary(config: RunConfig, algorithms: dict[str, dict[str, Any]]) -> dict[s
         "algorithms": algorithms,
         "comparisons": comparisons(algorithms),
     }
+    if kept:  # --resume: these finished in an earlier run of this directory (another run id)
+        summary["kept_from_earlier_run"] = kept
+    return summary
 
 
 def _write_outputs(summary: dict[str, Any], out_dir: Path, *, report: bool = True) -> list[Path]:
@@ -855,17 +884,25 @@ async def run_scenario(
     out_dir: Path | None,
     say: Say = print,
     on_event: OnEvent | None = None,
+    keep: dict[str, dict[str, Any]] | None = None,
+    *,
+    sites: SiteBrokers | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Run every algorithm of ``config`` on the same data split and seed; the summary.
 
+    With ``sites``, ``broker`` is their cloud broker (see :func:`run_algorithm`).
     ``workers`` > 0: the devices and overlays run in that many worker processes
     (:mod:`emo_mqtt.workers`); 0: every node in this process.
 
     With ``out_dir``, writes summary.json there, and the plots and report.md beside it
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
-    algorithm and a last one (``"event": "done"``) with the paths written.
+    algorithm and a last one (``"event": "done"``) with the paths written. ``keep``: the
+    entries of algorithms that finished in an earlier run (``--resume``): not run again,
+    listed in the summary as they were (those not in ``run.algorithms`` after the others).
     """
+    keep = dict(keep or {})
+    kept = list(keep)
     config = with_run_id(config)
     if workers > 0:
         _check_workers(broker, config)
@@ -891,6 +928,10 @@ async def run_scenario(
     current = ""
     try:
         for current in config.run.algorithms:
+            if current in keep:
+                say(f"== {current}: finished in the earlier run (--resume), kept")
+                algorithms[current] = keep.pop(current)
+                continue
             overlays = Algorithm.parse(current).uses_overlays
             say(
                 f"== {current}: {config.fleet.devices} devices"
@@ -905,23 +946,30 @@ async def run_scenario(
                 out_dir=out_dir,
                 say=say,
                 on_event=seen,
+                sites=sites,
                 workers=workers,
             )
     except asyncio.CancelledError:
         # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the
         # algorithm that was running is marked with the last round it closed.
-        summary = _summary(config, algorithms)
+        algorithms.update(keep)
+        summary = _summary(config, algorithms, kept)
         summary["state"] = "interrupted"
         summary["interrupted"] = {
             "algorithm": current,
             "last_round": last_round.get(current, 0),
             "rounds": config.run.rounds,
-            "not_started": list(config.run.algorithms[len(algorithms) + 1 :]),
+            "not_started": [
+                a
+                for a in config.run.algorithms[config.run.algorithms.index(current) + 1 :]
+                if a not in keep
+            ],
         }
         if out_dir is not None:
             await asyncio.to_thread(_write_outputs, summary, out_dir, report=bool(algorithms))
         raise Interrupted(summary) from None
-    summary = _summary(config, algorithms)
+    algorithms.update(keep)  # finished earlier, not asked for this time: still reported
+    summary = _summary(config, algorithms, kept)
     written: list[Path] = []
     if out_dir is not None:
         # Files and plots from a worker thread: the event loop never waits on the disk.

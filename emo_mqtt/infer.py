@@ -64,6 +64,12 @@ def load_predictor(run_dir: Path, algorithm: str = "emo") -> Predictor:
     try:
         meta = json.loads((where / "server.json").read_text())
     except FileNotFoundError:
+        seeds = sorted(p.name for p in run_dir.glob("seed-*") if p.is_dir())
+        if seeds:  # the top of an `emo run --seeds` directory: the models are per seed
+            raise ConfigError(
+                f"{run_dir} holds one run per seed ({', '.join(seeds)}): give one of them, "
+                f"e.g. {run_dir / seeds[0]}"
+            ) from None
         raise ConfigError(
             f"{where} holds no saved run (no server.json); run `emo run` first"
         ) from None

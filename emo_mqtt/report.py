@@ -16,6 +16,10 @@ backend, imported only here):
   (``time_per_round_s``: real time, through the shaped network when the scenario has one);
 
 and ``report.md``: the comparison table, the headline comparisons and links to the plots.
+
+The top of an ``emo run --seeds`` directory (a summary with ``seeds``) gets ``report.md``
+only: every figure as mean ± sample std over the seeds, and links to each seed's own
+report and plots.
 """
 
 from __future__ import annotations
@@ -140,10 +144,70 @@ def _table(algorithms: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _write_seeds_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``report.md`` of an ``emo run --seeds`` directory; its path, in a list."""
+    from emo_mqtt.aggregate_seeds import COLUMNS, pm, seeds_rows
+
+    scenario = summary.get("scenario") or "?"
+    config = summary.get("config", {})
+    run = config.get("run", {}) if isinstance(config, dict) else {}
+    seeds = summary.get("seeds", [])
+    lines = [f"# emo run: {run.get('name', Path(str(scenario)).stem)}, {len(seeds)} seeds", ""]
+    lines.append(
+        f"Scenario `{scenario}`, seeds {', '.join(str(s) for s in seeds)} (each a complete "
+        "run in its own directory). Figures are mean ± sample standard deviation (ddof=1) "
+        "over the seeds that have a value; `(k null)` counts the seeds without one (a "
+        "target never reached, an algorithm that did not run)."
+    )
+    if summary.get("state") != "finished":
+        cut = summary.get("interrupted", {})
+        lines += [
+            "",
+            f"**{summary.get('state')}**: during seed {cut.get('seed', '?')} "
+            f"({cut.get('algorithm', '?')}, round {cut.get('last_round', '?')}); only the "
+            "seeds marked finished are aggregated.",
+        ]
+    lines += ["", "## Seeds", "", "| seed | state | run id | report |", "|---|---|---|---|"]
+    for seed, info in summary.get("runs", {}).items():
+        where = info.get("dir", f"seed-{seed}")
+        lines.append(
+            f"| {seed} | {info.get('state')} | {info.get('run_id')} "
+            f"| [{where}/report.md]({where}/report.md) |"
+        )
+    header = ["algorithm", *(h for h, _, _, _ in COLUMNS)]
+    lines += [
+        "",
+        "## Comparison (mean ± std)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in seeds_rows(summary)]
+    comps = summary.get("comparisons", {})
+    if comps:
+        lines += ["", "## Headline figures (mean ± std)", ""]
+        for key, figure in comps.items():
+            lines.append(
+                f"- {_COMPARISON_TEXT.get(key, key)} (`{key}`): {pm(figure, digits=4)} "
+                f"(values {', '.join(_fmt(v) for v in figure.get('values', []))})"
+            )
+    lines += [
+        "",
+        "Every figure of every algorithm, aggregated, is in [summary.json](summary.json).",
+    ]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return [report]
+
+
 def write_report(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write the PNG plots and ``report.md`` for ``summary`` into ``out_dir``; their paths."""
+    """Write the PNG plots and ``report.md`` for ``summary`` into ``out_dir``; their paths.
+
+    For an ``emo run --seeds`` summary (with ``seeds``): ``report.md`` only."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if "seeds" in summary:
+        return _write_seeds_report(summary, out_dir)
     algorithms: dict[str, dict[str, Any]] = summary.get("algorithms", {})
     scenario = summary.get("scenario") or "?"
     written: list[Path] = []

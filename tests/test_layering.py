@@ -38,6 +38,10 @@ PURE = [
     "emo_mqtt.telemetry",
     "emo_mqtt.incarnation",
     "emo_mqtt.outdir",
+    "emo_mqtt.resume",
+    "emo_mqtt.aggregate_seeds",
+    "emo_mqtt.sites",
+    "emo_mqtt.mqttwire",
     "emo_mqtt.placement",
 ]
 
