@@ -305,6 +305,8 @@ class Monitor:
 
     async def _loop(self) -> None:
         async for message in self.bus.messages():
+            if not message.payload:
+                continue  # a retained topic (final metrics) being cleared: not a message
             # Anyone who may write a metrics topic (every device) may put anything there,
             # retained even: parse it as untrusted input, and only the server's events count.
             try:

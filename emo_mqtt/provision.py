@@ -39,7 +39,7 @@ from pathlib import Path
 
 from emo_mqtt.broker.url import BrokerURL, parse_broker_url
 from emo_mqtt.errors import ConfigError
-from emo_mqtt.topics import ROOT, validate_id
+from emo_mqtt.topics import ROOT, TELEMETRY, telemetry_filter, validate_id
 
 __all__ = ["Identity", "acl_text", "load_node_config", "provision"]
 
@@ -96,7 +96,7 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
     Devices write only below their own id and read the round, the end of the run, their
     own control topic and their own SplitFed gradients; overlays read only their own
     devices' activations; only the server writes ``server/*`` and ``control/*``; the
-    monitor only reads status and metrics.
+    monitor only reads the telemetry branch (statuses, metrics, run states).
     """
     r = f"{ROOT}/{run if run is not None else '+'}"
     lines = [
@@ -114,7 +114,7 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
     block(
         f"server-{server}",
         [
-            f"{r}/status/+/+",
+            f"{r}/{TELEMETRY}/status/+/+",
             f"{r}/device/+/update",
             f"{r}/device/+/sfl/activations",
             f"{r}/overlay/+/model",
@@ -122,8 +122,9 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
         [
             f"{r}/server/#",
             f"{r}/control/#",
-            f"{r}/status/server/{server}",
-            f"{r}/metrics/server/{server}",
+            f"{r}/{TELEMETRY}/status/server/{server}",
+            f"{r}/{TELEMETRY}/metrics/server/{server}",
+            f"{r}/{TELEMETRY}/run",
         ],
     )
     for k, ovl in enumerate(_overlay_ids(overlays)):
@@ -134,7 +135,11 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
                 f"{r}/server/round",
                 f"{r}/server/done",
             ],
-            [f"{r}/overlay/{ovl}/model", f"{r}/status/overlay/{ovl}", f"{r}/metrics/overlay/{ovl}"],
+            [
+                f"{r}/overlay/{ovl}/model",
+                f"{r}/{TELEMETRY}/status/overlay/{ovl}",
+                f"{r}/{TELEMETRY}/metrics/overlay/{ovl}",
+            ],
         )
     for dev in _device_ids(devices):
         block(
@@ -149,12 +154,12 @@ def acl_text(devices: int, overlays: int, run: str | None = None, server: str = 
                 f"{r}/device/{dev}/update",
                 f"{r}/device/{dev}/activations",
                 f"{r}/device/{dev}/sfl/activations",
-                f"{r}/status/device/{dev}",
-                f"{r}/metrics/device/{dev}",
+                f"{r}/{TELEMETRY}/status/device/{dev}",
+                f"{r}/{TELEMETRY}/metrics/device/{dev}",
             ],
         )
-    # Dashboards subscribe to emo/+/status/# and emo/+/metrics/# (any run): read-only.
-    block(MONITOR, [f"{ROOT}/+/status/#", f"{ROOT}/+/metrics/#"], [])
+    # Dashboards subscribe to emo/+/telemetry/# (all JSON of any run, no weights): read-only.
+    block(MONITOR, [telemetry_filter()], [])
     return "\n".join(lines)
 
 

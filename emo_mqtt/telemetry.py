@@ -150,7 +150,7 @@ def _or_none(check: Check) -> Check:
     return lambda value: value is None or check(value)
 
 
-#: Known fields of ``status/<role>/<id>`` and their types (checked when present).
+#: Known fields of ``telemetry/status/<role>/<id>`` and their types (checked when present).
 STATUS_FIELDS: Mapping[str, Check] = {
     "state": _is_str,
     "role": _is_str,
@@ -159,9 +159,10 @@ STATUS_FIELDS: Mapping[str, Check] = {
     "version": _is_str,
     "round": _is_count,
     "time": _is_number,
+    "incarnation": _is_str,
 }
 
-#: Known fields of ``metrics/<role>/<id>`` that consumers read, and their types.
+#: Known fields of ``telemetry/metrics/<role>/<id>`` that consumers read, and their types.
 METRICS_FIELDS: Mapping[str, Check] = {
     "role": _is_str,
     "id": _is_str,
@@ -222,6 +223,38 @@ def parse_metrics(payload: bytes | bytearray | memoryview | str) -> dict[str, An
     """A metrics object with its known fields type-checked (see :func:`parse_object`)."""
     body = parse_object(payload)
     check_fields(body, METRICS_FIELDS)
+    return body
+
+
+#: States of ``telemetry/run`` (see :meth:`nodes.server.ServerNode.run_state_body`).
+RUN_STATES = ("starting", "live", "finished", "interrupted")
+
+#: Known fields of ``telemetry/run`` and their types.
+RUN_STATE_FIELDS: Mapping[str, Check] = {
+    "state": lambda v: v in RUN_STATES,
+    "run": _is_str,
+    "algorithm": _is_str,
+    "incarnation": _is_str,
+    "controller": _is_bool,
+    "overlays": _is_bool,
+    "round": _is_count,
+    "closed": _is_count,
+    "rounds": _is_count,
+    "sampled": lambda v: isinstance(v, list) and all(_is_str(x) for x in v),
+    "history": lambda v: isinstance(v, list) and all(_is_object(x) for x in v),
+    "final": _or_none(_is_object),
+    "layout": lambda v: (
+        _is_object(v)
+        and all(isinstance(ids, list) and all(_is_str(x) for x in ids) for ids in v.values())
+    ),
+    "time": _is_number,
+}
+
+
+def parse_run_state(payload: bytes | bytearray | memoryview | str) -> dict[str, Any]:
+    """A run-state object with its known fields type-checked (see :func:`parse_object`)."""
+    body = parse_object(payload)
+    check_fields(body, RUN_STATE_FIELDS)
     return body
 
 

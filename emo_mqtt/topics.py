@@ -3,9 +3,15 @@
 Every topic is rooted at a run, ``emo/<run>/...``. Below the run, the tree mirrors the
 cache tiers of EMO: what devices publish lives under ``device/<id>/`` (the device tier),
 what overlays publish under ``overlay/<id>/`` (the overlay tier), what the server publishes
-under ``server/`` (the server tier), next to the ``control``, ``status``, ``metrics`` and
-``infer`` branches. Naming by source keeps least-privilege ACLs simple: a node may publish
-only below its own id.
+under ``server/`` (the server tier), next to the ``control`` and ``infer`` branches.
+Naming by source keeps least-privilege ACLs simple: a node may publish only below its own id.
+
+Everything that is JSON for people and monitoring tools lives under one branch,
+``emo/<run>/telemetry/``: node statuses (``telemetry/status/<role>/<id>``), node metrics
+(``telemetry/metrics/<role>/<id>``) and the run's retained state (``telemetry/run``). One
+wildcard, ``emo/+/telemetry/#``, subscribes to all of it and to none of the binary codec
+frames (weights, activations) that share the run's prefix; it is also the one read grant
+of the ``monitor`` identity in the provisioned ACLs.
 
 This module is pure: no I/O, no asyncio, no MQTT. ``docs/topics.md`` is generated from
 :data:`SPECS` (``emo topics --markdown``) and a test keeps the two in step.
@@ -21,6 +27,8 @@ from functools import lru_cache
 from emo_mqtt.errors import TopicError
 
 ROOT = "emo"
+#: The branch below ``emo/<run>/`` that holds every JSON (telemetry) topic, and only those.
+TELEMETRY = "telemetry"
 
 #: Run, node and client ids: safe in topics, file names and ACL patterns.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -39,6 +47,7 @@ class Kind(StrEnum):
     CONTROL = "control"
     STATUS = "status"
     METRICS = "metrics"
+    RUN_STATE = "run"
     INFER_REQUEST = "infer.request"
     INFER_RESPONSE = "infer.response"
     BENCH = "bench"
@@ -144,23 +153,36 @@ SPECS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec(
         Kind.STATUS,
-        "status/{role}/{node}",
-        "status",
+        "telemetry/status/{role}/{node}",
+        "telemetry",
         "every node (last will: offline)",
-        "dashboards",
+        "dashboards, the server",
         1,
         True,
-        "JSON: state (online/offline), role, version, round",
+        "JSON: state (online/offline), role, id, run, version, round, time; the server's "
+        "also `incarnation` (which start of the run's server: `emo_mqtt/incarnation.py`)",
     ),
     TopicSpec(
         Kind.METRICS,
-        "metrics/{role}/{node}",
-        "metrics",
+        "telemetry/metrics/{role}/{node}",
+        "telemetry",
         "every node",
         "dashboards, `emo run`",
         0,
         False,
-        "JSON: counters and gauges of the node",
+        "JSON: counters and gauges of the node (QoS 1 for events and the final message; "
+        "the final one, sent when the node stops, is retained)",
+    ),
+    TopicSpec(
+        Kind.RUN_STATE,
+        "telemetry/run",
+        "telemetry",
+        "server",
+        "dashboards",
+        1,
+        True,
+        "JSON: the run's state (`live`, `finished`, `interrupted`), algorithm, round k of N, "
+        "accuracy per round, the devices sampled this round, the overlay of each device",
     ),
     TopicSpec(
         Kind.INFER_REQUEST,
@@ -244,6 +266,13 @@ def run_filter(run: str) -> str:
     return f"{ROOT}/{validate_id(run, 'run')}/#"
 
 
+def telemetry_filter(run: str | None = None) -> str:
+    """The filter that matches every JSON topic of ``run`` (of every run when ``None``):
+    statuses, metrics and run states, and no codec frame."""
+    shown = "+" if run is None else validate_id(run, "run")
+    return f"{ROOT}/{shown}/{TELEMETRY}/#"
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     """What :func:`parse` learns from a topic."""
@@ -289,6 +318,7 @@ _SERVER_SIDE = frozenset(
         Kind.SERVER_DONE,
         Kind.CONTROL,
         Kind.INFER_RESPONSE,
+        Kind.RUN_STATE,
     }
 )
 _ROLE_OF = {
@@ -307,7 +337,8 @@ def publisher_key(value: str) -> str:
 
     Topics are named by their publisher and the provisioned ACLs let each identity write
     only below its own id, so the topic says who sent a message: ``device/dev03/update``,
-    ``status/device/dev03`` and ``metrics/device/dev03`` all give ``device/dev03``, in any
+    ``telemetry/status/device/dev03`` and ``telemetry/metrics/device/dev03`` all give
+    ``device/dev03``, in any
     run. Whatever the server side publishes gives ``server``. A foreign topic is its own
     key. What receivers use to give each sender its own budget (chunk reassembly).
     """

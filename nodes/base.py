@@ -37,7 +37,7 @@ JsonHandler = Callable[[ParsedTopic, dict[str, Any]], Awaitable[None]]
 #: Tries of the ``online`` status publish at start (each bounded by the bus's deadline).
 STATUS_ATTEMPTS = 3
 #: Topics whose payloads are JSON (readable by any MQTT tool), not codec frames.
-JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS})
+JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS, Kind.RUN_STATE})
 
 #: What the server side sends: these carry the server's incarnation, and the other nodes
 #: take them only from the incarnation they follow (:mod:`emo_mqtt.incarnation`).
@@ -57,6 +57,7 @@ BYTE_KINDS: dict[Kind, str] = {
     Kind.CONTROL: "control",
     Kind.STATUS: "status",
     Kind.METRICS: "metrics",
+    Kind.RUN_STATE: "metrics",
     Kind.INFER_REQUEST: "inference",
     Kind.INFER_RESPONSE: "inference",
     Kind.BENCH: "bench",
@@ -105,19 +106,26 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def status_payload(state: str, role: str, node_id: str, run: str, round: int = 0) -> bytes:
-    """The retained status JSON of a node (its last will says ``offline``)."""
-    return json.dumps(
-        {
-            "state": state,
-            "role": role,
-            "id": node_id,
-            "run": run,
-            "version": __version__,
-            "round": round,
-            "time": time.time(),
-        }
-    ).encode()
+def status_payload(
+    state: str, role: str, node_id: str, run: str, round: int = 0, incarnation: str | None = None
+) -> bytes:
+    """The retained status JSON of a node (its last will says ``offline``).
+
+    ``incarnation``: the server's own start, or the one a device or overlay follows
+    (:mod:`emo_mqtt.incarnation`); absent from the last will, written before any is known.
+    """
+    body: dict[str, Any] = {
+        "state": state,
+        "role": role,
+        "id": node_id,
+        "run": run,
+        "version": __version__,
+        "round": round,
+        "time": time.time(),
+    }
+    if incarnation is not None:
+        body["incarnation"] = incarnation
+    return json.dumps(body).encode()
 
 
 def node_bus(
@@ -185,7 +193,13 @@ class Node:
 
     # -- outgoing ---------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
-        return status_payload(state, self.role, self.node_id, self.run, self.round)
+        return status_payload(
+            state, self.role, self.node_id, self.run, self.round, self.status_incarnation()
+        )
+
+    def status_incarnation(self) -> str:
+        """The incarnation a status names: the one this node follows ("" before any)."""
+        return self.incarnations.current or ""
 
     async def send(
         self,
@@ -267,7 +281,9 @@ class Node:
         }
 
     async def publish_metrics(self, *, final: bool = False, **extra: Any) -> None:
-        """Publish the metrics JSON; the final one at QoS 1, since summaries are built on it."""
+        """Publish the metrics JSON; the final one at QoS 1, since summaries are built on it,
+        and retained: a dashboard opened after the run still reads each node's last counters
+        (``emo run`` clears them before a new run under the same id)."""
         body = json_safe({**self.metrics(), **extra, "final": final})
         payload = json.dumps(body, allow_nan=False).encode()
         await self.bus.publish(
@@ -275,6 +291,7 @@ class Node:
             payload,
             # Events (round closed, run done) and final counters feed summaries: QoS 1.
             qos=1 if final or "event" in extra else 0,
+            retain=final,
         )
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -472,6 +489,10 @@ class Node:
     def stop(self) -> None:
         self.stopping.set()
 
+    async def before_goodbye(self) -> None:
+        """Publish what must precede the final metrics and the offline status (subclasses;
+        runs however the node stops)."""
+
     async def run_node(self) -> None:
         """Connect, announce, run until done, say goodbye (no will on a clean exit).
 
@@ -516,6 +537,7 @@ class Node:
                     task.cancel()
                 await asyncio.gather(loop, work, return_exceptions=True)
                 try:
+                    await self.before_goodbye()
                     await self.publish_metrics(final=True)
                     await self.publish_status("offline")
                 except EmoError as exc:

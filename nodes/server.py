@@ -36,14 +36,14 @@ from emo_mqtt.messages import (
     Update,
 )
 from emo_mqtt.models import FLModel
-from emo_mqtt.nodes.base import SERVER_SIDE_KINDS, Node, wait_event
+from emo_mqtt.nodes.base import SERVER_SIDE_KINDS, Node, json_safe, wait_event
 from emo_mqtt.nodes.checkpoint import read_checkpoint, write_checkpoint
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.nodes.limits import limits_for
 from emo_mqtt.strategies.base import Outgoing
 from emo_mqtt.strategies.server import ServerStrategy, evaluate, model_digest
 from emo_mqtt.telemetry import progress_line
-from emo_mqtt.topics import Kind, ParsedTopic, subscription
+from emo_mqtt.topics import Kind, ParsedTopic, subscription, topic
 
 log = logging.getLogger("emo_mqtt.nodes.server")
 
@@ -96,6 +96,10 @@ class ServerNode(Node):
         self._update_event = asyncio.Event()
         self._overlay_event = asyncio.Event()
         self.final: dict[str, Any] = {}
+        #: The run's lifecycle as published on ``telemetry/run`` (retained): ``starting``,
+        #: ``live``, then ``finished``, or ``interrupted`` when the server stops before that.
+        self.run_state = "starting"
+        self._layout: dict[str, list[str]] | None = None
         self.on_json(Kind.STATUS, self._on_status)
         self.on(
             Kind.DEVICE_UPDATE,
@@ -172,6 +176,59 @@ class ServerNode(Node):
             latest[decision["device"]] = decision
         out["controller_decisions"] = dict(sorted(latest.items()))
         return out
+
+    # -- the run's state, for dashboards (telemetry/run, retained) ---------------------------
+    def layout(self) -> dict[str, list[str]]:
+        """Overlay (site) -> its devices, from the fleet layout (computed once)."""
+        if self._layout is None:
+            out: dict[str, list[str]] = {o: [] for o in self.config.overlay_ids()}
+            for device in self.config.device_ids():
+                out.setdefault(self.config.overlay_of(device), []).append(device)
+            self._layout = out
+        return self._layout
+
+    def run_state_body(self) -> dict[str, Any]:
+        """The retained run state: what a dashboard opened at any time needs to show the run
+        as live, finished or interrupted (round k of N), with its accuracy per round."""
+        collector = self.strategy.collector
+        live = self.run_state == "live" and collector is not None
+        closed = self.history[-1]["round"] if self.history else 0
+        return {
+            "state": self.run_state,
+            "run": self.run,
+            "algorithm": self.algorithm.value,
+            "incarnation": self.incarnation,
+            "controller": self.algorithm.controlled and self.config.controller.enabled,
+            "overlays": self.algorithm.uses_overlays,
+            "round": self.round,
+            "closed": closed,
+            "rounds": self.config.run.rounds,
+            "sampled": sorted(set(collector.expected)) if live and collector else [],
+            "history": [
+                {k: r.get(k) for k in ("round", "accuracy", "fl_accuracy", "wall_s", "updates")}
+                | {"missing": list(r.get("missing", []))}
+                for r in self.history
+            ],
+            "final": self.final or None,
+            "layout": self.layout(),
+            "time": time.time(),
+        }
+
+    async def publish_run_state(self, state: str | None = None) -> None:
+        """Publish (retained, QoS 1) the run state, first moving to ``state`` if given."""
+        if state is not None:
+            self.run_state = state
+        payload = json.dumps(json_safe(self.run_state_body()), allow_nan=False).encode()
+        await self.bus.publish(topic(Kind.RUN_STATE, self.run), payload, qos=1, retain=True)
+
+    def status_incarnation(self) -> str:
+        return self.incarnation
+
+    async def before_goodbye(self) -> None:
+        # Stopped before the end (SIGINT/SIGTERM to emo run, a failure): say so, once, so
+        # that dashboards show one "interrupted at round k/N" instead of nodes going red.
+        if self.run_state != "finished":
+            await self.publish_run_state("interrupted")
 
     # -- handlers ---------------------------------------------------------------------------
     async def _on_status(self, where: ParsedTopic, body: dict[str, Any]) -> None:
@@ -281,6 +338,7 @@ class ServerNode(Node):
 
     async def main(self) -> None:
         c = self.config
+        await self.publish_run_state("live")
         await self._wait_for_fleet()
         start = self.rounds_started_at = time.monotonic()
         first = await self._load_checkpoint() + 1
@@ -293,6 +351,7 @@ class ServerNode(Node):
                 await self.publish(item)
             collector = self.strategy.collector
             assert collector is not None
+            await self.publish_run_state()  # the devices sampled: the dashboard's stragglers
             log.info(
                 "server: round %d/%d open: %d devices sampled, %g s deadline",
                 r,
@@ -306,6 +365,7 @@ class ServerNode(Node):
             record = self.strategy.record_round(closed, scores, time.monotonic() - start)
             await self._save_checkpoint(r)
             await self.publish_metrics(event="round", **record)
+            await self.publish_run_state()
             log.info(
                 "%s",
                 progress_line(
@@ -395,6 +455,7 @@ class ServerNode(Node):
             await asyncio.to_thread(self._save, scores.get("ensemble"), state)
         await self.publish(done)
         await self.publish_metrics(event="done", **{k: v for k, v in self.final.items()})
+        await self.publish_run_state("finished")
         log.info(
             "server: done: accuracy %.4f (FL model %.4f) after %d rounds",
             self.final["accuracy"],

@@ -46,11 +46,11 @@ def status(run: str, role: str, node: str, state: str = "online") -> tuple[str, 
         "round": 0,
         "time": 1000.0,
     }
-    return f"emo/{run}/status/{role}/{node}", json.dumps(body).encode()
+    return f"emo/{run}/telemetry/status/{role}/{node}", json.dumps(body).encode()
 
 
 def metrics(run: str, role: str, node: str, **body: Any) -> tuple[str, bytes]:
-    return f"emo/{run}/metrics/{role}/{node}", json.dumps(body).encode()
+    return f"emo/{run}/telemetry/metrics/{role}/{node}", json.dumps(body).encode()
 
 
 # ----------------------------------------------------------------------- pure state
@@ -119,7 +119,14 @@ def test_fleet_state_snapshot() -> None:
     assert run["total"] == {"device": 2, "overlay": 1, "server": 1}
     assert (run["online_count"], run["node_count"]) == (3, 4)
     assert run["accuracy"] == [
-        {"round": 1, "accuracy": 0.5, "fl_accuracy": 0.4, "wall_s": 1.0, "updates": 2.0}
+        {
+            "round": 1,
+            "accuracy": 0.5,
+            "fl_accuracy": 0.4,
+            "wall_s": 1.0,
+            "updates": 2.0,
+            "missing": [],
+        }
     ]
     assert run["latest_accuracy"] == 0.5 and not run["done"]
     assert run["bytes_by_kind"] == {"activations": 50, "weights": 1110}
@@ -129,8 +136,11 @@ def test_fleet_state_snapshot() -> None:
     assert run["decisions"]["dev0"]["fraction"] == 0.5
     assert run["decisions"]["dev0"]["precision"] == "fp16"
     assert run["rejected"] == {"duplicate": 3}
-    kinds = {(a["kind"], a["run"], a["node"]) for a in snap["alerts"]}
-    assert kinds == {("offline", "q-emo", "device/dev1"), ("rejected", "q-emo", None)}
+    kinds = {(a["kind"], a["run"], a["message"]) for a in snap["alerts"]}
+    assert kinds == {
+        ("offline", "q-emo", "1 node is offline: device/dev1"),
+        ("rejected", "q-emo", "3 input(s) rejected: duplicate"),
+    }
 
 
 def test_fleet_state_done_and_restart() -> None:
@@ -152,13 +162,13 @@ def test_fleet_state_done_and_restart() -> None:
 
 def test_fleet_state_never_raises() -> None:
     state = FleetState()
-    assert not state.ingest("emo/r1/status/device/d0", b"")  # cleared retained topic
-    assert not state.ingest("emo/r1/status/device/d0", b"{not json")
-    assert not state.ingest("emo/r1/status/device/d0", b"[1, 2]")
-    assert not state.ingest("emo/r1/metrics/device/d0", b"\xff\xfe")
+    assert not state.ingest("emo/r1/telemetry/status/device/d0", b"")  # cleared retained topic
+    assert not state.ingest("emo/r1/telemetry/status/device/d0", b"{not json")
+    assert not state.ingest("emo/r1/telemetry/status/device/d0", b"[1, 2]")
+    assert not state.ingest("emo/r1/telemetry/metrics/device/d0", b"\xff\xfe")
     assert not state.ingest("emo/r1/server/round", b"{}")  # not a dashboard topic
     assert not state.ingest("other/topic", b"{}")
-    assert not state.ingest("emo/r1/status/wizard/d0", b"{}")  # unknown role
+    assert not state.ingest("emo/r1/telemetry/status/wizard/d0", b"{}")  # unknown role
     # Wrong types in known fields: the message is skipped, not half taken.
     for wrong in (
         {"round": "x"},
@@ -291,7 +301,7 @@ async def test_http_endpoints(mosquitto: BrokerHandle) -> None:
                 fl_accuracy=0.7,
                 bytes_out_by_kind={"weights": 123},
             ),
-            (f"emo/{run}/metrics/device/d0", b"{broken"),
+            (f"emo/{run}/telemetry/metrics/device/d0", b"{broken"),
         ]:
             await bus.publish(*message, retain=message[0].split("/")[2] == "status")
         state = await wait_for_state(
@@ -429,8 +439,30 @@ async def test_dashboard_in_chromium(mosquitto: BrokerHandle, tmp_path: Path) ->
         # all gone offline cleanly at the end of the run.
         assert element_text(dom, "node-total") == "7", dom[:3000]
         assert element_text(dom, "node-count") == "0"
-        assert dom.count('data-state="offline"') == 7
+        # A finished run says so; its nodes are done (grey), not failed (red).
+        assert element_text(dom, "run-state") == "finished: 2/2 rounds"
+        assert dom.count('data-state="done"') == 7 and 'data-state="offline"' not in dom
+        assert "no alerts" in dom, "nodes leaving a finished run are not alerts"
         assert element_text(dom, "latest-accuracy") == expected
+        # The big-fleet view: counts by state, the two sites, the last round's stragglers.
+        counts = re.search(r'id="state-counts".*?</table>', dom, re.S)
+        assert counts and "<td>device</td><td>0</td><td>4</td><td>0</td>" in counts.group(0)
+        sites = re.search(r'id="sites".*?</table>', dom, re.S)
+        assert sites and sites.group(0).count("<tr>") == 3  # head + ovl0 + ovl1
+        assert "<td>ovl0</td><td>2</td>" in sites.group(0)
+        assert "round 2 closed" in element_text(dom, "stragglers")
+        assert 'id="search"' in dom
+        assert not re.search(r'id="controller-card"[^>]*hidden', dom), "EMO has a controller"
+        fl_dom = await chromium(f"http://127.0.0.1:{port}/?run=dash-fl", tmp_path, "--dump-dom")
+        assert re.search(r'id="controller-card"[^>]*hidden', fl_dom), "FedAvg has none"
+        assert element_text(fl_dom, "run-state") == "finished: 2/2 rounds"
+        code, _, found = await get(port, "/api/search?run=dash-emo&q=dev01")
+        hit = json.loads(found)["results"][0]
+        assert code == 200 and (hit["id"], hit["site"], hit["state"]) == (
+            "dev01",
+            "ovl1",
+            "offline",
+        )
         assert not math.isnan(emo["accuracy"])
         assert "dash-fl" in dom and "<svg" in dom  # FedAvg's accuracy line beside EMO's
         assert "no overlay in this run" not in dom

@@ -175,7 +175,7 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(
         f"emo/{run}/server/round",
         f"emo/{run}/control/dev02",
         f"emo/{run}/overlay/ovl0/model",
-        f"emo/{run}/status/device/dev03",
+        f"emo/{run}/telemetry/status/device/dev03",
         f"emo/{run}/device/dev02/sfl/activations",
     ]
 

@@ -175,7 +175,7 @@ def test_a_live_run_id_is_refused_before_anything_is_published(
                 with pytest.raises(RunLive, match="is live on this broker"):
                     await run_scenario(url, config, None, say=lambda _: None)
                 # Our own marker, then everything the refused run might have sent before it.
-                await live.publish(f"emo/{run}/metrics/server/marker", b"{}")
+                await live.publish(f"emo/{run}/telemetry/metrics/server/marker", b"{}")
                 async for message in watcher.messages():
                     seen.append(message.topic)
                     if message.topic.endswith("/marker"):
@@ -184,7 +184,7 @@ def test_a_live_run_id_is_refused_before_anything_is_published(
 
     seen = asyncio.run(scenario())
     status_topic = topic(Kind.STATUS, run, node="server", role="server")
-    assert seen == [status_topic, f"emo/{run}/metrics/server/marker"]
+    assert seen == [status_topic, f"emo/{run}/telemetry/metrics/server/marker"]
 
 
 async def _retain_old_start(url: str, config: RunConfig, old: str) -> None:

@@ -136,7 +136,7 @@ def test_hostile_updates_never_stop_or_change_fl(
     attacks.append((update, frame({"round": 1}, "round", "dev00", "fl", config, 20_000)))
     # A status nested 5,000 deep (json.loads raises RecursionError on it).
     deep = ("[" * 5000 + "]" * 5000).encode()
-    attacks.append(("emo/RUN/status/device/dev00", deep))
+    attacks.append(("emo/RUN/telemetry/status/device/dev00", deep))
     entry = hostile_run(config, "fl", plan, attacks)
     rejected = entry["rejected"]
     assert rejected.get("update:bad_type", 0) >= 3, rejected  # inf, True, [1]

@@ -25,7 +25,7 @@ from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.errors import BusError, ConfigError
 from emo_mqtt.provision import acl_text, load_node_config, provision
-from emo_mqtt.topics import Kind, topic
+from emo_mqtt.topics import Kind, telemetry_filter, topic
 
 pytestmark = pytest.mark.broker
 
@@ -63,7 +63,11 @@ def test_acl_file_is_least_privilege() -> None:
     dev = blocks["user device-dev02"]
     assert all("dev02" in t or t.endswith(("/server/round", "/server/done")) for t in dev)
     assert not any(t.startswith("topic write") and "/server/" in t for t in dev)
-    assert all(t.startswith("topic read") for t in blocks["user monitor"])
+    assert blocks["user monitor"] == ["topic read emo/+/telemetry/#"]
+    # Only the server writes the run state.
+    assert [u for u, lines in blocks.items() if "topic write emo/r1/telemetry/run" in lines] == [
+        "user server-server"
+    ]
     # Only the server writes server/* and control/*.
     writers = [
         u
@@ -355,15 +359,17 @@ def test_monitor_reads_status_and_metrics_only(
             MqttBus(url, "dash", clean_start=True) as monitor,
             _bus(fleet.url("device-dev00"), "d0m") as dev0,
         ):
-            for topic_filter in ("emo/+/status/#", "emo/+/metrics/#"):
-                await monitor.subscribe(topic_filter)
+            await monitor.subscribe(telemetry_filter())
+            await monitor.subscribe("emo/+/status/#")  # the old layout: nothing there
             await dev0.subscribe(topic(Kind.SERVER_ROUND, RUN))
             await monitor.publish(topic(Kind.SERVER_ROUND, RUN), b"from monitor")  # denied
             await dev0.publish(topic(Kind.METRICS, RUN, node="dev00", role="device"), b"{}")
             mon_got, d0_got = await asyncio.gather(_received(monitor, 1.0), _received(dev0, 1.0))
-        # (Retained statuses of earlier runs on this broker arrive too: status is readable.)
-        assert all("/status/" in m.topic for m in mon_got if m.retain)
-        assert [m.topic for m in mon_got if not m.retain] == [f"emo/{RUN}/metrics/device/dev00"]
+        # (Retained statuses of earlier runs on this broker arrive too: telemetry is readable.)
+        assert all("/telemetry/" in m.topic for m in mon_got if m.retain)
+        assert [m.topic for m in mon_got if not m.retain] == [
+            f"emo/{RUN}/telemetry/metrics/device/dev00"
+        ]
         assert d0_got == []
 
     asyncio.run(main())

@@ -15,6 +15,7 @@ from emo_mqtt.topics import (
     parse,
     run_filter,
     subscription,
+    telemetry_filter,
     topic,
     validate_filter,
 )
@@ -43,7 +44,9 @@ def test_every_kind_round_trips(kind: Kind) -> None:
 def test_examples() -> None:
     assert topic(Kind.DEVICE_UPDATE, "r", node="dev3") == "emo/r/device/dev3/update"
     assert subscription(Kind.DEVICE_ACTIVATIONS, "r") == "emo/r/device/+/activations"
-    assert topic(Kind.STATUS, "r", node="ov1", role="overlay") == "emo/r/status/overlay/ov1"
+    assert (
+        topic(Kind.STATUS, "r", node="ov1", role="overlay") == "emo/r/telemetry/status/overlay/ov1"
+    )
     assert topic(Kind.SERVER_SFL_GRADIENTS, "r", node="d") == "emo/r/server/sfl/d/gradients"
 
 
@@ -58,7 +61,7 @@ def test_examples() -> None:
         "emo/r/device/+/update",
         "emo/r/device/d#/update",
         "emo/bad run/server/round",
-        "emo/r/status/alien/x",
+        "emo/r/telemetry/status/alien/x",
         "emo/r/device//update",
         "emo/r/server/round/extra",
     ],
@@ -133,3 +136,19 @@ def test_publisher_key_names_the_accountable_identity() -> None:
         "client/n",
         "bench/n",
     }
+
+
+def test_one_wildcard_takes_all_json_and_no_codec_frame() -> None:
+    from emo_mqtt.nodes.base import JSON_KINDS
+
+    every = telemetry_filter()
+    assert every == "emo/+/telemetry/#"
+    assert telemetry_filter("r7") == "emo/r7/telemetry/#"
+    for kind in Kind:
+        node, role = _example(kind)
+        built = topic(kind, "r7", node=node, role=role)
+        assert matches(every, built) == (kind in JSON_KINDS), built
+        assert matches(telemetry_filter("r7"), built) == (kind in JSON_KINDS)
+        assert not matches(telemetry_filter("r8"), built)
+    assert topic(Kind.RUN_STATE, "r7") == "emo/r7/telemetry/run"
+    assert parse("emo/r7/telemetry/run").kind is Kind.RUN_STATE

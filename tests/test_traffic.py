@@ -40,7 +40,7 @@ GOOD = f"""{HEADER}
 0.500000,0.900000,dev01,{RUN}/device/dev01/update,40000,1,0
 0.600000,1.400000,dev01,{RUN}/device/dev01/activations,1500000,1,0
 1.200000,1.250000,dev02,{RUN}/device/dev02/update,40000,1,0
-1.300000,1.300100,dev02,{RUN}/metrics/device/dev02,300,0,0
+1.300000,1.300100,dev02,{RUN}/telemetry/metrics/device/dev02,300,0,0
 2.500000,2.600000,ovl0,{RUN}/overlay/ovl0/model,800000,1,0
 2.700000,2.700500,server,{RUN}/control/dev01,120,1,1
 2.800000,2.800200,dev02,somewhere/else,10,0,0
@@ -130,7 +130,7 @@ def test_a_missing_log_is_a_config_error(tmp_path: Path) -> None:
 def test_byte_kinds_follow_the_topic_grammar() -> None:
     assert byte_kind(f"{RUN}/device/dev01/activations") == "activations"
     assert byte_kind(f"{RUN}/server/round") == "weights"
-    assert byte_kind(f"{RUN}/metrics/device/dev02") == "metrics"
+    assert byte_kind(f"{RUN}/telemetry/metrics/device/dev02") == "metrics"
     assert byte_kind(f"{RUN}/device/dev01/nonsense") == "other"
     assert byte_kind("somewhere/else") == "other"
 
@@ -231,7 +231,7 @@ def _replay_log_text() -> tuple[str, list[LogRow]]:
         rows.append(
             LogRow(t, round(t + 0.01, 6), "dev01", f"{RUN}/device/dev01/update", 1000 + i, 1, False)
         )
-        topic = f"{RUN}/server/round" if i % 3 == 0 else f"{RUN}/metrics/server/server"
+        topic = f"{RUN}/server/round" if i % 3 == 0 else f"{RUN}/telemetry/metrics/server/server"
         rows.append(
             LogRow(
                 round(t + 0.05, 6),

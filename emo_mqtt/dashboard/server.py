@@ -1,11 +1,13 @@
 """The dashboard's server: one MQTT subscriber, one small HTTP server, both on asyncio.
 
 Debian's Mosquitto has no websockets listener, so the page cannot talk MQTT itself: this
-server subscribes to ``emo/+/status/#`` and ``emo/+/metrics/#``, keeps a
+server subscribes to ``emo/+/telemetry/#`` (statuses, metrics, run states), keeps a
 :class:`~emo_mqtt.dashboard.state.FleetState`, and serves
 
 - ``GET /``: the page, ``GET /static/<file>``: its script and style (from the package),
 - ``GET /api/state``: the snapshot as JSON,
+- ``GET /api/search?run=<run>&q=<text>``: the run's nodes whose id contains the text (the
+  page's search box: a big fleet's snapshot carries counts, not one entry per node),
 - ``GET /events``: Server-Sent Events, the snapshot each time it changes (at most 4/s),
 - ``GET /metrics``: Prometheus exposition text.
 
@@ -22,10 +24,12 @@ import logging
 import secrets
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from emo_mqtt.bus import Bus, open_bus
 from emo_mqtt.dashboard.state import FleetState, prometheus_text
 from emo_mqtt.errors import EmoError
+from emo_mqtt.topics import telemetry_filter
 
 log = logging.getLogger("emo_mqtt.dashboard")
 
@@ -39,7 +43,7 @@ KEEPALIVE_S = 15.0
 MAX_CONNECTIONS = 256
 #: Seconds between two looks at the broker connection, for SSE clients.
 LINK_CHECK_S = 2.0
-SUBSCRIPTIONS = ("emo/+/status/#", "emo/+/metrics/#")
+SUBSCRIPTIONS = (telemetry_filter(),)
 STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -166,7 +170,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str]:
     method, target = parts[0], parts[1]
     if method not in ("GET", "HEAD"):
         raise _BadRequest(405, f"method {method[:16]!r} not allowed")
-    return method, target.split("?", 1)[0].split("#", 1)[0]
+    return method, target.split("#", 1)[0]
 
 
 async def _respond(
@@ -217,11 +221,12 @@ async def _handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.Stream
     """One HTTP connection: one request, then close. Never raises."""
     try:
         try:
-            method, path = await _read_head(reader)
+            method, target = await _read_head(reader)
         except _BadRequest as exc:
             await _respond(writer, exc.status, f"{exc}\n".encode(), "text/plain", False)
             return
         head_only = method == "HEAD"
+        path, _, query = target.partition("?")
         if path == "/events" and not head_only:
             await _events(hub, writer)
             return
@@ -229,6 +234,13 @@ async def _handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.Stream
             body, ctype, status = _index(hub), STATIC_TYPES[".html"], 200
         elif path == "/api/state":
             body, ctype, status = hub.snapshot_json(), "application/json", 200
+        elif path == "/api/search":
+            try:
+                args = parse_qs(query, max_num_fields=4)
+            except ValueError:
+                args = {}
+            hits = hub.state.search(args.get("run", [""])[0], args.get("q", [""])[0])
+            body, ctype, status = json.dumps(hits).encode(), "application/json", 200
         elif path == "/metrics":
             body, ctype, status = hub.metrics_text(), "text/plain; version=0.0.4", 200
         elif path.startswith("/static/") and (found := _static(path[len("/static/") :])):

@@ -1,9 +1,11 @@
-"""What the dashboard knows about the fleet, built from status and metrics messages.
+"""What the dashboard knows about the fleet, built from the telemetry branch's messages.
 
 This module is pure: no asyncio, no MQTT, no I/O. :class:`FleetState` ingests
-``(topic, payload)`` pairs as they come off the bus and produces a JSON-able snapshot
-(:meth:`FleetState.snapshot`) for the web page, and :func:`prometheus_text` turns a
-snapshot into Prometheus exposition text. Nothing malformed raises: it is counted.
+``(topic, payload)`` pairs as they come off the bus (statuses, metrics and the server's
+retained run state) and produces a JSON-able snapshot (:meth:`FleetState.snapshot`) for
+the web page, and :func:`prometheus_text` turns a snapshot into Prometheus exposition
+text. Nothing malformed raises: it is counted. The run-level views (lifecycle, alerts,
+counts by state and site, stragglers, search) are :mod:`emo_mqtt.dashboard.fleetview`'s.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from emo_mqtt.dashboard import fleetview
 from emo_mqtt.errors import TelemetryError, TopicError
-from emo_mqtt.telemetry import parse_metrics, parse_status
+from emo_mqtt.telemetry import parse_metrics, parse_run_state, parse_status
 from emo_mqtt.topics import Kind, parse
 
 #: Bytes samples kept per run (older ones are dropped).
@@ -25,6 +28,12 @@ MAX_BYTES_SAMPLES = 600
 SAMPLE_MIN_GAP_S = 0.25
 #: Runs kept (the least recently active ones are forgotten beyond this).
 MAX_RUNS = 50
+#: Above this many nodes a run is a big fleet: the snapshot carries counts, stragglers and
+#: a search instead of one entry per node (the page stays small and fast).
+BIG_FLEET = 64
+#: Controller rows a snapshot carries at most (the rest are counted).
+MAX_DECISION_ROWS = 64
+_PARSERS = {Kind.STATUS: parse_status, Kind.METRICS: parse_metrics, Kind.RUN_STATE: parse_run_state}
 
 
 def _clean(value: Any) -> Any:
@@ -68,8 +77,17 @@ class RunState:
     #: round -> {round, accuracy, fl_accuracy, wall_s, updates}.
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)
     final: dict[str, Any] | None = None
+    #: The server's retained run state (``telemetry/run``), cleaned; None before any.
+    lifecycle: dict[str, Any] | None = None
+    #: The algorithm, from the run state or the nodes' metrics.
+    algorithm: str | None = None
+    #: device id -> last round it reported having trained (its metrics after an update).
+    trained: dict[str, int] = field(default_factory=dict)
     #: "role/id" -> latest bytes_out_by_kind.
     node_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Sum of ``node_bytes`` by kind, kept up to date message by message (not re-summed:
+    #: with 1,000 nodes that would be 1,000 dicts per message).
+    bytes_totals: dict[str, int] = field(default_factory=dict)
     #: "role/id" -> latest rejected-by-reason counts.
     node_rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     bytes_samples: deque[dict[str, Any]] = field(
@@ -80,13 +98,17 @@ class RunState:
     round: int = 0
     last_seen: float = 0.0
 
+    def set_bytes(self, key: str, kinds: dict[str, int]) -> None:
+        """Replace node ``key``'s bytes by kind, keeping :attr:`bytes_totals` in step."""
+        for kind, count in self.node_bytes.get(key, {}).items():
+            self.bytes_totals[kind] -= count
+        for kind, count in kinds.items():
+            self.bytes_totals[kind] = self.bytes_totals.get(kind, 0) + count
+        self.node_bytes[key] = kinds
+
     def bytes_by_kind(self) -> dict[str, int]:
         """Sum over the run's nodes of their latest bytes by kind."""
-        total: dict[str, int] = {}
-        for kinds in self.node_bytes.values():
-            for kind, count in kinds.items():
-                total[kind] = total.get(kind, 0) + count
-        return dict(sorted(total.items()))
+        return dict(sorted(self.bytes_totals.items()))
 
     def rejected(self) -> dict[str, int]:
         """Sum over the run's nodes of their latest rejected counts, by reason."""
@@ -104,6 +126,9 @@ class RunState:
             value = self.rounds[max(self.rounds)].get("accuracy")
             return value if isinstance(value, float) else None
         return None
+
+    def node_count(self) -> int:
+        return sum(len(nodes) for nodes in self.nodes.values())
 
 
 class FleetState:
@@ -130,35 +155,88 @@ class FleetState:
         except TopicError:
             self.ignored += 1
             return False
-        if where.kind not in (Kind.STATUS, Kind.METRICS) or where.node is None:
+        parser = _PARSERS.get(where.kind)
+        if parser is None or (where.kind is not Kind.RUN_STATE and where.node is None):
             self.ignored += 1
             return False
         try:
             # Untrusted, possibly retained (a device may write its own status and metrics):
             # bounded depth and size, known fields type-checked, or skipped and counted.
-            body = (parse_status if where.kind is Kind.STATUS else parse_metrics)(payload)
+            body = parser(payload)
         except TelemetryError as exc:
             self.malformed += 1
             self.malformed_by_reason[exc.reason] = self.malformed_by_reason.get(exc.reason, 0) + 1
             return False
         self.messages += 1
         run = self._run(where.run)
-        if (
-            where.kind is Kind.STATUS
-            and where.role == "server"
-            and run.final is not None
-            and body.get("state") == "online"
-        ):
-            # A new run under a finished run's id (emo run clears and restarts it).
+        if self._restarted(run, where.kind, where.role, body):
+            # A new run under an ended run's id (emo run clears and restarts it): history
+            # starts over; the nodes' retained statuses stay (they are still true).
             run = self.runs[where.run] = RunState(where.run, nodes=run.nodes)
         run.last_seen = self.clock()
-        role = where.role or "node"
-        if where.kind is Kind.STATUS:
-            self._status(run, role, where.node, body)
+        if where.kind is Kind.RUN_STATE:
+            self._run_state(run, body)
+        elif where.kind is Kind.STATUS:
+            assert where.node is not None
+            self._status(run, where.role or "node", where.node, body)
         else:
-            self._metrics(run, role, where.node, body)
+            assert where.node is not None
+            self._metrics(run, where.role or "node", where.node, body)
         self.version += 1
         return True
+
+    @staticmethod
+    def _restarted(run: RunState, kind: Kind, role: str | None, body: dict[str, Any]) -> bool:
+        """Whether ``body`` starts a new run under ``run``'s (ended) id."""
+        ended = run.final is not None or (
+            run.lifecycle is not None and run.lifecycle["state"] in ("finished", "interrupted")
+        )
+        if not ended:
+            return False  # a server resumed from its checkpoint continues its run
+        if kind is Kind.RUN_STATE:
+            return body.get("state") in ("starting", "live")
+        return kind is Kind.STATUS and role == "server" and body.get("state") == "online"
+
+    def _run_state(self, run: RunState, body: dict[str, Any]) -> None:
+        layout = body.get("layout") or {}
+        run.lifecycle = {
+            "state": body.get("state", "live"),
+            "incarnation": body.get("incarnation"),
+            "round": int(body.get("round", 0)),
+            "closed": int(body.get("closed", 0)),
+            "rounds": int(body.get("rounds", 0)),
+            "controller": body.get("controller"),
+            "sampled": list(body.get("sampled", [])),
+            "layout": {str(o): list(ids) for o, ids in layout.items()},
+            "overlay_of": {d: str(o) for o, ids in layout.items() for d in ids},
+        }
+        if isinstance(body.get("algorithm"), str):
+            run.algorithm = body["algorithm"]
+        run.round = max(run.round, run.lifecycle["round"])
+        for record in body.get("history", []):
+            number = _number(record.get("round"))
+            if number is None:
+                continue
+            run.rounds[int(number)] = {
+                "round": int(number),
+                "accuracy": _number(record.get("accuracy")),
+                "fl_accuracy": _number(record.get("fl_accuracy")),
+                "wall_s": _number(record.get("wall_s")),
+                "updates": _number(record.get("updates")),
+                "missing": [str(m) for m in record.get("missing") or [] if isinstance(m, str)],
+            }
+        final = body.get("final")
+        if body.get("state") == "finished" and isinstance(final, dict) and run.final is None:
+            run.final = self._final(final)
+
+    @staticmethod
+    def _final(body: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "accuracy": _number(body.get("accuracy")),
+            "fl_accuracy": _number(body.get("fl_accuracy")),
+            "rounds": _number(body.get("rounds")),
+            "train_wall_s": _number(body.get("train_wall_s")),
+        }
 
     def _run(self, name: str) -> RunState:
         run = self.runs.get(name)
@@ -185,11 +263,16 @@ class FleetState:
         run.nodes.setdefault(role, {}).setdefault(
             node, {"state": "unknown", "round": None, "version": "", "time": now}
         )
+        if isinstance(body.get("algorithm"), str) and run.algorithm is None:
+            run.algorithm = body["algorithm"]
         node_round = _number(body.get("round"))
         if node_round is not None:
             run.round = max(run.round, int(node_round))
+            if role == "device" and body.get("final") is False:
+                # A device publishes its (non-final) metrics right after sending an update.
+                run.trained[node] = max(run.trained.get(node, 0), int(node_round))
         if "bytes_out_by_kind" in body:
-            run.node_bytes[key] = _counts(body["bytes_out_by_kind"])
+            run.set_bytes(key, _counts(body["bytes_out_by_kind"]))
             self._sample_bytes(run, now)
         if "rejected" in body:
             run.node_rejected[key] = _counts(body["rejected"])
@@ -201,14 +284,10 @@ class FleetState:
                 "fl_accuracy": _number(body.get("fl_accuracy")),
                 "wall_s": _number(body.get("wall_s")),
                 "updates": _number(body.get("updates")),
+                "missing": [str(m) for m in body.get("missing") or [] if isinstance(m, str)],
             }
         elif event == "done":
-            run.final = {
-                "accuracy": _number(body.get("accuracy")),
-                "fl_accuracy": _number(body.get("fl_accuracy")),
-                "rounds": _number(body.get("rounds")),
-                "train_wall_s": _number(body.get("train_wall_s")),
-            }
+            run.final = self._final(body)
         if isinstance(body.get("cache"), dict):
             cache = body["cache"]
             run.cache[node] = {
@@ -257,58 +336,53 @@ class FleetState:
         return out
 
     def _run_snapshot(self, run: RunState) -> dict[str, Any]:
-        online = {
-            role: sum(1 for n in nodes.values() if n["state"] == "online")
-            for role, nodes in sorted(run.nodes.items())
-        }
-        total = {role: len(nodes) for role, nodes in sorted(run.nodes.items())}
+        lc = fleetview.lifecycle(run)
+        counts = fleetview.state_counts(run)
+        online = {role: c["online"] for role, c in counts.items()}
+        total = {role: sum(c.values()) for role, c in counts.items()}
+        node_count = sum(total.values())
+        big = node_count > BIG_FLEET
+        decisions = dict(sorted(run.decisions.items()))
         return {
             "name": run.name,
-            "done": run.final is not None,
+            "algorithm": run.algorithm,
+            "done": lc["state"] == "finished",
+            "lifecycle": lc,
             "round": run.round,
             "last_seen": run.last_seen,
-            "nodes": {role: dict(sorted(n.items())) for role, n in sorted(run.nodes.items())},
+            # A big fleet's page shows counts and a search, not one entry per node.
+            "big": big,
+            "nodes": {}
+            if big
+            else {role: dict(sorted(n.items())) for role, n in sorted(run.nodes.items())},
+            "states": counts,
             "online": online,
             "total": total,
             "online_count": sum(online.values()),
-            "node_count": sum(total.values()),
+            "node_count": node_count,
+            "sites": fleetview.sites(run, lc),
+            "stragglers": fleetview.stragglers(run, lc),
             "accuracy": [run.rounds[r] for r in sorted(run.rounds)],
             "final": run.final,
             "latest_accuracy": run.latest_accuracy(),
             "bytes": list(run.bytes_samples),
             "bytes_by_kind": run.bytes_by_kind(),
             "cache": dict(sorted(run.cache.items())),
-            "decisions": dict(sorted(run.decisions.items())),
+            "has_controller": fleetview.has_controller(run),
+            "decisions": dict(list(decisions.items())[:MAX_DECISION_ROWS]),
+            "decision_count": len(decisions),
             "rejected": run.rejected(),
         }
 
     def _alerts(self, run: RunState) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        if run.final is None:  # after the end of a run, nodes going offline is expected
-            for role, nodes in sorted(run.nodes.items()):
-                for node, status in sorted(nodes.items()):
-                    if status["state"] == "offline":
-                        out.append(
-                            {
-                                "run": run.name,
-                                "level": "warning",
-                                "kind": "offline",
-                                "node": f"{role}/{node}",
-                                "time": status["time"],
-                                "message": f"{role} {node} is offline",
-                            }
-                        )
-        for reason, count in run.rejected().items():
-            out.append(
-                {
-                    "run": run.name,
-                    "level": "warning",
-                    "kind": "rejected",
-                    "node": None,
-                    "time": run.last_seen,
-                    "message": f"{count} input(s) rejected: {reason}",
-                }
-            )
+        return fleetview.alerts(run, fleetview.lifecycle(run))
+
+    def search(self, run: str, query: str) -> dict[str, Any]:
+        """Nodes of ``run`` matching ``query`` (the page's search box); JSON-able."""
+        found = self.runs.get(run)
+        if found is None:
+            return {"run": run, "query": query, "count": 0, "results": []}
+        out: dict[str, Any] = _clean(fleetview.search(found, query))
         return out
 
 

@@ -3,7 +3,38 @@
 "use strict";
 
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777",
-  "#65a30d"];
+  "#65a30d", "#475569", "#b45309", "#0f766e", "#9333ea"];
+// How long each snapshot took to render, and when (benchmarks read it: emo bench dashboard).
+window.emoPerf = { renders: [] };
+
+// Three shades per algorithm: a run's colour says its algorithm, and its name (hashed)
+// picks the shade, so a run keeps its colour whatever other runs appear.
+const ALGORITHM_SHADES = {
+  fl: ["#2563eb", "#1e40af", "#60a5fa"],
+  sfl: ["#d97706", "#92400e", "#f59e0b"],
+  sfl_v1: ["#0891b2", "#155e75", "#22d3ee"],
+  emo: ["#dc2626", "#991b1b", "#f87171"],
+  emo_all: ["#7c3aed", "#5b21b6", "#a78bfa"],
+};
+
+// Each kind of bytes in its own colour, the same in every run.
+const KIND_COLORS = { weights: "#2563eb", activations: "#dc2626", gradients: "#d97706",
+  control: "#7c3aed", status: "#475569", metrics: "#0891b2", inference: "#db2777",
+  bench: "#65a30d" };
+
+function fnv(name) {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < name.length; i++) {
+    h ^= name.charCodeAt(i);
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  return h;
+}
+
+function runColor(name, algorithm) {
+  const shades = ALGORITHM_SHADES[algorithm];
+  return shades ? shades[fnv(name) % shades.length] : COLORS[fnv(name) % COLORS.length];
+}
 const SVG = "http://www.w3.org/2000/svg";
 let snapshot = null;
 let chosenRun = new URLSearchParams(location.search).get("run") || "";
@@ -51,17 +82,24 @@ function lineChart(container, series, opts) {
     return;
   }
   let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
-  let y0 = opts.yMin !== undefined ? opts.yMin : Math.min(...pts.map((p) => p[1]));
-  let y1 = opts.yMax !== undefined ? opts.yMax : Math.max(...pts.map((p) => p[1]));
+  // A log axis: values at or below zero have no place on it and are left out.
+  const fy = opts.log ? (y) => Math.log10(y) : (y) => y;
+  const ys = pts.filter((p) => !opts.log || p[1] > 0).map((p) => fy(p[1]));
+  if (!ys.length) ys.push(0);
+  let y0 = opts.yMin !== undefined ? opts.yMin : Math.min(...ys);
+  let y1 = opts.yMax !== undefined ? opts.yMax : Math.max(...ys);
+  if (opts.log) { y0 = Math.floor(y0); y1 = Math.max(Math.ceil(y1), y0 + 1); }
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) y1 = y0 + 1;
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + ((y1 - y0) * i) / 4;
+  const ticks = [];
+  if (opts.log) for (let e = y0; e <= y1; e += Math.max(1, Math.ceil((y1 - y0) / 6))) ticks.push(e);
+  else for (let i = 0; i <= 4; i++) ticks.push(y0 + ((y1 - y0) * i) / 4);
+  for (const y of ticks) {
     svg.appendChild(svgEl("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" }));
     svg.appendChild(svgEl("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" },
-      opts.yFmt(y)));
+      opts.yFmt(opts.log ? Math.pow(10, y) : y)));
   }
   let step = niceStep((x1 - x0) / 6);
   if (opts.integerX) step = Math.max(1, Math.round(step));
@@ -75,14 +113,15 @@ function lineChart(container, series, opts) {
   // Dashed lines last, so that a line equal to a solid one (the FL model inside EMO and
   // plain FedAvg: bit-identical) still shows.
   for (const s of [...series.filter((x) => !x.dash), ...series.filter((x) => x.dash)]) {
-    if (!s.points.length) continue;
-    const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`)
+    const shown = opts.log ? s.points.filter((p) => p[1] > 0) : s.points;
+    if (!shown.length) continue;
+    const d = shown.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(fy(p[1])).toFixed(1)}`)
       .join(" ");
     const path = svgEl("path", { d, fill: "none", stroke: s.color, "stroke-width": s.width || 2 });
     if (s.dash) path.setAttribute("stroke-dasharray", "5 4");
     svg.appendChild(path);
-    for (const p of s.points.length <= 40 ? s.points : []) {
-      svg.appendChild(svgEl("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: s.color }));
+    for (const p of shown.length <= 40 ? shown : []) {
+      svg.appendChild(svgEl("circle", { cx: sx(p[0]), cy: sy(fy(p[1])), r: 2.5, fill: s.color }));
     }
   }
   container.replaceChildren(svg);
@@ -123,16 +162,27 @@ function renderHeader() {
 }
 
 function renderNodes(run) {
+  const lc = run ? run.lifecycle : null;
+  const badge = $("run-state");
+  badge.textContent = lc ? lc.label : "no run yet";
+  badge.dataset.state = lc ? lc.state : "none";
   $("node-count").textContent = run ? run.online_count : 0;
   $("node-total").textContent = run ? run.node_count : 0;
   const roles = run ? Object.keys(run.total) : [];
   $("role-counts").textContent = roles.map((r) => `${r}: ${run.online[r]}/${run.total[r]} online`)
     .join(" · ");
+  const live = lc && lc.state === "live";
   const items = [];
-  for (const role of roles) {
-    for (const [id, node] of Object.entries(run.nodes[role])) {
-      const li = el("li", { "data-state": node.state });
-      li.append(el("span", { class: "dot " + node.state }), `${role}/${id}`);
+  if (run && run.big) {
+    items.push(el("li", { class: "muted" },
+      `${run.node_count} nodes: see the counts by state and site, or find one below`));
+  }
+  for (const role of run && !run.big ? roles : []) {
+    for (const [id, node] of Object.entries(run.nodes[role] || {})) {
+      // Nodes leaving a run that ended are done, not failed: grey, not red.
+      const shown = node.state === "offline" && !live ? "done" : node.state;
+      const li = el("li", { "data-state": shown });
+      li.append(el("span", { class: "dot " + shown }), `${role}/${id}`);
       li.title = `${node.state}, round ${node.round ?? "?"}, version ${node.version}`;
       items.push(li);
     }
@@ -140,12 +190,60 @@ function renderNodes(run) {
   $("node-list").replaceChildren(...items);
 }
 
+function cells(tr, values) {
+  for (const v of values) tr.append(el("td", {}, String(v)));
+  return tr;
+}
+
+function renderFleet(run) {
+  const states = run ? run.states : {};
+  $("state-counts").tBodies[0].replaceChildren(...Object.entries(states).map(([role, c]) =>
+    cells(el("tr"), [role, c.online, c.offline, c.unknown])));
+  const sites = run ? run.sites : [];
+  $("sites").tBodies[0].replaceChildren(...sites.map((x) =>
+    cells(el("tr"), [x.site, x.devices, x.online, x.offline, x.trained, x.waiting])));
+  const st = run ? run.stragglers : null;
+  let text = "–";
+  if (st && st.open) {
+    text = st.count ? `round ${st.round}: waiting for ${st.count} of ${st.sampled} sampled: ` +
+      st.devices.join(", ") + (st.count > st.devices.length ? " …" : "")
+      : `round ${st.round}: all ${st.sampled} sampled devices have sent their update`;
+  } else if (st && st.round) {
+    text = st.count ? `round ${st.round} closed without ${st.count}: ${st.devices.join(", ")}`
+      : `round ${st.round} closed with every sampled device`;
+  }
+  $("stragglers").textContent = text;
+}
+
+let searchTimer = null;
+async function search() {
+  const run = currentRun();
+  const q = $("search").value.trim();
+  if (!run || !q) { $("search-results").replaceChildren(); return; }
+  const url = `/api/search?run=${encodeURIComponent(run.name)}&q=${encodeURIComponent(q)}`;
+  try {
+    const response = await fetch(url, { cache: "no-store" });
+    const found = await response.json();
+    const items = found.results.map((n) => el("li", { "data-state": n.state },
+      `${n.role}/${n.id}: ${n.state}, round ${n.round ?? "?"}` +
+      (n.role === "device" ? `, trained ${n.trained_round ?? "–"}, site ${n.site ?? "–"}` +
+        (n.sampled ? ", sampled" : "") : "")));
+    if (found.count > found.results.length) {
+      items.push(el("li", { class: "muted" }, `… ${found.count - found.results.length} more`));
+    }
+    $("search-results").replaceChildren(...(items.length ? items
+      : [el("li", { class: "muted" }, `no node matches "${found.query}"`)]));
+  } catch (e) {
+    $("search-results").replaceChildren(el("li", { class: "muted" }, "search failed"));
+  }
+}
+
 function renderAccuracy(run) {
   const runs = Object.values(snapshot.runs).filter((r) => r.accuracy.length)
     .sort((a, b) => a.name.localeCompare(b.name)).slice(0, COLORS.length);
   const series = [];
-  runs.forEach((r, i) => {
-    const color = COLORS[i % COLORS.length];
+  runs.forEach((r) => {
+    const color = runColor(r.name, r.algorithm);
     const pts = r.accuracy.filter((p) => p.accuracy !== null).map((p) => [p.round, p.accuracy]);
     series.push({ name: r.name, color, points: pts, width: run && r.name === run.name ? 3 : 2 });
     // The FL model's own line, for runs whose deployed model differs from it (EMO).
@@ -167,10 +265,13 @@ function renderBytes(run) {
   const samples = run ? run.bytes : [];
   const kinds = [...new Set(samples.flatMap((s) => Object.keys(s.by_kind)))].sort();
   const t0 = samples.length ? samples[0].t : 0;
-  const series = kinds.map((k, i) => ({ name: k, color: COLORS[i % COLORS.length],
-    points: samples.map((s) => [s.t - t0, (s.by_kind[k] || 0) / 1e6]) }));
-  lineChart($("bytes-chart"), series, { label: "bytes over time", xLabel: "seconds",
-    xFmt: (x, step) => x.toFixed(step < 1 ? 1 : 0), yFmt: (y) => y.toFixed(y < 10 ? 2 : 0) + " MB", yMin: 0 });
+  // Each kind keeps its colour (by name) whichever kinds a run has.
+  const series = kinds.map((k) => ({ name: k, color: KIND_COLORS[k] || runColor(k),
+    points: samples.map((s) => [s.t - t0, s.by_kind[k] || 0]) }));
+  // Log scale: SplitFed's activations and a FedAvg run's weights differ by orders of
+  // magnitude; on a linear axis all but the largest are a flat line at zero.
+  lineChart($("bytes-chart"), series, { label: "bytes over time", xLabel: "seconds", log: true,
+    xFmt: (x, step) => x.toFixed(step < 1 ? 1 : 0), yFmt: (y) => fmtBytes(Math.round(y)) });
   legend($("bytes-legend"), series);
   const totals = run ? run.bytes_by_kind : {};
   $("bytes-total").textContent = Object.entries(totals)
@@ -197,6 +298,9 @@ function renderCache(run) {
 }
 
 function renderController(run) {
+  // FedAvg and SplitFed have no controller: no panel (their devices' "initial" decision is
+  // not one).
+  $("controller-card").hidden = !(run && run.has_controller);
   const rows = Object.entries(run ? run.decisions : {}).map(([id, d]) => {
     const tr = el("tr");
     for (const v of [id, d.round ?? "–", d.fraction === null ? "–" : d.fraction.toFixed(3),
@@ -216,9 +320,11 @@ function renderAlerts() {
 
 function render() {
   if (!snapshot) return;
+  const started = performance.now();
   const run = currentRun();
   renderHeader();
   renderNodes(run);
+  renderFleet(run);
   renderAccuracy(run);
   renderBytes(run);
   renderCache(run);
@@ -226,6 +332,10 @@ function render() {
   renderAlerts();
   $("updated").textContent = new Date(snapshot.time * 1000).toLocaleTimeString();
   $("stats").textContent = `${snapshot.messages} messages, ${snapshot.malformed} malformed`;
+  const perf = window.emoPerf.renders;
+  perf.push({ version: snapshot.version, snapshot_time: snapshot.time, at: Date.now() / 1000,
+    render_ms: performance.now() - started });
+  if (perf.length > 1000) perf.shift();
 }
 
 function accept(text) {
@@ -268,6 +378,11 @@ function connect() {
   });
   source.onerror = () => startPolling(); // EventSource reconnects by itself meanwhile
 }
+
+$("search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(search, 150);
+});
 
 $("run-select").addEventListener("change", (event) => {
   chosenRun = event.target.value;
