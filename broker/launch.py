@@ -234,6 +234,43 @@ def _preexec() -> Callable[[], None] | None:
     return die_with_parent
 
 
+#: Open files wanted for the broker (and us): one per client connection, and a fleet of
+#: ``fleet.devices`` holds one connection per device.
+WANTED_OPEN_FILES = 65_536
+
+
+def raise_open_files_limit(wanted: int = WANTED_OPEN_FILES, needed: int = 0) -> int:
+    """Raise this process's soft limit on open files towards ``wanted`` (at most the hard
+    limit); the limit now in force. Children (the broker, worker processes) inherit it.
+
+    A stock soft limit of 1,024 lets Mosquitto take about a thousand clients before it
+    refuses connections ("Too many open files"): a fleet of a thousand devices needs more.
+    When the limit stays below ``needed`` (the hard limit is lower), warns, naming the fix.
+    """
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to raise
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            _log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        _log.warning(
+            "open files limited to %d (hard limit %s), but this fleet needs about %d "
+            "connections to the broker: connections beyond the limit are refused; raise "
+            "the hard limit (ulimit -Hn as root, or LimitNOFILE= in a systemd unit)",
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            needed,
+        )
+    return int(soft) if soft != resource.RLIM_INFINITY else wanted
+
+
 # --------------------------------------------------------------------------- backends
 class _Backend(Protocol):
     def start(self, host: str, port: int, workdir: Path) -> None: ...
@@ -258,6 +295,7 @@ class _MosquittoBackend:
         log_path = workdir / "mosquitto.log"
         self._logf = log_path.open("ab")  # append: a restart keeps the previous run's log
         offset = self._logf.tell()
+        raise_open_files_limit()  # inherited by the broker: one file per connection
         try:
             self.proc = subprocess.Popen(
                 [str(self.binary), "-c", str(conf)],

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -277,11 +278,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     record = config_record(config, seeded=seeds is not None)
     claim = {"overwrite": args.overwrite, "resume": args.resume, "config": record, "seeds": seeds}
     check_out(out, **claim)
+    from emo_mqtt.placement import resolve_workers
+
+    if args.workers is None and config.network.enabled:
+        workers = 0  # shaped runs stay in one process (see --workers)
+    else:
+        workers = resolve_workers(args.workers, config.fleet.devices, os.cpu_count() or 1)
+        if workers and config.network.enabled:
+            from emo_mqtt.errors import ConfigError
+
+            raise ConfigError(
+                "--workers does not run scenarios with a [network] section yet: use --workers 0"
+            )
 
     def jsonl(event: dict[str, object]) -> None:
         print(json.dumps(event, default=float), flush=True)
 
     on_event = jsonl if args.jsonl else None
+    from emo_mqtt.broker.launch import raise_open_files_limit
+
+    # One connection per node, in the broker we start (it inherits the limit) and here.
+    raise_open_files_limit(needed=config.fleet.devices + config.fleet.overlays + 64)
     # SIGTERM outside the event loop (while the broker starts) unwinds like Ctrl-C, so that
     # the temporary broker and its directory are removed.
     signal.signal(signal.SIGTERM, _terminate)
@@ -289,11 +306,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         prepare_out(out, config.run.id, **claim)
         work = (
             run_seeds(
-                url, config, seeds, out, resume=args.resume, say=say, on_event=on_event, sites=sites
+                url,
+                config,
+                seeds,
+                out,
+                resume=args.resume,
+                say=say,
+                on_event=on_event,
+                sites=sites,
+                workers=workers,
             )
             if seeds is not None
             else run_once(
-                url, config, out, resume=args.resume, say=say, on_event=on_event, sites=sites
+                url,
+                config,
+                out,
+                resume=args.resume,
+                say=say,
+                on_event=on_event,
+                sites=sites,
+                workers=workers,
             )
         )
         try:
@@ -518,6 +550,11 @@ def _tcp_port(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    """A number of worker processes (0: none, every node in this process)."""
+    return _int_at_least(text, 0, "0 (all in this process) or more")
+
+
 def _non_negative(text: str) -> int:
     """An int >= 0 (0: no limit)."""
     return _int_at_least(text, 0, "0 (no limit) or more")
@@ -671,6 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N,N,...",
         help="run the scenario once per seed (run.seed), into <out>/seed-<N>/, and write "
         "mean ± std over the seeds to <out>/summary.json",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="run the devices and overlays in N worker processes, the server in this one "
+        "(0: all in this process; default: one per CPU core for fleets of 200 devices or "
+        "more, 0 below, and 0 for scenarios with a [network] section)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

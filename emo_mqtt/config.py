@@ -72,6 +72,10 @@ class DataSection:
     eval_samples_per_round: int = 2000
 
 
+#: Most devices a fleet may have (each holds its own MQTT connection).
+MAX_DEVICES = 10_000
+
+
 @dataclass(frozen=True)
 class FleetSection:
     """``[fleet]``: how many nodes, and FedAvg's straggler policy."""
@@ -225,13 +229,29 @@ class RunConfig:
     def overlay_ids(self) -> list[str]:
         return [f"ovl{i}" for i in range(self.fleet.overlays)]
 
+    def device_index(self, device: str) -> int:
+        """The position of ``device`` in :meth:`device_ids` (ValueError: not a device here).
+
+        Read from the id itself: a fleet of 10,000 devices looks devices up constantly,
+        and a search of the list made that quadratic.
+        """
+        digits = device[3:]
+        if device.startswith("dev") and digits.isascii() and digits.isdigit():
+            index = int(digits)
+            if index < self.fleet.devices and f"dev{index:02d}" == device:
+                return index
+        raise ValueError(f"{device!r} is not a device of this fleet")
+
     def overlay_of(self, device: str) -> str:
         """The overlay serving ``device``: devices are dealt to overlays in turn."""
-        index = self.device_ids().index(device)
-        return self.overlay_ids()[index % self.fleet.overlays]
+        return f"ovl{self.device_index(device) % self.fleet.overlays}"
 
     def devices_of(self, overlay: str) -> list[str]:
-        return [d for d in self.device_ids() if self.overlay_of(d) == overlay]
+        """The devices ``overlay`` serves (none for an id that is not an overlay's)."""
+        overlays = self.overlay_ids()
+        if overlay not in overlays:
+            return []
+        return self.device_ids()[overlays.index(overlay) :: self.fleet.overlays]
 
     def replays_of(self, overlay: str) -> list[str]:
         """The devices whose activations ``overlay`` caches and replays (``emo.replay_scope``)."""
@@ -359,7 +379,9 @@ def _check(c: RunConfig) -> None:
     _require(len(set(c.run.algorithms)) == len(c.run.algorithms), "run.algorithms", "duplicates")
     _require(0 < c.run.target_accuracy <= 1, "run.target_accuracy", "must be in (0, 1]")
     _check_data(c)
-    _require(1 <= c.fleet.devices <= 1000, "fleet.devices", "must be 1..1000")
+    # One MQTT connection per device: past 10,000 a single broker and box are the limit
+    # long before the config is (docs/performance.md); the data check below comes first.
+    _require(1 <= c.fleet.devices <= MAX_DEVICES, "fleet.devices", f"must be 1..{MAX_DEVICES:,}")
     _require(c.fleet.overlays >= 1, "fleet.overlays", "must be at least 1")
     _require(c.fleet.overlays <= c.fleet.devices, "fleet.overlays", "cannot exceed fleet.devices")
     _require(0 < c.fleet.sample_fraction <= 1, "fleet.sample_fraction", "must be in (0, 1]")

@@ -8,6 +8,7 @@ from training (to fit ensemble weights); the devices share the rest.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,11 +97,16 @@ def device_indices(
     return np.sort(order[:n_val]), shares
 
 
-def plan_data(config: RunConfig) -> DataPlan:
-    """Partition the training set across the scenario's devices (deterministic)."""
+def plan_data(config: RunConfig, only: Iterable[str] | None = None) -> DataPlan:
+    """Partition the training set across the scenario's devices (deterministic).
+
+    ``only``: materialise these devices' data and no other's (a worker process of
+    ``emo run --workers`` holds a share of the fleet); the partition is the same.
+    """
     train, test = load_dataset(config.data)
     validation_idx, shares = device_indices(config, train.y)
-    devices = {d: train.subset(idx) for d, idx in shares.items()}
+    wanted = None if only is None else set(only)
+    devices = {d: train.subset(idx) for d, idx in shares.items() if wanted is None or d in wanted}
     eval_rng = np.random.default_rng(derive_seed(config.run.seed, "eval-subset"))
     k = min(config.data.eval_samples_per_round, len(test))
     eval_subset = test.subset(np.sort(eval_rng.choice(len(test), size=k, replace=False)))

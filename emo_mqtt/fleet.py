@@ -37,9 +37,10 @@ from emo_mqtt.nodes.base import Node, node_bus, wait_event
 from emo_mqtt.nodes.device import DeviceNode
 from emo_mqtt.nodes.overlay import OverlayNode
 from emo_mqtt.nodes.server import ServerNode
+from emo_mqtt.placement import FLEET_PUBLISH_TIMEOUT_S, BrokerMap, assign, start_concurrency
 from emo_mqtt.sites import counts_since
 from emo_mqtt.telemetry import REQUIRED_BY_EVENT, check_event, parse_metrics, progress_line
-from emo_mqtt.topics import Kind, ParsedTopic, parse, subscription, topic
+from emo_mqtt.topics import Kind, ParsedTopic, parse, run_filter, subscription
 from emo_mqtt.training import make_generator, train_local
 
 if TYPE_CHECKING:
@@ -227,30 +228,42 @@ async def reset_run(broker: Any, config: RunConfig, algorithm: str) -> None:
 
     A finished run leaves retained messages (its round, ``done``, control decisions,
     statuses) and persistent sessions with queued messages; a new run with the same id must
-    not take them for its own. Every node's client id connects once with a clean start
-    (which drops its old session) and the run's retained topics are cleared.
+    not take them for its own. What is retained under the run's topics is read first (every
+    retained message comes with the subscription, before a probe sent after it) and only
+    that is cleared; a node that left a retained status may have left a session, and only
+    those clients (and the server's) connect once with a clean start, which drops it. A
+    fresh run id costs one connection, whatever the size of the fleet.
     """
     run = run_id(config, algorithm)
-    server, others = ["server"], config.device_ids()
-    overlays = config.overlay_ids() if Algorithm.parse(algorithm).uses_overlays else []
-    clients = [f"{run}-server-server"] + [f"{run}-device-{d}" for d in others]
-    clients += [f"{run}-overlay-{o}" for o in overlays]
-    for client in clients:
-        async with open_bus(broker, client, clean_start=True):
-            pass
-    retained = [topic(Kind.SERVER_ROUND, run), topic(Kind.SERVER_DONE, run)]
-    retained += [topic(Kind.CONTROL, run, node=d) for d in others]
-    retained += [topic(Kind.STATUS, run, node=n, role="device") for n in others]
-    retained += [topic(Kind.STATUS, run, node=n, role="overlay") for n in overlays]
-    retained += [topic(Kind.STATUS, run, node=n, role="server") for n in server]
-    # Final metrics are retained too (dashboards opened later read them), and the run state.
-    retained += [topic(Kind.METRICS, run, node=n, role="device") for n in others]
-    retained += [topic(Kind.METRICS, run, node=n, role="overlay") for n in overlays]
-    retained += [topic(Kind.METRICS, run, node=n, role="server") for n in server]
-    retained.append(topic(Kind.RUN_STATE, run))
+    probe = f"emo-probe/{run}-reset"
+    found: list[str] = []
     async with open_bus(broker, f"{run}-reset", clean_start=True) as bus:
-        for where in retained:
+        await bus.subscribe(run_filter(run))
+        await bus.subscribe(probe)
+        await bus.publish(probe, b"probe", qos=1)
+        async for message in bus.messages():
+            if message.topic == probe:
+                break
+            if message.payload:  # before the probe: retained, no live run publishes here
+                found.append(message.topic)
+        await bus.unsubscribe(run_filter(run))
+        for where in found:
             await bus.publish(where, b"", retain=True)  # an empty retained payload clears it
+    clients = {f"{run}-server-server"}
+    for where in found:
+        try:
+            parsed = parse(where)
+        except EmoError:
+            continue
+        if parsed.kind is Kind.STATUS and parsed.node is not None:
+            clients.add(f"{run}-{parsed.role}-{parsed.node}")
+    gate = asyncio.Semaphore(start_concurrency(len(clients)))
+
+    async def clean(client: str) -> None:
+        async with gate, open_bus(broker, client, clean_start=True):
+            pass
+
+    await asyncio.gather(*(clean(c) for c in sorted(clients)))
 
 
 class Monitor:
@@ -429,6 +442,55 @@ async def _supervise(
     _failed(tasks)
 
 
+def _check_workers(broker: Any, config: RunConfig) -> None:
+    """Refuse (one clear line) what worker processes cannot run."""
+    if not isinstance(broker, str):
+        raise ConfigError(
+            "--workers runs nodes in other processes: they need an MQTT broker (emo run "
+            "starts one), not the in-memory bus"
+        )
+    if config.network.enabled:
+        raise ConfigError(
+            "--workers does not run scenarios with a [network] section yet (the shaping "
+            "proxies and the timeline live in one process): use --workers 0"
+        )
+
+
+def _worker_specs(
+    config: RunConfig,
+    algorithm: str,
+    ids: dict[str, list[str]],
+    workers: int,
+    brokers: BrokerMap,
+    incarnation: str,
+    out_dir: Path | None,
+    origin: float,
+) -> list[Any]:
+    """One :class:`~emo_mqtt.workers.WorkerSpec` per worker (plain data only)."""
+    from emo_mqtt.workers import WorkerSpec
+
+    shares = [s for s in assign(ids["overlay"], ids["device"], workers) if s]
+    # The cores are shared by the workers: each trains one device at a time with one torch
+    # thread, unless there are more training slots than workers.
+    per_worker = max(1, config.fleet.parallel_training // len(shares))
+    return [
+        WorkerSpec(
+            index=i,
+            config=config.to_dict(),
+            source=config.source,
+            algorithm=algorithm,
+            nodes=tuple(share),
+            brokers=brokers,
+            incarnation=incarnation,
+            out_dir=None if out_dir is None else str(out_dir),
+            log_origin=origin,
+            parallel_training=per_worker,
+            log_level=logging.getLogger("emo_mqtt").getEffectiveLevel(),
+        )
+        for i, share in enumerate(shares)
+    ]
+
+
 async def run_algorithm(
     broker: Any,
     config: RunConfig,
@@ -439,6 +501,7 @@ async def run_algorithm(
     say: Say = print,
     on_event: OnEvent | None = None,
     sites: SiteBrokers | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Run one algorithm's fleet to completion; its summary entry.
 
@@ -449,8 +512,11 @@ async def run_algorithm(
     With a ``[network]`` section, every node reaches the broker through its own shaping
     proxy (:class:`~emo_mqtt.netreplay.NetworkReplay`) and the scenario's timeline is replayed
     from the moment the nodes are connected. With ``out_dir``, the message log is written to
-    ``<out_dir>/<algorithm>/messages.csv``.
+    ``<out_dir>/<algorithm>/messages.csv``. With ``workers`` > 0, the devices and overlays
+    run in that many worker processes (:mod:`emo_mqtt.workers`), the server in this one.
     """
+    if workers > 0:
+        _check_workers(broker, config)
     run = run_id(config, algorithm)
     # Before anything of ours is published: a live run of this id would be taken over.
     await ensure_not_live(broker, [run], f"{run}-check-{secrets.token_hex(3)}")
@@ -461,7 +527,10 @@ async def run_algorithm(
     limit = config.run.rounds * config.fleet.round_deadline_s * 2 + 120
     ids = fleet_node_ids(config, algorithm)
     tasks: dict[str, asyncio.Task[None]] = {}
+    #: Nodes behind each task (a worker's task runs many): who owes a final metrics message.
+    weight: dict[str, int] = {}
     msglog = MessageLog(origin=time.monotonic())
+    gate = asyncio.Semaphore(start_concurrency(1 + len(ids["overlay"]) + len(ids["device"])))
     replay: NetworkReplay | None = None
     checkpoint_dir: Path | None = None
 
@@ -481,10 +550,17 @@ async def run_algorithm(
             out_dir,
             # Only overlays need one: a restarted overlay resumes its model and cache.
             checkpoint_dir=checkpoint_dir if node_id in ids["overlay"] else None,
-            bus_options=None if replay is None else _bus_options(config, replay, node_id),
+            bus_options=(
+                _bus_options(config, replay, node_id)
+                if replay is not None
+                else BusOptions(publish_timeout_s=FLEET_PUBLISH_TIMEOUT_S)
+                if workers
+                else None
+            ),
             incarnation=incarnation,
         )
         node.bus.on_published = msglog.recorder(node_id)
+        node.start_gate = gate
         return node
 
     def launch(node: Node) -> None:
@@ -533,11 +609,27 @@ async def run_algorithm(
         assert isinstance(server, ServerNode)
         if replay is not None:
             server.skip_start_wait = replay.down_at_start()
-        others = [make(n) for n in ids["overlay"] + ids["device"]]
+        others = [] if workers else [make(n) for n in ids["overlay"] + ids["device"]]
         await monitor.start()
         start = msglog.origin = time.monotonic()
         for node in others:
             launch(node)
+        if workers:
+            from emo_mqtt.workers import run_worker
+
+            # Workers start (a fresh interpreter, torch, the data) and connect their share
+            # of the fleet, paced: the server's start wait grows with the fleet.
+            server.start_timeout_s = max(server.start_timeout_s, 60.0 + 0.05 * len(ids["device"]))
+            # Each node's broker as broker_of says (its site's under --topology sites).
+            nodes = ids["overlay"] + ids["device"]
+            routes = {n: str(broker_of(n)) for n in nodes}
+            brokers = BrokerMap(str(broker), {n: u for n, u in routes.items() if u != broker})
+            for spec in _worker_specs(
+                config, algorithm, ids, workers, brokers, incarnation, out_dir, start
+            ):
+                name = f"worker-{spec.index}"
+                weight[name] = len(spec.nodes)
+                tasks[name] = asyncio.create_task(run_worker(spec, msglog), name=name)
         server_task = tasks["server"] = asyncio.create_task(server.run_node(), name="server")
         if replay is not None:
             # The timeline counts from the moment the fleet is connected, not from the moment
@@ -560,7 +652,7 @@ async def run_algorithm(
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 raise EmoError(f"{task.get_name()} failed: {task.exception()!r}")
-        alive = sum(1 for t in done if not t.cancelled())
+        alive = sum(weight.get(t.get_name(), 1) for t in done if not t.cancelled())
         await monitor.wait_final(alive + 1, timeout_s=10)
     finally:
         if timeline is not None:
@@ -870,7 +962,7 @@ async def warm_up(config: RunConfig, plan: DataPlan) -> None:
     set-up) of about a second here: billed to the first algorithm's devices, and multiplied
     by a slow ``compute_speed``, it would make that algorithm's first round seconds long.
     """
-    first = plan.device(config.device_ids()[0])
+    first = next(iter(plan.devices.values()))  # a worker's plan holds its own devices only
     n = min(len(first), 4 * config.fl.batch_size)
     data = Split(first.x[:n], first.y[:n])
     await asyncio.gather(
@@ -933,10 +1025,13 @@ async def run_scenario(
     keep: dict[str, dict[str, Any]] | None = None,
     *,
     sites: SiteBrokers | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Run every algorithm of ``config`` on the same data split and seed; the summary.
 
     With ``sites``, ``broker`` is their cloud broker (see :func:`run_algorithm`).
+    ``workers`` > 0: the devices and overlays run in that many worker processes
+    (:mod:`emo_mqtt.workers`); 0: every node in this process.
 
     With ``out_dir``, writes summary.json there, and the plots and report.md beside it
     (:func:`emo_mqtt.report.write_report`). ``on_event`` receives a dict per round of each
@@ -947,6 +1042,8 @@ async def run_scenario(
     keep = dict(keep or {})
     kept = list(keep)
     config = with_run_id(config)
+    if workers > 0:
+        _check_workers(broker, config)
     runs = [run_id(config, a) for a in config.run.algorithms]
     await ensure_not_live(broker, runs, f"{config.run.id}-check-{secrets.token_hex(3)}")
     say(f"run: {config.run.id} (topics emo/{runs[0]}/...)")
@@ -977,9 +1074,18 @@ async def run_scenario(
             say(
                 f"== {current}: {config.fleet.devices} devices"
                 + (f", {config.fleet.overlays} overlays" if overlays else "")
+                + (f" in {workers} worker processes" if workers else "")
             )
             algorithms[current] = await run_algorithm(
-                broker, config, current, plan, out_dir=out_dir, say=say, on_event=seen, sites=sites
+                broker,
+                config,
+                current,
+                plan,
+                out_dir=out_dir,
+                say=say,
+                on_event=seen,
+                sites=sites,
+                workers=workers,
             )
     except asyncio.CancelledError:
         # Interrupted (emo run cancels us on SIGINT/SIGTERM): what finished is kept, the

@@ -70,9 +70,11 @@ async def run_once(
     say: Say = print,
     on_event: OnEvent | None = None,
     sites: SiteBrokers | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """One run of ``config`` into ``out``; with ``resume``, the finished algorithms of
-    ``out`` are kept and only the others run (their leftovers cleared first)."""
+    ``out`` are kept and only the others run (their leftovers cleared first). ``workers``:
+    worker processes for the devices and overlays (:func:`emo_mqtt.fleet.run_scenario`)."""
     keep: dict[str, dict[str, Any]] = {}
     if resume and out is not None:
         plan, previous = plan_dir(out, list(config.run.algorithms))
@@ -85,7 +87,7 @@ async def run_once(
         if keep:
             say(f"resume: kept {', '.join(keep)}; running {', '.join(plan.run) or 'nothing'}")
     return await run_scenario(
-        broker, config, out, say=say, on_event=on_event, keep=keep, sites=sites
+        broker, config, out, say=say, on_event=on_event, keep=keep, sites=sites, workers=workers
     )
 
 
@@ -133,6 +135,7 @@ async def run_seeds(
     say: Say = print,
     on_event: OnEvent | None = None,
     sites: SiteBrokers | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Run ``config`` once per seed into ``<out>/seed-<n>/``; the top summary (also written
     to ``<out>/summary.json`` after each seed, and with ``report.md`` at the end).
@@ -167,7 +170,14 @@ async def run_seeds(
         states[s]["state"] = "running"
         try:
             runs[s] = await run_once(
-                broker, cfg, where, resume=resume, say=say, on_event=tagged, sites=sites
+                broker,
+                cfg,
+                where,
+                resume=resume,
+                say=say,
+                on_event=tagged,
+                sites=sites,
+                workers=workers,
             )
         except (Interrupted, asyncio.CancelledError) as exc:
             states[s]["state"] = "interrupted"

@@ -11,6 +11,7 @@ on. The loop is supervised: should it die anyway, the node fails (:class:`NodeFa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from typing import Any
 from emo_mqtt import __version__, codec
 from emo_mqtt.bus import Bus, BusOptions, Message, open_bus
 from emo_mqtt.config import RunConfig
-from emo_mqtt.errors import CodecError, EmoError, TopicError
+from emo_mqtt.errors import CodecError, EmoError, PublishTimeout, TopicError
 from emo_mqtt.incarnation import IncarnationTracker
 from emo_mqtt.messages import TOPIC_MESSAGES, MessageError, check_kind
 from emo_mqtt.topics import Kind, ParsedTopic, parse, topic
@@ -33,6 +34,8 @@ Handler = Callable[[ParsedTopic, codec.Envelope, Any], Awaitable[None]]
 #: Turns a received body into a typed message (raises MessageError); gets the topic too.
 Parser = Callable[[Mapping[str, Any], ParsedTopic], Any]
 JsonHandler = Callable[[ParsedTopic, dict[str, Any]], Awaitable[None]]
+#: Tries of the ``online`` status publish at start (each bounded by the bus's deadline).
+STATUS_ATTEMPTS = 3
 #: Topics whose payloads are JSON (readable by any MQTT tool), not codec frames.
 JSON_KINDS = frozenset({Kind.STATUS, Kind.METRICS, Kind.RUN_STATE})
 
@@ -179,6 +182,9 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         self.started = time.monotonic()
+        #: Bounds how many nodes connect and subscribe at once (shared by a fleet's nodes;
+        #: None: no bound). See :func:`emo_mqtt.placement.start_concurrency`.
+        self.start_gate: asyncio.Semaphore | None = None
         #: Payload bytes of the whole messages this node received, by kind of bytes (chunks
         #: reassembled, so chunk headers are not counted: the bus's ``received_bytes`` does).
         self.bytes_in_by_kind: dict[str, int] = {}
@@ -217,8 +223,27 @@ class Node:
             topic(kind, self.run, node=node), frame, qos=qos, retain=retain, background=background
         )
 
-    async def publish_status(self, state: str) -> None:
-        await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)
+    async def publish_status(self, state: str, *, attempts: int = 1) -> None:
+        """Publish this node's retained status; with ``attempts`` > 1, a publish that times
+        out (a broker busy with a thousand connecting clients) is tried again, and the last
+        failure is logged instead of raised: a status is for dashboards and the server's
+        start wait, and a late one must never end the run."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self.bus.publish(self.status_topic, self._status_payload(state), retain=True)
+                return
+            except PublishTimeout as exc:
+                if attempts == 1:
+                    raise
+                log.warning(
+                    "%s %s: status %r not acknowledged (attempt %d/%d): %s",
+                    self.role,
+                    self.node_id,
+                    state,
+                    attempt,
+                    attempts,
+                    exc,
+                )
 
     def metrics(self) -> dict[str, Any]:
         """The node's metrics as a JSON-ready dict; subclasses add their own.
@@ -476,10 +501,15 @@ class Node:
         :class:`NodeFailed`, so that whoever runs it (``emo run``, ``emo node``) fails
         loudly instead of waiting for rounds that can no longer be served.
         """
+        async with self.start_gate or contextlib.nullcontext():
+            # Paced (emo run's fleets share a gate): a thousand clients connecting,
+            # subscribing and announcing at once flood the broker and our own event loop.
+            await self.bus.connect()
         async with self.bus:
-            for topic_filter in await self.subscriptions():
-                await self.bus.subscribe(topic_filter)
-            await self.publish_status("online")
+            async with self.start_gate or contextlib.nullcontext():
+                for topic_filter in await self.subscriptions():
+                    await self.bus.subscribe(topic_filter)
+            self.spawn(self.publish_status("online", attempts=STATUS_ATTEMPTS))
             log.info(
                 "%s %s: connected, online as %s (run %s)",
                 self.role,

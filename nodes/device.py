@@ -33,7 +33,7 @@ from emo_mqtt.controller import ControlDecision
 from emo_mqtt.data import Split
 from emo_mqtt.errors import EmoError
 from emo_mqtt.messages import Control, Done, RoundAnnouncement, SflGradients, Update
-from emo_mqtt.models import build_fl_model, load_numpy_state
+from emo_mqtt.models import FLModel, build_fl_model, load_numpy_state
 from emo_mqtt.nodes.base import Node, wait_event
 from emo_mqtt.nodes.compute import compute
 from emo_mqtt.nodes.limits import limits_for
@@ -81,8 +81,10 @@ class DeviceNode(Node):
         self.limits = limits_for(config, self.algorithm)
         # The model of the round being trained. Each round trains a fresh instance: a round
         # overtaken by the next one may still be running in its worker thread (threads cannot
-        # be cancelled), and must not share weights or an outbox with its successor.
-        self.model = build_fl_model(config.fl.model)
+        # be cancelled), and must not share weights or an outbox with its successor. Built
+        # when first needed: in a fleet of thousands, most devices are never sampled, and
+        # each one's idle model would cost memory and start-up time (issue 12).
+        self._model: FLModel | None = None
         self.overlay = config.overlay_of(node_id)
         self._decision_event = asyncio.Event()
         self.outbox: DeviceOutbox[ActivationBatch] = self._new_outbox()
@@ -126,6 +128,17 @@ class DeviceNode(Node):
             lambda body, _: SflGradients.from_body(body, limits=self.limits),
             self._on_gradient,
         )
+
+    @property
+    def model(self) -> FLModel:
+        """The model of the round being trained (a fresh one until the first round)."""
+        if self._model is None:
+            self._model = build_fl_model(self.config.fl.model)
+        return self._model
+
+    @model.setter
+    def model(self, model: FLModel) -> None:
+        self._model = model
 
     @property
     def decision(self) -> ControlDecision:

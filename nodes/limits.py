@@ -7,6 +7,7 @@ shapes and dtypes, the activation shape, the number of classes, sample and batch
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -16,13 +17,35 @@ from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.messages import Limits, state_spec
 from emo_mqtt.models import build_fl_model, build_overlay_model, state_to_numpy
 
+#: Limits without a plan (devices, overlays) by what they depend on: a fleet of thousands
+#: of devices builds them once, not once per device (two reference models each: seconds).
+_SHARED: dict[tuple[Any, ...], Limits] = {}
+
 
 def limits_for(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None = None) -> Limits:
     """The limits of one node of ``algorithm``'s fleet; ``plan``: the devices' data shares.
 
     The reference models are built under a forked RNG: building them must not move the
     global torch RNG the nodes' own models are initialised from (FL is bit-identical).
+    Without ``plan``, one (immutable) :class:`Limits` is shared by the nodes of a fleet.
     """
+    if plan is not None:
+        return _limits(config, algorithm, plan)
+    key = (
+        config.fl,
+        config.emo.overlay_model,
+        config.data.samples_per_device,
+        config.fleet.devices,
+        algorithm,
+    )
+    if key not in _SHARED:
+        if len(_SHARED) >= 16:  # a long-lived process running many scenarios
+            _SHARED.clear()
+        _SHARED[key] = _limits(config, algorithm, None)
+    return _SHARED[key]
+
+
+def _limits(config: RunConfig, algorithm: Algorithm, plan: DataPlan | None) -> Limits:
     with torch.random.fork_rng(devices=[]):
         fl = build_fl_model(config.fl.model)
         overlay = build_overlay_model(config.emo.overlay_model, fl.activation_shape, fl.num_classes)

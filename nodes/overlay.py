@@ -21,6 +21,7 @@ from emo_mqtt.bus import Bus
 from emo_mqtt.cache import ReplayCache, SpillTier
 from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
+from emo_mqtt.errors import PublishTimeout
 from emo_mqtt.messages import Activations, Done, RoundAnnouncement
 from emo_mqtt.models import OverlayModel
 from emo_mqtt.nodes.base import Node, wait_event
@@ -177,7 +178,15 @@ class OverlayNode(Node):
         )
         msg = st.trained(r, loss)
         if msg is not None:
-            await self.send(Kind.OVERLAY_MODEL, msg.to_body(), msg_kind=msg.KIND, node=self.node_id)
+            try:
+                await self.send(
+                    Kind.OVERLAY_MODEL, msg.to_body(), msg_kind=msg.KIND, node=self.node_id
+                )
+            except PublishTimeout as exc:
+                # A broker (or a loop) busy with thousands of devices: this version is lost,
+                # the next one supersedes it; the overlay must not die of it.
+                log.warning("overlay %s: round %d model not published: %s", self.node_id, r, exc)
+                return
             await self.publish_metrics()
 
     async def main(self) -> None:

@@ -42,6 +42,7 @@ PURE = [
     "emo_mqtt.aggregate_seeds",
     "emo_mqtt.sites",
     "emo_mqtt.mqttwire",
+    "emo_mqtt.placement",
 ]
 
 

@@ -39,6 +39,7 @@ PINNED = [
     ("cellular.toml", 3, "392f79c7683aeb834144234f82828ae0554826fb20d5afd04d46da70fda4770c"),
     ("duty_cycle.toml", 5, "f6d267ea107f02e879847e61248b92463324a172e629c6a277770e423841c322"),
     ("fedscale.toml", 4, "6273b65d5ea23fef92e2b61fe81fc3088b7c94a66721edc218c8683a55aceba0"),
+    ("fleet1000.toml", 1, "d37d096606564e34a49e749e7542375bde5807cdca59ac071d5af84e0eb6266c"),
     ("paper.toml", 1, "0778ead8aad1bb7f6f7f97fabe0355ac00291afc3b897d45bdcd751cf4269511"),
     ("paper.toml", 2, "916cce8208e6532b7ce94c4258f15183e57814f783a72967c8bf1f6e7551b2d6"),
     ("paper.toml", 3, "e3ffd5009cfdfe3f3c370d5683ff86554abebdd819cf0c96bf5766a3f4840bee"),
