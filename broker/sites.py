@@ -43,7 +43,9 @@ from emo_mqtt.broker.launch import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     BrokerHandle,
+    _check_port_free,
     _log_tail,
+    _PortInUse,
     _preexec,
     find_free_port,
     find_mosquitto,
@@ -212,6 +214,8 @@ class _SiteProcess:
         if binary is None:
             raise BrokerError("site brokers need Mosquitto (apt-get install -y mosquitto)")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        if not self.prefix:  # on loopback: fail fast (and retryably) on a taken port
+            _check_port_free(self.host, self.port)
         conf = self.workdir / "mosquitto.conf"
         base = render_config(
             self.port, self.host, self.workdir / "data", max_packet_size=max_packet_size
@@ -232,7 +236,9 @@ class _SiteProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise BrokerError(f"site broker exited during start-up:\n{_log_tail(log_path)}")
+                tail = _log_tail(log_path)
+                cls = _PortInUse if "address already in use" in tail.lower() else BrokerError
+                raise cls(f"site broker exited during start-up:\n{tail}")
             if port_open(self.host, self.port):
                 return
             time.sleep(0.02)
@@ -348,7 +354,17 @@ class SiteBrokers:
             )
             site = _SiteProcess(self.workdir / name, host, port, prefix)
             self.sites.append(site)
-            site.start(bridge, self.max_packet_size)
+            for attempt in range(3):
+                try:
+                    site.start(bridge, self.max_packet_size)
+                    break
+                except _PortInUse:
+                    # Another process took the loopback port we picked before the broker
+                    # bound it (as BrokerHandle.start does): pick another. A namespace's
+                    # port is its own and is never moved.
+                    if prefix or attempt == 2:
+                        raise
+                    site.port = port = find_free_port(host)
             urls.append(str(BrokerURL("mqtt", host, port)))
         self._topology = Topology.for_config(self.config, self.cloud.url, urls)
         self._wait_bridges()

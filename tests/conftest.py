@@ -15,12 +15,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from emo_mqtt.broker.launch import BrokerHandle, find_free_port, find_mosquitto
+from emo_mqtt.broker.launch import BrokerHandle, find_free_port, find_mosquitto, port_open
 from emo_mqtt.broker.url import BrokerURL
 from emo_mqtt.bus import Bus, Message
 from emo_mqtt.provision import load_node_config, provision
@@ -103,48 +104,104 @@ class Fleet:
         return load_node_config(self.dir / "nodes" / username / "node.json").broker
 
 
-@pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
-    """`emo fleet provision` output and a Mosquitto started with its mosquitto.conf as is.
+class PortTaken(Exception):
+    """A provisioned broker could not bind the port picked for it (someone took it first)."""
 
-    Provisioned under /tmp rather than pytest's tmp_path: the broker drops from root to the
-    `mosquitto` user, which cannot enter pytest's private (0700) base directory.
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto does
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _wait_listening(
+    procs: list[subprocess.Popen[bytes]], ports: list[int], logs: list[Path]
+) -> None:
+    for proc, port, log in zip(procs, ports, logs, strict=True):
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None:
+                text = log.read_text(errors="replace")
+                if "address already in use" in text.lower():
+                    raise PortTaken(text)
+                raise AssertionError(text)
+            assert time.monotonic() < deadline, f"the provisioned broker on {port} did not listen"
+            time.sleep(0.05)
+
+
+@contextmanager
+def provisioned_brokers(
+    prefix: str, make: Callable[[Path], list[tuple[Path, int]]], attempts: int = 5
+) -> Iterator[Path]:
+    """Brokers started from provisioned configs as they are; yields the provisioning dir.
+
+    ``make(out)`` provisions into ``out`` on freshly picked ports and returns each broker's
+    (mosquitto.conf, port). A port is picked before the broker binds it, so a busy machine
+    (several suites at once) can take it in between: then the whole provisioning is redone on
+    new ports, as :meth:`BrokerHandle.start` does for its own brokers. Under /tmp rather than
+    pytest's tmp_path: the brokers drop from root to the `mosquitto` user, which cannot enter
+    pytest's private (0700) base directory.
     """
     binary = find_mosquitto()
     assert binary is not None, MOSQUITTO_MISSING
-    out = Path(tempfile.mkdtemp(prefix="emo-fleet-"))
-    port = find_free_port()
-    try:
-        summary = provision(out, 2, 1, port=port, bind="127.0.0.1")
-        assert "warning" not in summary, summary
-        log = (out / "mosquitto.log").open("wb")
-        proc = subprocess.Popen(
-            [str(binary), "-c", str(out / "mosquitto.conf")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    for attempt in range(attempts):
+        out = Path(tempfile.mkdtemp(prefix=prefix))
+        out.chmod(0o755)
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                assert proc.poll() is None, (out / "mosquitto.log").read_text()
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "the provisioned broker did not listen"
-                    time.sleep(0.05)
-            yield Fleet(out, port)
-        finally:
-            proc.terminate()
+            brokers = make(out)
+            # A port someone holds would answer the probe below as if it were our broker.
+            if not all(_bindable(port) for _, port in brokers):
+                if attempt == attempts - 1:
+                    raise PortTaken(f"ports {[port for _, port in brokers]} stay taken")
+                continue
+            logs = [out / f"broker{k}.log" for k in range(len(brokers))]
+            for (conf, _), log_path in zip(brokers, logs, strict=True):
+                with log_path.open("wb") as log:
+                    procs.append(
+                        subprocess.Popen(
+                            [str(binary), "-c", str(conf)],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
             try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+                _wait_listening(procs, [port for _, port in brokers], logs)
+            except PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            yield out
+            return
+        finally:
+            for proc in procs:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """`emo fleet provision` output and a Mosquitto started with its mosquitto.conf as is."""
+    ports: list[int] = []
+
+    def make(out: Path) -> list[tuple[Path, int]]:
+        ports[:] = [find_free_port()]
+        summary = provision(out / "f", 2, 1, port=ports[0], bind="127.0.0.1")
+        assert "warning" not in summary, summary
+        return [(out / "f" / "mosquitto.conf", ports[0])]
+
+    with provisioned_brokers("emo-fleet-", make) as out:
+        yield Fleet(out / "f", ports[0])
 
 
 # ------------------------------------------------------------------ scenarios

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import pwd
+import socket
 import ssl
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import Fleet
+from conftest import Fleet, provisioned_brokers
 
+from emo_mqtt.broker.launch import find_free_port, port_open
 from emo_mqtt.broker.url import BrokerURL
 from emo_mqtt.bus import Message
 from emo_mqtt.bus.mqtt import MqttBus
@@ -373,3 +375,28 @@ def test_monitor_reads_status_and_metrics_only(
         assert d0_got == []
 
     asyncio.run(main())
+
+
+@pytest.mark.broker
+def test_provisioned_brokers_redo_a_provisioning_whose_port_was_taken() -> None:
+    """The race the full suite hit under load: a port picked free is taken before Mosquitto
+    binds it. The first attempt here gets a port that a socket of ours holds; the helper must
+    see "Address already in use", provision again on a new port, and start."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    ports: list[int] = []
+
+    def make(out: Path) -> list[tuple[Path, int]]:
+        ports.append(taken if not ports else find_free_port())
+        provision(out / "f", 1, 0, port=ports[-1], bind="127.0.0.1")
+        return [(out / "f" / "mosquitto.conf", ports[-1])]
+
+    try:
+        with provisioned_brokers("emo-taken-", make) as out:
+            assert len(ports) == 2 and ports[1] != taken
+            assert (out / "f" / "mosquitto.conf").is_file()
+            assert port_open("127.0.0.1", ports[1])
+    finally:
+        holder.close()

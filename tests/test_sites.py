@@ -12,17 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import provisioned_brokers
 
-from emo_mqtt.broker.launch import find_free_port, find_mosquitto, port_open
+from emo_mqtt.broker.launch import find_free_port
 from emo_mqtt.broker.sites import SiteBrokers, netns_problem
 from emo_mqtt.bus.mqtt import MqttBus
 from emo_mqtt.config import from_dict
@@ -249,50 +248,26 @@ def test_fleet_over_site_brokers_in_network_namespaces(tmp_path: Path) -> None:
 def provisioned_sites() -> Iterator[Path]:
     """`emo fleet provision --sites 2` and its three brokers started with their configs as is.
 
-    Under /tmp, not pytest's private tmp_path: the brokers drop from root to `mosquitto`.
+    Under /tmp, not pytest's private tmp_path: the brokers drop from root to `mosquitto`
+    (see :func:`conftest.provisioned_brokers`, which also redoes it on a taken port).
     """
-    binary = find_mosquitto()
-    assert binary is not None, "Mosquitto is needed: apt-get install -y mosquitto"
-    out = Path(tempfile.mkdtemp(prefix="emo-sites-prov-"))
-    out.chmod(0o755)
-    port = find_free_port()
-    site_port = find_free_port()
-    while site_port + 1 == port or site_port == port:
+
+    def make(out: Path) -> list[tuple[Path, int]]:
+        port = find_free_port()
         site_port = find_free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
+        while site_port + 1 == port or site_port == port:
+            site_port = find_free_port()
         summary = provision_sites(out / "f", 4, 2, port=port, site_port=site_port, bind="127.0.0.1")
         assert "warning" not in summary, summary
-        confs = [out / "f" / "mosquitto.conf"] + [
-            out / "f" / "sites" / f"site{k}" / "mosquitto.conf" for k in range(2)
+        sites = [out / "f" / "sites" / f"site{k}" / "mosquitto.conf" for k in range(2)]
+        return [
+            (out / "f" / "mosquitto.conf", port),
+            (sites[0], site_port),
+            (sites[1], site_port + 1),
         ]
-        for k, conf in enumerate(confs):
-            log = (out / f"broker{k}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [str(binary), "-c", str(conf)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            log.close()
-        for k, p in enumerate((port, site_port, site_port + 1)):
-            deadline = time.monotonic() + 10
-            while not port_open("127.0.0.1", p):
-                assert procs[k].poll() is None, (out / f"broker{k}.log").read_text()
-                assert time.monotonic() < deadline, f"broker {k} did not listen"
-                time.sleep(0.05)
+
+    with provisioned_brokers("emo-sites-prov-", make) as out:
         yield out / "f"
-    finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def _node_bus(fleet: Path, username: str) -> MqttBus:
