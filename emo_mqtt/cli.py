@@ -304,29 +304,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     with brokers_for_run(args, config, say) as (url, sites):
         prepare_out(out, config.run.id, **claim)
+        common: dict[str, Any] = dict(
+            resume=args.resume, say=say, on_event=on_event, sites=sites, workers=workers
+        )
         work = (
-            run_seeds(
-                url,
-                config,
-                seeds,
-                out,
-                resume=args.resume,
-                say=say,
-                on_event=on_event,
-                sites=sites,
-                workers=workers,
-            )
+            run_seeds(url, config, seeds, out, **common)
             if seeds is not None
-            else run_once(
-                url,
-                config,
-                out,
-                resume=args.resume,
-                say=say,
-                on_event=on_event,
-                sites=sites,
-                workers=workers,
-            )
+            else run_once(url, config, out, **common)
         )
         try:
             summary = asyncio.run(_until_signalled(work))
