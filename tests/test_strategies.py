@@ -28,7 +28,7 @@ from emo_mqtt.nodes.limits import limits_for
 from emo_mqtt.strategies.base import RoundState
 from emo_mqtt.strategies.device import DeviceStrategy, RoundAction, SplitClient
 from emo_mqtt.strategies.overlay import OverlayStrategy
-from emo_mqtt.strategies.server import ServerStrategy, evaluate
+from emo_mqtt.strategies.server import OverlayPool, ServerStrategy, evaluate
 from emo_mqtt.topics import Kind
 from emo_mqtt.training import make_generator, train_local
 
@@ -269,3 +269,31 @@ def test_overlay_strategy(config: RunConfig) -> None:
     assert OverlayModelMsg.from_body(body, limits=limits).version == 1
     o.on_done(Done(1, {}, "finished"))
     assert o.finished
+
+
+def test_final_evaluation_waits_only_for_overlays_that_had_work() -> None:
+    """Sparse sampling (the 1,000-device fleet: 5 % a round, 10 overlays) leaves overlays
+    whose devices were never sampled: they publish no model, and the server must not hold
+    the run a whole round deadline for them. Overlays served within the replay window are
+    still awaited; a server that served nothing yet (resumed) awaits all."""
+    cfg = from_dict(
+        {
+            **RAW,
+            "run": {"name": "pure", "rounds": 6},
+            "fleet": {**RAW["fleet"], "devices": 6, "overlays": 3},
+            "emo": {**RAW["emo"], "max_staleness": 1},
+        }
+    )
+    pool = OverlayPool(cfg, (8, 4, 4))
+    assert pool.awaited(6) == {"ovl0", "ovl1", "ovl2"}  # nothing served yet: all of them
+    pool.serve(1, [d for d in cfg.device_ids() if cfg.overlay_of(d) == "ovl2"])
+    pool.serve(5, [d for d in cfg.device_ids() if cfg.overlay_of(d) == "ovl0"])
+    pool.serve(6, [])
+    # ovl0 served in round 5 (within 1 round of 6); ovl2 only in round 1; ovl1 never.
+    assert pool.awaited(6) == {"ovl0"}
+    assert not pool.up_to_date(6)
+    pool.models["ovl0"] = {"model": None, "round": 6, "version": 1, "loss": 0.1}
+    assert pool.up_to_date(6)
+    fleet_wide = OverlayPool(cfg.with_overrides(emo={"replay_scope": "fleet"}), (8, 4, 4))
+    fleet_wide.serve(5, [cfg.device_ids()[0]])
+    assert fleet_wide.awaited(6) == {"ovl0", "ovl1", "ovl2"}
