@@ -442,7 +442,13 @@ async def test_dashboard_in_chromium(mosquitto: BrokerHandle, tmp_path: Path) ->
         # A finished run says so; its nodes are done (grey), not failed (red).
         assert element_text(dom, "run-state") == "finished: 2/2 rounds"
         assert dom.count('data-state="done"') == 7 and 'data-state="offline"' not in dom
-        assert "no alerts" in dom, "nodes leaving a finished run are not alerts"
+        # Nodes leaving a finished run are not alerts. (A rejected input may be: with
+        # min_updates 2 of 4, a device that is late under load sends an update after its
+        # round closed, and that is counted, and shown, as it should be.)
+        alerts = re.search(r'id="alerts"[^>]*>(.*?)</ul>', dom, re.S)
+        assert alerts, "no #alerts in the page"
+        shown = re.findall(r"<li[^>]*>([^<]*)</li>", alerts.group(1))
+        assert shown == ["no alerts"] or all("rejected" in a for a in shown), shown
         assert element_text(dom, "latest-accuracy") == expected
         # The big-fleet view: counts by state, the two sites, the last round's stragglers.
         counts = re.search(r'id="state-counts".*?</table>', dom, re.S)
