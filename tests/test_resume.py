@@ -9,6 +9,7 @@ first seed and is resumed to the end.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -167,8 +168,14 @@ def test_seeds_interrupted_then_resumed(
 ) -> None:
     scenario, out = str(tiny_scenario("sds")), tmp_path / "out"
     args = [EMO, "run", scenario, "--algorithms", "fl", "--seeds", "3,5", "--out", str(out)]
+    # PYTHONFAULTHANDLER: if the interrupted run hangs, SIGABRT below dumps every thread's
+    # stack into its stderr, and the failure shows where it hung.
     proc = subprocess.Popen(
-        [*args, "--rounds", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*args, "--rounds", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert proc.stderr is not None
     lines, seen = _lines(proc.stderr), list[str]()
@@ -181,7 +188,14 @@ def test_seeds_interrupted_then_resumed(
             if line.startswith("=== seed 5"):
                 break
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(30)
+            while (line := lines.get(timeout=10)) is not None:
+                seen.append(line)
+            pytest.fail("emo run did not end within 120 s of SIGINT:\n" + "".join(seen)[-8000:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -67,6 +67,8 @@ _FATAL_CONNACK = {4, 5, 134, 135, 138, 140}
 # amqtt (3.1.1 only) neither accepts nor refuses an MQTT 5 CONNECT: it waits for bytes
 # that never come. Until a version is negotiated, an MQTT 5 CONNACK is awaited this long.
 _MQTT5_PROBE_S = 2.0
+#: How long a graceful disconnect may take before the socket is simply dropped.
+_DISCONNECT_S = 5.0
 # paho's answers to a publish on a connection that is gone.
 _LOST_CODES = {MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST}
 
@@ -341,7 +343,8 @@ class MqttBus(Bus):
             raise BusError(
                 f"could not connect to {self.url} within {wait:g} s: {self._last_error!r}"
             ) from None
-        except BusError:
+        except (BusError, asyncio.CancelledError):
+            # Cancelled mid-connect too (Ctrl-C): no supervisor is left reconnecting.
             await self.close()
             raise
 
@@ -350,8 +353,7 @@ class MqttBus(Bus):
         self._closed = True
         client = self._client
         if client is not None and not client.lost.done():
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                await client.client.__aexit__(None, None, None)
+            await self._disconnect(client)
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -469,15 +471,21 @@ class MqttBus(Bus):
             self._last_error = exc
         finally:
             self._up.clear()
-            if not client.lost.done():
-                with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                    await client.client.__aexit__(None, None, None)
-            else:
-                # Release aiomqtt's reusability lock; the connection is already gone.
-                with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
-                    await client.client.__aexit__(None, None, None)
+            # Disconnects, or (the connection already gone) releases aiomqtt's lock.
+            await self._disconnect(client)
         if not self._closed:
             log.warning("%s: connection to %s lost: %r", self.client_id, self.url, self._last_error)
+
+    async def _disconnect(self, client: _Link) -> None:
+        """aiomqtt's graceful disconnect waits for the broker to close with no time limit:
+        bounded here, so that a bus closed in a bad moment (a cancel that lands between
+        CONNECT and CONNACK, on Ctrl-C under load) cannot hang close() or the event loop's
+        shutdown. Past the bound, the socket is dropped."""
+        try:
+            async with asyncio.timeout(_DISCONNECT_S):
+                await client.client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, TimeoutError, OSError):
+            client.abandon()
 
     async def _live_client(self) -> _Link:
         while True:
