@@ -866,6 +866,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``emo`` console script."""
+    code = _main(argv)
+    if argv is None:
+        # The console script is done: a Ctrl-C now, while the interpreter joins the compute
+        # threads on its way out, would print a KeyboardInterrupt traceback from threading
+        # instead of ending quietly. (Not for in-process callers, which passed argv.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
