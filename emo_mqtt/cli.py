@@ -378,6 +378,10 @@ class Signalled(Exception):
         self.interrupted = interrupted
 
 
+#: After SIGINT/SIGTERM, how long the run may take to stop before it is cancelled again.
+_RECANCEL_S = 30.0
+
+
 async def _until_signalled(work: Coroutine[Any, Any, T]) -> T:
     """Await ``work``; on SIGINT or SIGTERM cancel it (it writes what finished) and raise
     :class:`Signalled`. SIGTERM is what ``timeout`` and ``docker stop`` send: treated as
@@ -391,6 +395,20 @@ async def _until_signalled(work: Coroutine[Any, Any, T]) -> T:
     def on_signal(signum: int) -> None:
         got.append(signum)
         task.cancel()
+        if len(got) == 1:
+            loop.call_later(_RECANCEL_S, cancel_again)
+
+    def cancel_again() -> None:
+        # A cancellation can be swallowed (Python 3.11's asyncio.wait_for returns the
+        # result of an inner future that completed in the same step, and aiomqtt waits
+        # on its connects that way): the run then went on, or waited forever, after
+        # Ctrl-C. Cancelling again until the work ends makes an interrupt final.
+        if not task.done():
+            logging.getLogger(__name__).warning(
+                "still stopping after %g s: cancelling again", _RECANCEL_S
+            )
+            task.cancel()
+            loop.call_later(_RECANCEL_S, cancel_again)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -102,3 +102,36 @@ def test_a_signal_keeps_what_finished_and_cleans_up(tmp_path: Path, signum: int)
     assert (out / "report.md").exists() and (out / "fl" / "fl_model.npz").exists()
     # The temporary broker and its directory are gone (torch may leave its own cache).
     assert [p.name for p in tmp.iterdir() if p.name.startswith("emo-")] == []
+
+
+def test_an_interrupt_is_final_even_when_a_cancellation_is_swallowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's asyncio.wait_for can swallow a cancellation (its inner future done in
+    the same step), and aiomqtt connects through it: emo run then hung after Ctrl-C in the
+    full suite under load. The signal handler cancels again until the work ends."""
+    import asyncio
+
+    from emo_mqtt import cli
+
+    monkeypatch.setattr(cli, "_RECANCEL_S", 0.2)
+    swallowed: list[bool] = []
+
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.append(True)  # as wait_for may: the work goes on
+        await asyncio.sleep(30)
+        return "ran to the end"
+
+    async def interrupted_run() -> str:
+        asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGINT)
+        return await cli._until_signalled(stubborn())
+
+    started = time.monotonic()
+    with pytest.raises(cli.Signalled) as stop:
+        asyncio.run(interrupted_run())
+    assert swallowed == [True]
+    assert stop.value.signum == signal.SIGINT
+    assert time.monotonic() - started < 10
