@@ -138,20 +138,6 @@ class Controller(Protocol):
     def decide(self, device_id: str, round: int) -> ControlDecision: ...
 
 
-class SendEverything:
-    """The baseline: every sample, every batch, fp32."""
-
-    def observe_round(self, round: int, drift: float | None, fl_loss: float | None) -> None:
-        del round, drift, fl_loss
-
-    def observe_overlay(self, overlay_id: str, round: int, loss: float) -> None:
-        del overlay_id, round, loss
-
-    def decide(self, device_id: str, round: int) -> ControlDecision:
-        del device_id, round
-        return ControlDecision(1.0, "fp32", 1, "send-everything")
-
-
 @dataclass(frozen=True)
 class FixedRule:
     """An ablation of the controller: the same share and precision for every device and
@@ -179,6 +165,15 @@ class FixedRule:
     def decide(self, device_id: str, round: int) -> ControlDecision:
         del device_id, round
         return ControlDecision(self.share, self.precision, 1, self.name)
+
+
+@dataclass(frozen=True)
+class SendEverything(FixedRule):
+    """The baseline: every sample, every batch, fp32 (the fixed rule that saves nothing)."""
+
+    share: float = 1.0
+    precision: Precision = "fp32"
+    name: str = "send-everything"
 
 
 @dataclass(frozen=True)
