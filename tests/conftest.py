@@ -9,10 +9,12 @@ still there to read (``<tmp>/.../mosquitto/mosquitto.log``).
 from __future__ import annotations
 
 import asyncio
+import queue
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -266,6 +268,20 @@ async def take_messages(bus: Bus, n: int, within_s: float = WAIT_S) -> list[Mess
                 return
 
     await asyncio.wait_for(run(), within_s)
+    return out
+
+
+def stream_lines(stream: object) -> queue.Queue[str | None]:
+    """The lines of a subprocess's ``stream`` as they come (None at its end), read by a
+    thread, so that a test can wait for one line with a deadline."""
+    out: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            out.put(line)
+        out.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     return out
 
 

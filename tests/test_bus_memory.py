@@ -8,24 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import take_messages
 
 from emo_mqtt import codec
 from emo_mqtt.bus import BusOptions, MemoryBroker, MemoryBus, Message
 from emo_mqtt.chunking import CHUNK_MAGIC, CHUNK_VERSION, is_chunk_frame, split
 from emo_mqtt.errors import BusError
-
-
-async def _take(bus: MemoryBus, n: int, timeout: float = 5.0) -> list[Message]:
-    out: list[Message] = []
-
-    async def run() -> None:
-        async for message in bus.messages():
-            out.append(message)
-            if len(out) == n:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return out
 
 
 async def test_small_and_chunked_messages_arrive_whole() -> None:
@@ -39,7 +27,7 @@ async def test_small_and_chunked_messages_arrive_whole() -> None:
         big = np.arange(100_000, dtype=np.float32)
         await a.publish("emo/r/x", codec.encode({"x": big}, kind="t"))
         await a.publish("emo/r/y", b"hello")
-        got = await _take(b, 2)
+        got = await take_messages(b, 2, within_s=5.0)
     assert got[0].topic == "emo/r/x"
     assert np.array_equal(codec.decode(got[0].payload).body["x"], big)
     assert got[1].payload == b"hello"
@@ -53,7 +41,7 @@ async def test_retained_message_reaches_late_subscriber() -> None:
     async with MemoryBus(broker, "a") as a, MemoryBus(broker, "b") as b:
         await a.publish("emo/r/server/round", b"round-3", retain=True)
         await b.subscribe("emo/r/server/+")
-        (got,) = await _take(b, 1)
+        (got,) = await take_messages(b, 1, within_s=5.0)
     assert got.payload == b"round-3"
 
 
@@ -75,7 +63,7 @@ async def test_last_will_on_crash_not_on_clean_close() -> None:
         crashing = MemoryBus(broker, "d1", will=will)
         await crashing.connect()
         crashing.abort()
-        (got,) = await _take(watcher, 1)
+        (got,) = await take_messages(watcher, 1, within_s=5.0)
     assert got.payload == b"offline"
     assert broker.retained["emo/r/status/device/d1"].payload == b"offline"
 
@@ -90,7 +78,7 @@ async def test_persistent_session_keeps_messages_while_offline() -> None:
         await pub.publish("emo/r/a", b"while-away")
     again = MemoryBus(broker, "sub")
     async with again:
-        (got,) = await _take(again, 1)
+        (got,) = await take_messages(again, 1, within_s=5.0)
     assert got.payload == b"while-away"
 
 
@@ -104,7 +92,7 @@ async def test_backpressure_pauses_instead_of_dropping() -> None:
         # The inbox holds at most its bound; the rest waits at the broker, nothing is lost.
         assert sub.inbox_size <= 8
         assert sub.stats.pauses >= 1
-        got = await _take(sub, 100)
+        got = await take_messages(sub, 100, within_s=5.0)
     assert [int(m.payload) for m in got] == list(range(100))
     assert broker.dropped == 0
 
@@ -120,7 +108,7 @@ async def test_malformed_chunks_are_counted_not_raised() -> None:
         await pub.publish("emo/r/x", bytes(corrupt))
         await pub.publish("emo/r/x", frames[0][:20])
         await pub.publish("emo/r/x", b"after")
-        (got,) = await _take(sub, 1)
+        (got,) = await take_messages(sub, 1, within_s=5.0)
     assert got.payload == b"after"
     assert sub.stats.rejected["bad_chunk"] == 2
 
@@ -190,7 +178,7 @@ async def test_a_chunk_flood_is_refused_per_sender_and_delivery_goes_on() -> Non
             await attacker.publish("emo/r/device/dev07/update", tiny_chunk(n, declared))
         payload = codec.encode({"w": np.arange(500_000, dtype=np.float32)}, kind="update")
         await honest.publish("emo/r/device/dev01/update", payload)  # 2 MB: chunked
-        (got,) = await _take(server, 1)
+        (got,) = await take_messages(server, 1, within_s=5.0)
     assert got.topic == "emo/r/device/dev01/update" and got.payload == payload
     assert server.stats.rejected == {"chunk_budget": 196}
     assert server.reassembly_held_bytes == 4  # four bytes of the flood, nothing more

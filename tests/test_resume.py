@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import stream_lines
 
 from emo_mqtt.cli import main
 from emo_mqtt.config import load_config
@@ -150,18 +149,6 @@ def test_a_partial_out_is_resumed(tmp_path: Path, tiny_scenario: Callable[[str],
     assert "run.rounds: 1 -> 2" in refused.stderr
 
 
-def _lines(stream: object) -> queue.Queue[str | None]:
-    out: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            out.put(line)
-        out.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    return out
-
-
 @pytest.mark.broker
 def test_seeds_interrupted_then_resumed(
     tmp_path: Path, tiny_scenario: Callable[[str], Path]
@@ -178,7 +165,7 @@ def test_seeds_interrupted_then_resumed(
         env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert proc.stderr is not None
-    lines, seen = _lines(proc.stderr), list[str]()
+    lines, seen = stream_lines(proc.stderr), list[str]()
     deadline = time.monotonic() + 200
     try:
         while True:  # until seed 5 starts: seed 3 is finished and recorded

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import stream_lines
 
 EMO = str(Path(sys.executable).with_name("emo"))
 
@@ -41,19 +40,6 @@ overlay_steps_per_round = 10
 """
 
 
-def _lines(stream: object) -> queue.Queue[str | None]:
-    """The lines of ``stream`` as they come (None at its end), read by a thread."""
-    out: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            out.put(line)
-        out.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    return out
-
-
 @pytest.mark.broker
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_keeps_what_finished_and_cleans_up(tmp_path: Path, signum: int) -> None:
@@ -69,7 +55,7 @@ def test_a_signal_keeps_what_finished_and_cleans_up(tmp_path: Path, signum: int)
         env={**os.environ, "TMPDIR": str(tmp)},  # where its temporary broker lives
     )
     assert proc.stderr is not None
-    lines = _lines(proc.stderr)
+    lines = stream_lines(proc.stderr)
     seen: list[str] = []
     deadline = time.monotonic() + 300
     try:
