@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import tempfile
 import time
@@ -46,8 +47,10 @@ import torch
 from emo_mqtt.bus import MemoryBroker
 from emo_mqtt.config import RunConfig, load_config
 from emo_mqtt.dataplan import DataPlan, plan_data
+from emo_mqtt.ensemble import Ensemble, minimize_lbfgs
 from emo_mqtt.fleet import fixed_rule_comparisons, run_algorithm
 from emo_mqtt.models import build_fl_model, build_overlay_model
+from emo_mqtt.netscenario import NetworkConfig
 from emo_mqtt.nodes import compute
 from emo_mqtt.training import (
     make_generator,
@@ -57,6 +60,15 @@ from emo_mqtt.training import (
     train_local,
     train_overlay_steps,
 )
+
+
+def unshaped(config: RunConfig) -> RunConfig:
+    """The scenario without its ``[network]`` section, which shapes real TCP connections and
+    so needs a broker. Choices are scored on accuracy here; on a shaped link a slow uplink
+    can also drop EMO's activations (docs/results.md), which this bus does not model."""
+    if not config.network.enabled:
+        return config
+    return dataclasses.replace(config, network=NetworkConfig())
 
 
 def tuning_plan(config: RunConfig) -> DataPlan:
@@ -75,9 +87,12 @@ def one(config: RunConfig, algorithm: str, plan: DataPlan) -> dict[str, Any]:
         entry = asyncio.run(
             run_algorithm(MemoryBroker(), config, algorithm, plan, out_dir=Path(out), say=_quiet)
         )
+        pooled = poolings(Path(out) / algorithm / "ensemble.npz", plan)
     return {
         "val_accuracy": entry["accuracy"],
         "fl_val_accuracy": entry["fl_accuracy"],
+        # The run's model alone, calibrated as the ensemble is (on the fitting half).
+        "fl_calibrated_val_accuracy": entry.get("fl_calibrated_accuracy"),
         "member_val_accuracy": entry.get("member_accuracy"),
         "activation_bytes": entry["bytes_by_kind"].get("activations", 0),
         "bytes": entry["bytes"],
@@ -90,8 +105,81 @@ def one(config: RunConfig, algorithm: str, plan: DataPlan) -> dict[str, Any]:
             if d["device"] == "dev00"
         ],
         "fl_model_sha256": entry["fl_model_sha256"],
+        "pooling_val_accuracy": pooled,
         "wall_s": round(time.perf_counter() - began, 1),
     }
+
+
+#: The poolings compared on the same members (docs/algorithms.md, section 7).
+POOLINGS: dict[str, dict[str, Any]] = {
+    "log+bias": {"pooling": "log"},
+    "log": {"pooling": "log", "class_bias": False},
+    "linear": {"pooling": "linear"},
+}
+
+
+def poolings(path: Path, plan: DataPlan) -> dict[str, float] | None:
+    """The run's final ensemble re-fitted with each of :data:`POOLINGS` (and the two richer
+    combiners of :func:`richer_combiners`) on the fitting half of validation, scored on the
+    tuning half (None without an ensemble: FL, SplitFed)."""
+    if not path.exists():
+        return None
+    ensemble = Ensemble.load(path)
+    out: dict[str, float] = {}
+    for name, kwargs in POOLINGS.items():
+        ensemble.fit(plan.validation, **kwargs)
+        out[name] = float(ensemble.evaluate(plan.test).accuracy)
+    fit = ensemble.member_proba(plan.validation.x)
+    tune = ensemble.member_proba(plan.test.x)
+    for name, predict in richer_combiners(fit, plan.validation.y).items():
+        out[name] = float(np.mean(predict(tune).argmax(1) == plan.test.y))
+    return out
+
+
+def richer_combiners(probs: list[np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    """Two combiners with more fitted parameters than the shipped log pool, fitted by maximum
+    likelihood (L-BFGS, float64) on member probabilities ``probs`` (M of (N, C)):
+
+    - ``classwise``: a positive weight per member and class, plus a class bias:
+      ``z_c = sum_i W[i, c] log p_i[c] + b_c`` (M*C + C parameters);
+    - ``stacked``: multinomial logistic regression on every member's log-probabilities,
+      ``z = [log p_1 .. log p_M] A + b`` (M*C*C + C parameters, L2 1e-3 on A).
+
+    Returns ``{name: predict}``, ``predict`` mapping member probabilities to scores.
+    """
+    logp = torch.from_numpy(np.log(np.clip(np.stack(probs), 1e-12, None)))  # (M, N, C)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    m, _, c = logp.shape
+    theta = torch.full((m, c), float(np.log(1.0 / m)), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+
+    def classwise(lp: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("mc,mnc->nc", torch.exp(theta), lp) + bias
+
+    minimize_lbfgs(
+        [theta, bias],
+        lambda: torch.nn.functional.cross_entropy(classwise(logp), y) + 1e-3 * (bias**2).sum(),
+    )
+    a = torch.zeros((m * c, c), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(c, dtype=torch.float64, requires_grad=True)
+
+    def stacked(lp: torch.Tensor) -> torch.Tensor:
+        return lp.permute(1, 0, 2).reshape(lp.shape[1], m * c) @ a + b
+
+    minimize_lbfgs(
+        [a, b],
+        lambda: torch.nn.functional.cross_entropy(stacked(logp), y) + 1e-3 * (a**2).sum(),
+    )
+
+    def predictor(f: Any) -> Any:
+        def predict(member_probs: list[np.ndarray]) -> np.ndarray:
+            lp = torch.from_numpy(np.log(np.clip(np.stack(member_probs), 1e-12, None)))
+            with torch.no_grad():
+                return np.asarray(f(lp).numpy())
+
+        return predict
+
+    return {"classwise": predictor(classwise), "stacked": predictor(stacked)}
 
 
 def _quiet(_: str) -> None:
@@ -139,12 +227,14 @@ def sweep(
             result = one(cfg, algorithm, plan)
             out.setdefault(name, {})[str(seed)] = result
             spill = result["overlay_cache"] or {}
+            pooled = result["pooling_val_accuracy"] or {}
             print(
                 f"seed {seed} {name:24} val acc {result['val_accuracy']:.4f} "
                 f"(FL {result['fl_val_accuracy']:.4f}) activations "
                 f"{result['activation_bytes'] / 1e6:7.2f} MB  spilled "
                 f"{spill.get('spill_entries_written', 0)} taken "
-                f"{spill.get('spill_entries_taken', 0)}  {result['wall_s']:6.1f} s",
+                f"{spill.get('spill_entries_taken', 0)}  {result['wall_s']:6.1f} s"
+                + "".join(f"  {k} {v:.4f}" for k, v in pooled.items()),
                 flush=True,
             )
     return out
@@ -265,7 +355,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    config = load_config(args.scenario)
+    config = unshaped(load_config(args.scenario))
     if args.timing:
         for threads in (1, 2):
             timings = micro_timings(threads, config.fl.model)

@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def attacked(attack: str, state: State, samples: int, start: State) -> tuple[Sta
     return state, samples
 
 
-def run(scenario: Path, aggregator: str, attack: str, rounds: int, attacker: str) -> dict:
+def run(scenario: Path, aggregator: str, attack: str, rounds: int, attacker: str) -> dict[str, Any]:
     c = load_config(scenario)
     plan = plan_data(c)
     seed_everything(c.run.seed)

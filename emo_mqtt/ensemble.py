@@ -63,7 +63,9 @@ def _stack(probs: Sequence[np.ndarray], labels: np.ndarray | None = None) -> np.
     return arr
 
 
-def _lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int) -> None:
+def minimize_lbfgs(params: list[torch.Tensor], loss_fn: Any, max_iter: int = 200) -> None:
+    """Minimise ``loss_fn()`` over ``params`` in place with L-BFGS (strong Wolfe line search):
+    the deterministic fit every combiner here uses (benchmarks/offline_emo.py too)."""
     opt = torch.optim.LBFGS(
         params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9
     )
@@ -97,7 +99,7 @@ def fit_weights(
         mix = (torch.softmax(theta, 0)[:, None] * picked).sum(0)
         return -torch.log(mix + _EPS).mean()
 
-    _lbfgs([theta], loss, max_iter)
+    minimize_lbfgs([theta], loss, max_iter)
     w = torch.softmax(theta.detach(), 0).numpy()
     out: np.ndarray = w / w.sum()
     return out
@@ -184,7 +186,7 @@ def fit_combiner(
         z = torch.exp(log_t) * torch.einsum("m,mnc->nc", w, logp) + bias
         return F.cross_entropy(z, y) + bias_l2 * (bias**2).sum()
 
-    _lbfgs([theta, log_t, bias] if class_bias else [theta, log_t], loss, max_iter)
+    minimize_lbfgs([theta, log_t, bias] if class_bias else [theta, log_t], loss, max_iter)
     w = torch.softmax(theta.detach(), 0).numpy()
     return Combiner(
         "log",

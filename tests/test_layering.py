@@ -43,6 +43,8 @@ PURE = [
     "emo_mqtt.sites",
     "emo_mqtt.mqttwire",
     "emo_mqtt.placement",
+    "emo_mqtt.dashboard.state",
+    "emo_mqtt.dashboard.fleetview",
 ]
 
 
