@@ -275,6 +275,17 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set SECTION.KEY=VALUE`` (repeatable), read back by :func:`parse_set`."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario key, e.g. --set controller.warmup_rounds=1",
+    )
+
+
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
     """``section.key=value`` overrides (values as TOML scalars)."""
     out: dict[str, dict[str, Any]] = {}
@@ -343,13 +354,7 @@ def main() -> None:
     parser.add_argument(
         "--overlays", type=int, nargs="*", default=[], help="run every variant with N overlays"
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a scenario key, e.g. --set controller.warmup_rounds=1",
-    )
+    add_set_argument(parser)
     parser.add_argument(
         "--timing", action="store_true", help="only print unit timings (1 and 2 torch threads)"
     )

@@ -25,7 +25,7 @@ import argparse
 import json
 from typing import Any
 
-from offline_emo import one, parse_set, tuning_plan, unshaped
+from offline_emo import add_set_argument, one, parse_set, tuning_plan, unshaped
 
 from emo_mqtt.config import load_config
 from emo_mqtt.nodes import compute
@@ -49,13 +49,7 @@ def main() -> None:
         help="sfl.lr values (default: the scenario's)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a scenario key, e.g. --set fleet.device_compute_speed=1.0",
-    )
+    add_set_argument(parser)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     # Unshaped: the in-memory bus carries no [network] (SplitFed learns the same either way).
