@@ -55,6 +55,12 @@ class UpdateRejected(EmoError, ValueError):
         self.device = device
 
 
+class TrainingDiverged(EmoError):
+    """Training produced a non-finite loss or gradient (a learning rate too high for the
+    model and data): the run stops and says where, rather than sending values no receiver
+    accepts and waiting out timeouts."""
+
+
 class BusError(EmoError):
     """The message bus failed: not connected, connection lost, broker refused us."""
 

@@ -26,6 +26,7 @@ from emo_mqtt.codec import Envelope
 from emo_mqtt.config import RunConfig
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
+from emo_mqtt.errors import TrainingDiverged
 from emo_mqtt.fedavg import RoundCollector, RoundResult
 from emo_mqtt.incarnation import new_incarnation
 from emo_mqtt.messages import (
@@ -94,6 +95,9 @@ class ServerNode(Node):
         self.rounds_started_at: float | None = None
         self._online_event = asyncio.Event()
         self._update_event = asyncio.Event()
+        #: Set when the run's training diverged (SplitFed's server half gave a non-finite
+        #: loss or gradient): the round loop ends the run with it.
+        self.diverged: TrainingDiverged | None = None
         self._overlay_event = asyncio.Event()
         self.final: dict[str, Any] = {}
         #: The run's lifecycle as published on ``telemetry/run`` (retained): ``starting``,
@@ -286,7 +290,16 @@ class ServerNode(Node):
         self, where: ParsedTopic, env: Envelope, msg: SflActivations
     ) -> None:
         device = where.node or ""
-        out = self.strategy.on_sfl_activations(device, msg)
+        try:
+            out = self.strategy.on_sfl_activations(device, msg)
+        except TrainingDiverged as exc:
+            # Not the device's fault: the run's own training blew up. The round loop raises
+            # it (this handler runs in the message loop, which must not die of it).
+            if self.diverged is None:
+                log.error("server: %s", exc)
+                self.diverged = exc
+            self._update_event.set()
+            return
         if isinstance(out, str):
             self.bus.reject("late_activations", f"device/{device}/sfl/activations", out)
             return
@@ -382,6 +395,8 @@ class ServerNode(Node):
         come back: the run goes on and the record shows the missing devices.
         """
         while not collector.ready(time.monotonic()):
+            if self.diverged is not None:
+                raise self.diverged
             if collector.failed(time.monotonic()):
                 log.warning(
                     "server: round %d closed at its deadline with %d of %d updates "

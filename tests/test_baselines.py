@@ -4,6 +4,7 @@ FL calibrated as the ensemble is, and ``emo_all`` sending every activation exact
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from emo_mqtt.cache import ActivationBatch, DeviceOutbox
 from emo_mqtt.config import from_dict
 from emo_mqtt.controller import ControlDecision
 from emo_mqtt.dataplan import plan_data
+from emo_mqtt.errors import EmoError
 from emo_mqtt.fleet import comparisons, params_of, run_algorithm
 from emo_mqtt.models import (
     OverlayModel,
@@ -173,6 +175,19 @@ def test_splitfed_fleet_trains_the_large_model() -> None:
     assert summary["params"]["server"] == 726_538
     assert summary["accuracy"] == summary["fl_accuracy"] > 0.2
     assert summary["activations"]["captured"] == 0
+
+
+def test_a_diverging_splitfed_run_fails_fast_and_says_why() -> None:
+    """sfl.lr far too high: the server half's loss goes non-finite within a few batches and
+    the run fails naming the cause, well before one gradient timeout (the old behaviour:
+    devices refused the NaN gradients and stalled gradient_timeout_s per batch)."""
+    raw = {**SMALL, "sfl": {"lr": 1e30, "gradient_timeout_s": 120}}
+    config = from_dict(raw)
+    plan = plan_data(config)
+    started = time.monotonic()
+    with pytest.raises(EmoError, match="SplitFed diverged"):
+        asyncio.run(run_algorithm(MemoryBroker(), config, "sfl", plan, say=lambda _: None))
+    assert time.monotonic() - started < 60
 
 
 def test_a_small_outbox_evicts_and_the_counts_say_so() -> None:

@@ -11,7 +11,7 @@ import torch
 from emo_mqtt.algorithms import Algorithm
 from emo_mqtt.config import RunConfig, from_dict
 from emo_mqtt.dataplan import DataPlan, plan_data
-from emo_mqtt.errors import ConfigError
+from emo_mqtt.errors import ConfigError, TrainingDiverged
 from emo_mqtt.fedavg import RoundResult
 from emo_mqtt.messages import (
     Activations,
@@ -179,6 +179,27 @@ def test_splitfed_round(config: RunConfig, plan: DataPlan, algorithm: Algorithm)
         1, 0, np.zeros((1, *s.model.activation_shape), np.float32), np.zeros(1, np.int64)
     )
     assert isinstance(s.on_sfl_activations("dev00", late), str)
+
+
+def test_splitfed_divergence_ends_the_run_instead_of_sending_nan(
+    config: RunConfig, plan: DataPlan
+) -> None:
+    """A server half whose weights blew up gives a non-finite loss and gradient: the strategy
+    raises TrainingDiverged (which names the lr to lower) instead of returning a gradient
+    every device refuses, which left each device waiting out its gradient timeout."""
+    s = ServerStrategy(config, Algorithm.SFL, plan)
+    announced = s.start_round(1, 0.0)[-1].message
+    assert isinstance(announced, RoundAnnouncement) and s.split is not None
+    with torch.no_grad():
+        for head in s.split.heads.values():
+            for param in head.parameters():
+                param.fill_(float("inf"))
+    device = announced.sampled[0]
+    client = SplitClient(config, plan.device(device), 1, announced.weights, device)
+    batch = client.forward(0, next(iter(client.batches())))
+    with pytest.raises(TrainingDiverged, match=r"round 1, batch 0; lower sfl.lr"):
+        s.on_sfl_activations(device, batch)
+    assert not s.split.losses  # nothing non-finite entered the round's losses
 
 
 def test_server_passes_caps_norm_reference_and_aggregator(

@@ -40,6 +40,7 @@ from emo_mqtt.controller import (
 from emo_mqtt.data import Split
 from emo_mqtt.dataplan import DataPlan
 from emo_mqtt.ensemble import Ensemble
+from emo_mqtt.errors import TrainingDiverged
 from emo_mqtt.fedavg import (
     NormReference,
     RoundCollector,
@@ -198,6 +199,14 @@ class SplitServer:
         acts = torch.as_tensor(np.asarray(msg.activations))
         labels = torch.as_tensor(np.asarray(msg.labels))
         loss, grad = sfl_server_step(self.heads[key], self.optimizers[key], acts, labels)
+        if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+            # The devices would refuse the gradient (non-finite) and wait out their gradient
+            # timeout batch after batch: a diverged run must end, and say why.
+            raise TrainingDiverged(
+                f"SplitFed diverged: the server half for {device} gave a non-finite "
+                f"{'loss' if not math.isfinite(loss) else 'gradient'} at round {msg.round}, "
+                f"batch {msg.batch}; lower sfl.lr (or sfl.server_lr)"
+            )
         self.losses.append(loss)
         return grad
 
