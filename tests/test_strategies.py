@@ -202,6 +202,24 @@ def test_splitfed_divergence_ends_the_run_instead_of_sending_nan(
     assert not s.split.losses  # nothing non-finite entered the round's losses
 
 
+def test_splitfed_device_divergence_is_caught_before_sending(
+    config: RunConfig, plan: DataPlan
+) -> None:
+    """A device trunk that blew up raises TrainingDiverged at forward, naming the device and
+    the lr, instead of sending activations the server refuses (the device then waited out
+    its gradient timeout)."""
+    s = ServerStrategy(config, Algorithm.SFL, plan)
+    announced = s.start_round(1, 0.0)[-1].message
+    assert isinstance(announced, RoundAnnouncement)
+    device = announced.sampled[0]
+    weights = {k: np.full_like(v, np.inf) for k, v in announced.weights.items()}
+    client = SplitClient(config, plan.device(device), 1, weights, device)
+    with pytest.raises(TrainingDiverged, match=rf"{device}'s trunk .* round 1, batch 0; lower"):
+        client.forward(0, next(iter(client.batches())))
+    sound = SplitClient(config, plan.device(device), 1, announced.weights, device)
+    assert sound.forward(0, next(iter(sound.batches()))).activations.shape[0] > 0
+
+
 def test_server_passes_caps_norm_reference_and_aggregator(
     config: RunConfig, plan: DataPlan
 ) -> None:

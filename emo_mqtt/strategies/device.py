@@ -23,6 +23,7 @@ from emo_mqtt.cache import ActivationBatch, DeviceOutbox
 from emo_mqtt.config import RunConfig
 from emo_mqtt.controller import ControlDecision, select_for_publish
 from emo_mqtt.data import Split
+from emo_mqtt.errors import TrainingDiverged
 from emo_mqtt.messages import Activations, Control, RoundAnnouncement, SflActivations, Update
 from emo_mqtt.models import FLModel, build_fl_model, load_numpy_state, state_to_numpy
 from emo_mqtt.training import make_generator, sfl_device_backward
@@ -240,8 +241,20 @@ class SplitClient:
         return out
 
     def forward(self, batch: int, idx: torch.Tensor) -> SflActivations:
-        self._out = self.trunk(self._x[idx])
-        return SflActivations(self.round, batch, self._out.detach(), self._y[idx])
+        """The batch's cut-layer activations to send up.
+
+        Raises :class:`TrainingDiverged` when the trunk's output is non-finite (its weights
+        blew up at too high an ``sfl.lr``): the server would refuse the batch, and the
+        device would wait out its gradient timeout for nothing.
+        """
+        out = self.trunk(self._x[idx])
+        if not bool(torch.isfinite(out).all()):
+            raise TrainingDiverged(
+                f"SplitFed diverged: {self.node_id}'s trunk gave non-finite activations at "
+                f"round {self.round}, batch {batch}; lower sfl.lr"
+            )
+        self._out = out
+        return SflActivations(self.round, batch, out.detach(), self._y[idx])
 
     def backward(self, grad: torch.Tensor) -> None:
         assert self._out is not None
