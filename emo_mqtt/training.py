@@ -225,7 +225,9 @@ def sfl_server_step(
     """Server half of one SplitFed step: head forward/backward/step on received activations.
 
     Returns the batch loss and the gradient of the loss w.r.t. ``activations`` (same shape),
-    which goes back down to the device.
+    which goes back down to the device. When the loss or that gradient is not finite the
+    head is not stepped: a non-finite step would leave every later batch non-finite too.
+    The caller decides whether the batch or the head is at fault.
     """
     head.train()
     acts = activations.detach().float().clone().requires_grad_(True)
@@ -233,9 +235,13 @@ def sfl_server_step(
     loss = F.cross_entropy(head(acts), y)
     optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss)
-    optimizer.step()
     assert acts.grad is not None  # acts requires grad and feeds the loss
-    return float(loss.item()), acts.grad.detach()
+    value, grad = float(loss.item()), acts.grad.detach()
+    if math.isfinite(value) and bool(torch.isfinite(grad).all()):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return value, grad
 
 
 def sfl_device_backward(

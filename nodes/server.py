@@ -290,8 +290,12 @@ class ServerNode(Node):
         self, where: ParsedTopic, env: Envelope, msg: SflActivations
     ) -> None:
         device = where.node or ""
+        source = f"device/{device}/sfl/activations"
         try:
             out = self.strategy.on_sfl_activations(device, msg)
+        except MessageError as exc:  # the batch's fault: refused and counted, head untouched
+            self.reject_message(msg.KIND, exc.reason, source, exc.detail)
+            return
         except TrainingDiverged as exc:
             # Not the device's fault: the run's own training blew up. The round loop raises
             # it (this handler runs in the message loop, which must not die of it).
@@ -301,7 +305,7 @@ class ServerNode(Node):
             self._update_event.set()
             return
         if isinstance(out, str):
-            self.bus.reject("late_activations", f"device/{device}/sfl/activations", out)
+            self.bus.reject("late_activations", source, out)
             return
         for item in out:
             self.spawn(self.publish(item))

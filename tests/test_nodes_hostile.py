@@ -186,6 +186,29 @@ def test_hostile_splitfed_batches_are_refused(
     assert entry["fl_model_sha256"] == clean["sfl"]["fl_model_sha256"]
 
 
+def test_huge_finite_splitfed_batch_neither_stops_nor_changes_the_run(
+    config: RunConfig, plan: DataPlan, clean: dict[str, dict[str, Any]]
+) -> None:
+    """Finite activations near float32's limit pass validation but overflow the server
+    half: refused as ``non_finite`` (not taken for divergence: the head is sound on
+    validation images), the head is not stepped, and the run ends as the clean one."""
+    shape = limits_for(config, Algorithm.SFL, plan).activation_shape
+    assert shape is not None
+    huge = np.where(np.arange(4 * int(np.prod(shape))) % 2 == 0, 3e38, -3e38)
+    body = {
+        "round": 1,
+        "batch": 0,
+        "activations": huge.reshape(4, *shape).astype(np.float32),
+        "labels": np.zeros(4, np.int64),
+    }
+    where = "emo/RUN/device/dev00/sfl/activations"
+    attacks = [(where, frame(body, "sfl.activations", "dev00", "sfl", config, 30_100))]
+    entry = hostile_run(config, "sfl", plan, attacks)
+    assert entry["rejected"].get("sfl.activations:non_finite", 0) == 1, entry["rejected"]
+    assert entry["rounds"] == 2
+    assert entry["fl_model_sha256"] == clean["sfl"]["fl_model_sha256"]
+
+
 def test_poisoned_overlay_and_activations(
     config: RunConfig, plan: DataPlan, clean: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ from emo_mqtt.messages import (
     Activations,
     Control,
     Done,
+    MessageError,
     OverlayModelMsg,
     RoundAnnouncement,
     SflActivations,
@@ -200,6 +201,34 @@ def test_splitfed_divergence_ends_the_run_instead_of_sending_nan(
     with pytest.raises(TrainingDiverged, match=r"round 1, batch 0; lower sfl.lr"):
         s.on_sfl_activations(device, batch)
     assert not s.split.losses  # nothing non-finite entered the round's losses
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.SFL, Algorithm.SFL_V1])
+def test_a_non_finite_batch_on_a_sound_head_is_the_batch_s_fault(
+    config: RunConfig, plan: DataPlan, algorithm: Algorithm
+) -> None:
+    """Finite but huge activations (what one hostile device can send past validation) give
+    a non-finite loss: the batch is refused as ``non_finite``, the head is not stepped, and
+    the run goes on; only a head that fails on validation images means divergence."""
+    s = ServerStrategy(config, algorithm, plan)
+    announced = s.start_round(1, 0.0)[-1].message
+    assert isinstance(announced, RoundAnnouncement) and s.split is not None
+    device = announced.sampled[0]
+    key = s.split.policy.key_for(device)
+    before = state_to_numpy(s.split.heads[key])
+    shape = (4, *s.model.activation_shape)
+    huge = np.where(np.arange(np.prod(shape)).reshape(shape) % 2 == 0, 3e38, -3e38)
+    bad = SflActivations(1, 0, huge.astype(np.float32), np.zeros(4, np.int64))
+    with pytest.raises(MessageError) as refused:
+        s.on_sfl_activations(device, bad)
+    assert refused.value.reason == "non_finite"
+    after = state_to_numpy(s.split.heads[key])
+    assert all(np.array_equal(v, after[k]) for k, v in before.items())
+    client = SplitClient(config, plan.device(device), 1, announced.weights, device)
+    reply = s.on_sfl_activations(device, client.forward(0, next(iter(client.batches()))))
+    assert not isinstance(reply, str)
+    grad = reply[0].message
+    assert isinstance(grad, SflGradients) and bool(np.isfinite(np.asarray(grad.gradient)).all())
 
 
 def test_splitfed_device_divergence_is_caught_before_sending(

@@ -51,6 +51,7 @@ from emo_mqtt.fedavg import (
 from emo_mqtt.messages import (
     Control,
     Done,
+    MessageError,
     OverlayModelMsg,
     RoundAnnouncement,
     SflActivations,
@@ -173,12 +174,18 @@ class SplitServer:
 
     config: RunConfig
     policy: HeadPolicy
+    #: Validation images: what the round's trunk makes of them is a batch a sound device
+    #: would send, so a head that gives non-finite outputs on it has diverged.
+    probe: torch.Tensor
     heads: dict[str, torch.nn.Module] = field(default_factory=dict)
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     #: Server-side loss of every batch of the run, in arrival order.
     losses: list[float] = field(default_factory=list)
+    #: The round's global trunk (set by :meth:`start`; unchanged until the round closes).
+    trunk: torch.nn.Module = field(init=False)
 
     def start(self, model: FLModel, sampled: list[str]) -> None:
+        self.trunk = model.trunk
         self.heads.clear()
         self.optimizers.clear()
         for key in self.policy.keys(sampled):
@@ -194,21 +201,37 @@ class SplitServer:
         return torch.optim.SGD(head.parameters(), lr=lr)
 
     def step(self, device: str, msg: SflActivations) -> torch.Tensor:
-        """One batch: forward, backward and step of the device's head; the gradient."""
+        """One batch: forward, backward and step of the device's head; the gradient.
+
+        A batch whose loss or gradient is not finite leaves the head as it was
+        (:func:`sfl_server_step` does not step) and raises: :class:`MessageError`
+        (``non_finite``) when the head is sound on the probe, so the batch was at fault (a
+        device sending huge finite values cannot stop the run); :class:`TrainingDiverged`
+        when the head itself gives non-finite outputs (the run's lr is too high). Devices
+        refuse non-finite gradients, so sending one would only stall them.
+        """
         key = self.policy.key_for(device)
+        head = self.heads[key]
         acts = torch.as_tensor(np.asarray(msg.activations))
         labels = torch.as_tensor(np.asarray(msg.labels))
-        loss, grad = sfl_server_step(self.heads[key], self.optimizers[key], acts, labels)
-        if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
-            # The devices would refuse the gradient (non-finite) and wait out their gradient
-            # timeout batch after batch: a diverged run must end, and say why.
-            raise TrainingDiverged(
-                f"SplitFed diverged: the server half for {device} gave a non-finite "
-                f"{'loss' if not math.isfinite(loss) else 'gradient'} at round {msg.round}, "
-                f"batch {msg.batch}; lower sfl.lr (or sfl.server_lr)"
+        loss, grad = sfl_server_step(head, self.optimizers[key], acts, labels)
+        if math.isfinite(loss) and bool(torch.isfinite(grad).all()):
+            self.losses.append(loss)
+            return grad
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        with torch.no_grad():
+            sound = bool(torch.isfinite(head(self.trunk(self.probe))).all())
+        if sound:
+            raise MessageError(
+                "non_finite",
+                f"batch {msg.batch} of round {msg.round} gives a non-finite {what} on a "
+                "sound server half",
             )
-        self.losses.append(loss)
-        return grad
+        raise TrainingDiverged(
+            f"SplitFed diverged: the server half for {device} gives non-finite outputs on "
+            f"validation images and gave a non-finite {what} at round {msg.round}, batch "
+            f"{msg.batch}; lower sfl.lr (or sfl.server_lr)"
+        )
 
     def finish(self, model: FLModel, contributors: dict[str, int]) -> None:
         state = self.policy.merge(self.heads, contributors)
@@ -349,6 +372,8 @@ class ServerStrategy:
         self.last_loss = math.nan
         self.collector: RoundCollector | None = None
         self.controller: Controller = control_policy(config, algorithm)
+        #: Validation images: the controller's drift probe, and SplitFed's check of a head.
+        self.probe = torch.tensor(plan.validation.x[: config.controller.probe_samples])
         self.split: SplitServer | None = None
         if algorithm.is_split:
             policy: HeadPolicy = (
@@ -356,11 +381,10 @@ class ServerStrategy:
                 if algorithm.head_per_device
                 else SharedHead()
             )
-            self.split = SplitServer(config, policy)
+            self.split = SplitServer(config, policy, self.probe)
         self.overlays: OverlayPool | None = None
         if algorithm.uses_overlays:
             self.overlays = OverlayPool(config, tuple(self.model.activation_shape))
-        self.probe = torch.tensor(plan.validation.x[: config.controller.probe_samples])
         self.prev_probe: np.ndarray | None = None
         self._sampled: list[str] = []
         self._samples: dict[str, int] = {}
